@@ -1,0 +1,1 @@
+"""The ``convscope`` command line. Each ``cmd_*.py`` module here adds subcommands (see ``main.py``)."""

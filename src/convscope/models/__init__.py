@@ -1,0 +1,18 @@
+"""Models: the built-in EfficientNet-Lite0, torchvision and timm architectures, local files, any module."""
+
+from .labels import imagenet_labels
+from .loaders import builtin_module, load_model, pick_device, wrap_module
+from .model import Model, Prediction, check_input, output_logits, resolve_class
+
+__all__ = [
+    "Model",
+    "Prediction",
+    "builtin_module",
+    "check_input",
+    "imagenet_labels",
+    "load_model",
+    "output_logits",
+    "pick_device",
+    "resolve_class",
+    "wrap_module",
+]

@@ -1,0 +1,5 @@
+"""Rendering: colour maps, overlays, grids, figures and the HTML report. Nothing here runs a model."""
+
+from .core import colorize, data_uri, grid, normalize, overlay, png_bytes, save_image, to_numpy, write_text_atomic
+
+__all__ = ["colorize", "data_uri", "grid", "normalize", "overlay", "png_bytes", "save_image", "to_numpy", "write_text_atomic"]

@@ -1,0 +1,178 @@
+"""Pictures from tensors: colour maps, heat-map overlays, labelled grids, PNG bytes and data URIs.
+
+Everything here takes plain tensors/arrays/PIL images and returns PIL images or bytes; nothing here
+runs a model. Figures (matplotlib) live in :mod:`convscope.render.figures`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def normalize(x: Any, *, symmetric: bool = False, eps: float = 1e-12) -> np.ndarray:
+    """Scale to [0, 1]: min-max, or ``symmetric`` (0 maps to 0.5, the largest magnitude to 0 or 1)."""
+    a = to_numpy(x).astype(np.float64)
+    if symmetric:
+        m = np.abs(a).max(initial=0.0)
+        return (a / (2 * m) + 0.5) if m > eps else np.full_like(a, 0.5)
+    lo, hi = a.min(initial=0.0), a.max(initial=0.0)
+    return (a - lo) / (hi - lo) if hi - lo > eps else np.zeros_like(a)
+
+
+def colorize(values: Any, cmap: str = "jet", *, normalized: bool = True) -> Image.Image:
+    """A 2-D map -> RGB image through a matplotlib colour map (``normalized``: values already in [0, 1])."""
+    from matplotlib import colormaps
+
+    a = to_numpy(values)
+    if a.ndim != 2:
+        raise ValueError(f"colorize needs a 2-D map, got shape {a.shape}")
+    a = np.clip(a, 0, 1) if normalized else normalize(a)
+    rgb = colormaps[cmap](a)[..., :3]
+    return Image.fromarray((rgb * 255 + 0.5).astype(np.uint8))
+
+
+def overlay(image: Image.Image, heatmap: Any, *, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
+    """Blend a heat map in [0, 1] (any resolution, resized bilinearly) over ``image``.
+
+    Transparency follows the map's value, so unimportant regions show the photo almost unchanged.
+    """
+    image = image.convert("RGB")
+    a = np.clip(to_numpy(heatmap).astype(np.float32), 0, 1)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    heat = Image.fromarray((a * 255 + 0.5).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
+    a = np.asarray(heat, dtype=np.float32) / 255.0
+    colour = np.asarray(colorize(a, cmap), dtype=np.float32)
+    weight = (alpha * (0.25 + 0.75 * a))[..., None]
+    out = np.asarray(image, dtype=np.float32) * (1 - weight) + colour * weight
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - old Pillow
+        return ImageFont.load_default()
+
+
+def grid(
+    images: Sequence[Image.Image],
+    *,
+    labels: Sequence[str] | None = None,
+    columns: int | None = None,
+    cell: int | None = None,
+    pad: int = 4,
+    background: tuple[int, int, int] = (255, 255, 255),
+    title: str | None = None,
+) -> Image.Image:
+    """Tile images into a labelled grid (labels under each tile, an optional title on top).
+
+    ``cell``: resize every tile to that many pixels on its longer side (nearest neighbour for tiles
+    smaller than the cell, so small filters and feature maps stay crisp).
+    """
+    if not images:
+        raise ValueError("grid needs at least one image")
+    n = len(images)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    tiles = []
+    for img in images:
+        img = img.convert("RGB")
+        if cell:
+            scale = cell / max(img.size)
+            size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+            resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+            img = img.resize(size, resample)
+        tiles.append(img)
+    tw = max(t.size[0] for t in tiles)
+    th = max(t.size[1] for t in tiles)
+    font = _font(max(10, min(14, tw // 8)))
+    label_h = (font.size + 4) if labels else 0  # type: ignore[attr-defined]
+    title_h = 22 if title else 0
+    width = columns * (tw + pad) + pad
+    height = title_h + rows * (th + label_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 4), title, fill=(0, 0, 0), font=_font(15))
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        x = pad + c * (tw + pad)
+        y = title_h + pad + r * (th + label_h + pad)
+        canvas.paste(tile, (x + (tw - tile.size[0]) // 2, y + (th - tile.size[1]) // 2))
+        if labels and i < len(labels):
+            text = _fit(draw, str(labels[i]), font, tw)
+            draw.text((x, y + th + 2), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def data_uri(image: Image.Image) -> str:
+    """``data:image/png;base64,...`` for embedding in HTML without any external file."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def save_image(image: Image.Image, path: str) -> str:
+    """Write ``image`` atomically (temporary name, then rename); the format follows the suffix."""
+    import os
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1] or ".png"
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix, prefix=".convscope-")
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(text: str, path: str) -> str:
+    """Write a text file atomically (temporary name in the same folder, then rename)."""
+    import os
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".convscope-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
