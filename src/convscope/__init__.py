@@ -7,6 +7,7 @@ and render results (``convscope.render``). See the README for a tour.
 
 from __future__ import annotations
 
+from .attribution import Attribution, attribute
 from .errors import (
     ConvscopeError,
     ImageError,
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAMPLES",
+    "Attribution",
+    "attribute",
     "Capture",
     "ConvscopeError",
     "ImageError",

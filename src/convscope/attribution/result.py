@@ -1,0 +1,115 @@
+"""The :class:`Attribution` result: raw tensor as the method defines it, a display map, and metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+@dataclass(eq=False)
+class Attribution:
+    """Result of :func:`convscope.attribute`.
+
+    ``raw``: exactly as the method defines it (gradient family (N, C, H, W) at input size; CAM family
+    (N, h, w) at the layer's resolution; occlusion/RISE (N, H, W)). ``map``: (N, H, W) in [0, 1] at
+    input size for display. ``target``: (N,) the classes explained. ``forward_passes`` and
+    ``backward_passes`` count what the method cost; ``extras`` holds method-specific outputs (e.g. the
+    integrated-gradients completeness error, the occlusion top-class map).
+    """
+
+    method: str
+    raw: torch.Tensor
+    map: torch.Tensor
+    target: torch.Tensor
+    layer: str | None = None
+    forward_passes: int = 0
+    backward_passes: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    input: torch.Tensor | None = field(default=None, repr=False)
+    model: Any = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.map.shape[0]
+
+    def overlay(self, img: Any = None, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
+        """The display map blended over the image (the model's view of ``img``; default: the input itself)."""
+        from ..render import overlay
+
+        return overlay(self.picture(img, index), self.map[index], alpha=alpha, cmap=cmap)
+
+    def picture(self, img: Any = None, index: int = 0) -> Image.Image:
+        """The input image as the network saw it (cropped like the map), as a PIL image."""
+        if img is not None:
+            if self.model is not None and hasattr(self.model, "transform_image"):
+                return self.model.transform_image(img)
+            from ..images import load_image
+
+            return load_image(img).resize((self.map.shape[2], self.map.shape[1]))
+        if self.input is None:
+            raise ValueError("no image given and no input stored in the result")
+        if self.model is not None and hasattr(self.model, "deprocess"):
+            return self.model.deprocess(self.input[index : index + 1])
+        x = self.input[index].detach().float().cpu()
+        x = (x - x.min()) / (x.max() - x.min() + 1e-12)
+        from ..images import load_image
+
+        return load_image(x)
+
+    def heatmap(self, index: int = 0, cmap: str = "jet") -> Image.Image:
+        from ..render import colorize
+
+        return colorize(self.map[index], cmap)
+
+    def mask(self, img: Any = None, index: int = 0, *, threshold: float = 0.5, fill: int = 0) -> Image.Image:
+        """The image with only its important region kept: pixels whose map value is below ``threshold``
+        (on the [0, 1] display map) are replaced by ``fill`` (the seeds' occlusion mask)."""
+        import numpy as np
+
+        if not 0.0 <= threshold <= 1.0:
+            from ..errors import ConvscopeError
+
+            raise ConvscopeError(f"mask threshold must lie in [0, 1], got {threshold}")
+        picture = np.asarray(self.picture(img, index)).copy()
+        keep = self.map[index].detach().cpu().numpy() >= threshold
+        if keep.shape != picture.shape[:2]:
+            keep = np.asarray(Image.fromarray(keep.astype(np.uint8) * 255).resize(picture.shape[1::-1])) > 127
+        picture[~keep] = fill
+        return Image.fromarray(picture)
+
+    def _repr_png_(self) -> bytes:
+        from ..render import png_bytes
+
+        return png_bytes(self.overlay())
+
+
+def display_map(raw: torch.Tensor, family: str, size: tuple[int, int]) -> torch.Tensor:
+    """Turn a raw attribution into an (N, H, W) map in [0, 1] at input size.
+
+    gradient family: largest absolute value over colour channels; CAM family: ReLU, bilinear upsampling;
+    perturbation family: positive part (evidence for the class). Each image is min-max scaled on its own.
+    """
+    r = raw.detach().float()
+    if family == "gradient":
+        m = r.abs().amax(dim=1)
+    elif family == "cam":
+        m = F.interpolate(r.clamp(min=0).unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    else:
+        m = r.clamp(min=0)
+        if m.shape[-2:] != size:
+            m = F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return minmax(m)
+
+
+def minmax(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Scale each map of a batch (N, ...) to [0, 1] independently (constant maps become zeros)."""
+    flat = m.reshape(m.shape[0], -1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    span = hi - lo
+    out = torch.where(span > eps, (flat - lo) / span.clamp(min=eps), torch.zeros_like(flat))
+    return out.reshape(m.shape)
