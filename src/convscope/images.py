@@ -8,6 +8,7 @@ composited on white), and refuses unreadable, truncated, gigantic or non-image f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -103,10 +104,8 @@ def to_rgb(img: Image.Image, *, name: str = "image") -> Image.Image:
     clipped); float images are read as [0, 1]; transparent pixels are composited on white; CMYK goes
     through PIL's conversion (with the embedded ICC profile when there is one).
     """
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block should not stop us from reading the pixels
         img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block should not stop us from reading the pixels
-        pass
     mode = img.mode
     if mode == "RGB":
         return img.copy()

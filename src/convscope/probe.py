@@ -150,8 +150,8 @@ class Capture:
             out[0, 281].backward()
         cap.activations["layer4"], cap.gradients["layer4"]
 
-    ``grads=True`` keeps the captured activations in the autograd graph (so ``torch.autograd.grad`` can
-    be taken with respect to them) and registers tensor hooks that store their gradients. ``stop=True``
+    ``grads=True`` keeps the captured activations in the autograd graph inside the context (so
+    ``torch.autograd.grad`` can be taken with respect to them; on exit they are detached) and registers tensor hooks that store their gradients. ``stop=True``
     ends the forward pass after the last requested layer has run; :meth:`forward` then returns ``None``.
     ``rules`` maps module types (e.g. ``nn.ReLU``) to a :data:`BackwardRule` applied to every module of
     that type. ``edit`` maps a layer name to ``fn(output) -> output`` to change an activation (ablation,
@@ -199,11 +199,14 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        # keep the values, drop the autograd graph: nothing of the forward pass outlives the context
+        for name, act in list(self.activations.items()):
+            self.activations[name] = act.detach()
         self._guard.__exit__(None, None, None)
 
     # -- hooks
     def _register(self) -> None:
-        for name, (layer, fn) in self._edits.items():
+        for layer, fn in self._edits.values():
             self._handles.append(layer.register_forward_hook(_edit_hook(fn)))
         if self.rules:
             types = tuple(self.rules)
@@ -215,24 +218,29 @@ class Capture:
             self._handles.append(layer.register_forward_hook(self._record_hook(name)))
 
     def _record_hook(self, name: str):
+        activations, calls, grads = self.activations, self.calls, self.grads
+        names, stop, grad_hook = self.layer_names, self.stop, self._grad_hook(name)
+
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
-            self.calls[name] = self.calls.get(name, 0) + 1
+            calls[name] = calls.get(name, 0) + 1
             if out is None:
                 raise InputShapeError(f"layer {name!r} does not output a tensor")
-            if self.grads and out.requires_grad:
-                self.activations[name] = out
-                out.register_hook(self._grad_hook(name))
+            if grads and out.requires_grad:
+                activations[name] = out
+                out.register_hook(grad_hook)
             else:
-                self.activations[name] = out.detach()
-            if self.stop and all(n in self.activations for n in self.layer_names):
+                activations[name] = out.detach()
+            if stop and all(n in activations for n in names):
                 raise _StopForward
 
         return hook
 
     def _grad_hook(self, name: str):
+        store = self.gradients  # not ``self``: a tensor hook that holds the capture would keep the graph alive
+
         def hook(grad: torch.Tensor) -> None:
-            self.gradients[name] = grad.detach()
+            store[name] = grad.detach()
 
         return hook
 
@@ -242,6 +250,8 @@ class Capture:
         self.activations.clear()
         self.gradients.clear()
         self.calls.clear()
+        if self.grads and isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+            x = x.detach().requires_grad_(True)  # parameters are frozen: the graph must start at the input
         try:
             return self.module(x)
         except _StopForward:

@@ -9,6 +9,7 @@ need ``trust=True``.
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -96,12 +97,13 @@ def wrap_module(
     """Wrap any classifier module. Defaults: 224 px, ImageNet mean/std, ImageNet or numbered labels."""
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"expected an nn.Module, got {type(module).__name__}")
+    size = input_size or 224
     if labels is None:
-        n = num_classes or _guess_num_classes(module) or 1000
+        n = num_classes or _count_outputs(module, size) or _guess_num_classes(module) or 1000
         labels = default_labels(n)
     return Model(
         module=module,
-        input_size=input_size or 224,
+        input_size=size,
         mean=tuple(mean) if mean is not None else (0.485, 0.456, 0.406),
         std=tuple(std) if std is not None else (0.229, 0.224, 0.225),
         labels=list(labels),
@@ -123,6 +125,26 @@ def _apply(model: Model, overrides: Mapping[str, Any]) -> Model:
         model.labels = list(overrides["labels"])
     model.__post_init__()
     return model
+
+
+def _count_outputs(module: nn.Module, size: int | tuple[int, int]) -> int | None:
+    """Number of class scores, from one dry run on a black image (None when that fails)."""
+    from .model import output_logits
+
+    h, w = (size, size) if isinstance(size, int) else size
+    try:
+        param = next(iter(module.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = output_logits(module(torch.zeros(1, 3, h, w, device=device)))
+        finally:
+            module.train(was_training)
+        return int(out.shape[-1]) if out.ndim == 2 else None
+    except Exception:
+        return None
 
 
 def _guess_num_classes(module: nn.Module) -> int | None:
@@ -314,7 +336,9 @@ def _from_file(path: Path, *, arch: str | None, num_classes: int | None, trust: 
         return _from_state_dict(path, state, arch=arch, num_classes=num_classes)
     if _is_torchscript(path):
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what users have
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise ModelLoadError(f"{path}: not a loadable TorchScript archive ({exc})") from None
         return wrap_module(module, num_classes=num_classes, name=f"TorchScript {path.name}")
