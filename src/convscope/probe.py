@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -154,7 +155,9 @@ class Capture:
     ``torch.autograd.grad`` can be taken with respect to them; on exit they are detached) and registers tensor hooks that store their gradients. ``stop=True``
     ends the forward pass after the last requested layer has run; :meth:`forward` then returns ``None``.
     ``rules`` maps module types (e.g. ``nn.ReLU``) to a :data:`BackwardRule` applied to every module of
-    that type. ``edit`` maps a layer name to ``fn(output) -> output`` to change an activation (ablation,
+    that type; string keys ``"relu"`` and ``"relu6"`` apply the rule to functional calls too
+    (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``, in-place variants
+    included) made during :meth:`forward`, so models that never use activation modules are covered. ``edit`` maps a layer name to ``fn(output) -> output`` to change an activation (ablation,
     masking). The guard options (``eval``, ``freeze``, ``no_inplace``) are passed on to :class:`guard`.
     """
 
@@ -175,7 +178,12 @@ class Capture:
         self._edits = {name: (resolve_layer(self.module, name), fn) for name, fn in (edit or {}).items()}
         self.grads = grads
         self.stop = stop
-        self.rules = dict(rules or {})
+        rules = dict(rules or {})
+        unknown = [k for k in rules if isinstance(k, str) and k not in FUNCTIONAL_ACTIVATIONS]
+        if unknown:
+            raise ValueError(f"unknown functional activation {unknown[0]!r} (known: {', '.join(FUNCTIONAL_ACTIVATIONS)})")
+        self.rules = {k: r for k, r in rules.items() if not isinstance(k, str)}
+        self.functional_rules = {k: r for k, r in rules.items() if isinstance(k, str)}
         self.activations: dict[str, torch.Tensor] = {}
         self.gradients: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
@@ -252,10 +260,48 @@ class Capture:
         self.calls.clear()
         if self.grads and isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
             x = x.detach().requires_grad_(True)  # parameters are frozen: the graph must start at the input
+        mode = _FunctionalRules(self.functional_rules) if self.functional_rules else contextlib.nullcontext()
         try:
-            return self.module(x)
+            with mode:
+                return self.module(x)
         except _StopForward:
             return None
+
+
+#: Functional activations a backward rule can be attached to, by the ``torch`` function names they cover.
+FUNCTIONAL_ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "relu": ("relu", "relu_"),
+    "relu6": ("relu6", "hardtanh", "hardtanh_"),
+}
+
+
+class _FunctionalRules(TorchFunctionMode):
+    """Applies backward rules to functional activation calls (not only to activation modules)."""
+
+    def __init__(self, rules: Mapping[str, BackwardRule]):
+        super().__init__()
+        self.by_function = {fn: rules[key] for key, fns in FUNCTIONAL_ACTIVATIONS.items() if key in rules for fn in fns}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        rule = self.by_function.get(name)
+        if rule is None or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        if name.startswith("hardtanh"):
+            low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+            high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+            if (low, high) != (0.0, 6.0):
+                return func(*args, **kwargs)
+        inp = args[0]
+        if name.endswith("_") or kwargs.get("inplace") or (name == "relu" and len(args) > 1 and args[1] is True):
+            # compute out of place so the input survives for the rule
+            out = torch.clamp(inp, 0, 6) if "6" in name or name.startswith("hardtanh") else torch.relu(inp)
+        else:
+            out = func(*args, **kwargs)
+        if not inp.requires_grad:
+            return out
+        return _RewiredBackward.apply(inp, out.detach(), rule)
 
 
 def _edit_hook(fn: Callable[[torch.Tensor], torch.Tensor]):

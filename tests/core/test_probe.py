@@ -166,6 +166,36 @@ class _GuidedRef(torch.autograd.Function):
         return g.clamp(min=0) * (x > 0) * (x < ctx.top), None
 
 
+class _Functional(nn.Module):
+    """The same computation as ``_Tiny`` but with functional activations (no activation modules)."""
+
+    def __init__(self, tiny: nn.Module):
+        super().__init__()
+        self.conv, self.conv2, self.fc = tiny.conv, tiny.conv2, tiny.fc
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.conv(x), inplace=True)
+        return self.fc(torch.nn.functional.relu6(self.conv2(h)).mean((2, 3)))
+
+
+def test_backward_rules_reach_functional_activations(tiny):
+    functional = _Functional(tiny).eval()
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+
+    def guided(inp, out, grad):
+        return grad.clamp(min=0) * (inp > 0) * (inp < 6)
+
+    with Capture(tiny, rules={nn.ReLU: guided, nn.ReLU6: guided}) as cap:
+        (g_modules,) = torch.autograd.grad(cap.forward(x)[0, 0], x)
+    with Capture(functional, rules={"relu": guided, "relu6": guided}) as cap:
+        out = cap.forward(x)
+        (g_functional,) = torch.autograd.grad(out[0, 0], x)
+    assert torch.allclose(out, tiny(x))  # forward values unchanged
+    assert torch.allclose(g_functional, g_modules, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown functional activation"):
+        Capture(functional, rules={"gelu": guided})
+
+
 def test_edit_changes_an_activation(tiny):
     x = torch.randn(1, 3, 8, 8)
     with Capture(tiny, [], edit={"conv2": lambda out: out * 0}) as cap:
