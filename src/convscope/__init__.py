@@ -18,6 +18,16 @@ from .errors import (
     UnsafeModelFileError,
 )
 from .images import SAMPLES, load_image, sample_image
+from .inspect import (
+    ChannelResponse,
+    FeatureMaps,
+    FilterSet,
+    Summary,
+    channel_means,
+    feature_maps,
+    filters,
+    summary,
+)
 from .models import Model, Prediction, load_model
 from .probe import Capture, LayerInfo, ReceptiveField, default_layer, guard, layer_table, resolve_layer
 
@@ -25,6 +35,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAMPLES",
+    "ChannelResponse",
+    "FeatureMaps",
+    "FilterSet",
+    "Summary",
+    "channel_means",
+    "feature_maps",
+    "filters",
+    "summary",
     "Attribution",
     "attribute",
     "Capture",

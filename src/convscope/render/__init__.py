@@ -1,5 +1,31 @@
 """Rendering: colour maps, overlays, grids, figures and the HTML report. Nothing here runs a model."""
 
-from .core import colorize, data_uri, grid, normalize, overlay, png_bytes, save_image, to_numpy, write_text_atomic
+from .core import (
+    colorize,
+    data_uri,
+    figure_to_image,
+    grid,
+    matrix_grid,
+    normalize,
+    overlay,
+    png_bytes,
+    save_image,
+    titled,
+    to_numpy,
+    write_text_atomic,
+)
 
-__all__ = ["colorize", "data_uri", "grid", "normalize", "overlay", "png_bytes", "save_image", "to_numpy", "write_text_atomic"]
+__all__ = [
+    "colorize",
+    "data_uri",
+    "figure_to_image",
+    "grid",
+    "matrix_grid",
+    "normalize",
+    "overlay",
+    "png_bytes",
+    "save_image",
+    "titled",
+    "to_numpy",
+    "write_text_atomic",
+]

@@ -151,12 +151,22 @@ def save_image(image: Image.Image, path: str) -> str:
     os.close(fd)
     try:
         image.save(tmp)
+        _usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _usual_permissions(path: str) -> None:
+    """Temporary files are private (0600); give the result the permissions a normal file would get."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_text_atomic(text: str, path: str) -> str:
@@ -170,9 +180,87 @@ def write_text_atomic(text: str, path: str) -> str:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def matrix_grid(
+    tiles: Sequence[Sequence[Image.Image]],
+    *,
+    row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
+    cell: int = 24,
+    pad: int = 1,
+    background: tuple[int, int, int] = (255, 255, 255),
+    title: str | None = None,
+) -> Image.Image:
+    """Tile a 2-D table of images (``tiles[row][column]``) with row labels on the left, column labels on top.
+
+    Every tile is resized to ``cell`` x ``cell`` pixels (nearest neighbour when enlarging, so small
+    kernels stay crisp). Layout in pixels: width = ``left + columns * (cell + pad) + pad``, height =
+    ``top + rows * (cell + pad) + pad``, where ``left`` is the widest row label plus 6 (0 without
+    labels) and ``top`` is the title band (22) plus the column-label band (font size + 4, 0 without
+    labels). Column labels that would overlap are thinned to every k-th one.
+    """
+    if not tiles or not tiles[0]:
+        raise ValueError("matrix_grid needs at least one tile")
+    rows, columns = len(tiles), max(len(r) for r in tiles)
+    font = _font(10)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = (int(max(probe.textlength(str(t), font=font) for t in row_labels)) + 6) if row_labels else 0
+    col_h = (font.size + 4) if column_labels else 0  # type: ignore[attr-defined]
+    title_h = 22 if title else 0
+    top = title_h + col_h
+    width = left + columns * (cell + pad) + pad
+    height = top + rows * (cell + pad) + pad
+    if title:
+        width = max(width, int(probe.textlength(title, font=_font(15))) + 2 * pad + 4)
+    canvas = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad + 2, 4), title, fill=(0, 0, 0), font=_font(15))
+    if column_labels:
+        widest = max(probe.textlength(str(t), font=font) for t in column_labels)
+        every = max(1, math.ceil((widest + 4) / (cell + pad)))
+        for j, text in enumerate(column_labels):
+            if j % every == 0:
+                draw.text((left + pad + j * (cell + pad), title_h + 1), str(text), fill=(60, 60, 60), font=font)
+    for i, row in enumerate(tiles):
+        y = top + pad + i * (cell + pad)
+        if row_labels and i < len(row_labels):
+            draw.text((2, y + max(0, (cell - font.size) // 2)), str(row_labels[i]), fill=(60, 60, 60), font=font)  # type: ignore[attr-defined]
+        for j, tile in enumerate(row):
+            tile = tile.convert("RGB")
+            if tile.size != (cell, cell):
+                resample = Image.Resampling.NEAREST if cell >= max(tile.size) else Image.Resampling.LANCZOS
+                tile = tile.resize((cell, cell), resample)
+            canvas.paste(tile, (left + pad + j * (cell + pad), y))
+    return canvas
+
+
+def figure_to_image(figure: Any, *, dpi: int | None = None) -> Image.Image:
+    """Render a matplotlib ``Figure`` with the Agg backend (no pyplot, no global state) -> RGB PIL image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    if dpi is not None:
+        figure.set_dpi(dpi)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return Image.fromarray(rgba[..., :3].copy())
+
+
+def titled(image: Image.Image, title: str, *, size: int = 15, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """``image`` under a one-line title band (22 px high); the canvas widens when the title is longer."""
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(image.size[0], int(probe.textlength(title, font=font)) + 8)
+    canvas = Image.new("RGB", (width, image.size[1] + 22), background)
+    ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0), font=font)
+    canvas.paste(image.convert("RGB"), (0, 22))
+    return canvas

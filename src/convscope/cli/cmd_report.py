@@ -1,0 +1,72 @@
+"""The ``report`` command: one self-contained HTML file with every registered report section."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ..errors import ConvscopeError
+from .cmd_inspect import positive_int
+from .common import info, load_model_from_args
+
+ORDER = 50
+
+
+def _csv(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConvscopeError("expected a comma-separated list, got nothing")
+    return items
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``convscope report [IMAGE] -o FILE.html``: run the sections, write the file atomically, warn per failure."""
+    from ..images import load_image
+    from ..render import write_text_atomic
+    from ..report.build import all_sections, render_report, select_sections
+
+    if args.list_sections:
+        for s in all_sections():
+            print(f"{s.key:<20} {s.title}")
+        return 0
+    out = args.output
+    if os.path.isdir(out):
+        raise ConvscopeError(f"{out}: is a directory; give a file name with -o")
+    keys = _csv(args.sections)
+    select_sections(keys)  # unknown names fail before anything slow happens
+    img = load_image(args.image)
+    model = load_model_from_args(args)
+    options: dict[str, Any] = {"top": args.top}
+    if args.layers:
+        layers = _csv(args.layers)
+        for layer in layers or []:
+            model.layer(layer)  # unknown layer: one clear error now, not a broken section later
+        options["layers"] = layers
+    report = render_report(model, img, image_name=args.image, options=options, sections=keys)
+    for failed in report.failures:
+        info(f"convscope: warning: report section {failed.key!r} failed: {failed.error}")
+    try:
+        write_text_atomic(report.html, out)
+    except OSError as exc:
+        raise ConvscopeError(f"{out}: cannot write the report ({exc.strerror or exc})") from None
+    ok = len(report.sections) - len(report.failures)
+    info(f"report written to {os.path.abspath(out)} ({ok} of {len(report.sections)} sections, {report.seconds:.1f} s)")
+    return 0
+
+
+def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Add the report parser."""
+    p = subparsers.add_parser(
+        "report", parents=parents, help="self-contained HTML report for an image (prediction, filters, feature maps, ...)",
+        description="Write one HTML file (pictures embedded, no network needed) with every report section for IMAGE.",
+    )
+    p.add_argument("image", nargs="?", default="sample:chelsea", metavar="IMAGE", help="image file or sample:NAME (default sample:chelsea)")
+    p.add_argument("-o", "--output", default="convscope-report.html", metavar="FILE.html", help="output file (default convscope-report.html)")
+    p.add_argument("--sections", default=None, metavar="A,B", help="only these sections (see --list-sections)")
+    p.add_argument("--list-sections", action="store_true", help="list the available sections and exit")
+    p.add_argument("--top", type=positive_int, default=5, metavar="K", help="classes in the prediction table (default 5)")
+    p.add_argument("--layers", default=None, metavar="L1,L2", help="layers for the feature-map section (default: early, middle, last)")
+    p.set_defaults(func=run_report)

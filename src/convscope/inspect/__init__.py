@@ -1,0 +1,31 @@
+"""Inspection views: each an API function returning a result object that shows itself as a picture.
+
+- :func:`summary` -> :class:`Summary`: layer table (output shape, parameters, receptive field), totals.
+- :func:`filters` -> :class:`FilterSet`: a convolution's kernels, their norms, near-zero (dead) filters.
+- :func:`feature_maps` -> :class:`FeatureMaps`: one layer's output for one image, as a grid.
+- :func:`channel_means` -> :class:`ChannelResponse`: mean activation of every channel, per image.
+"""
+
+from __future__ import annotations
+
+from .channels import ChannelResponse, channel_means
+from .errors import LayerKindError, ViewOptionError
+from .features import FeatureMaps, feature_maps, layer_output, stage_layers
+from .filters import FilterSet, conv_layers, filters
+from .summary import Summary, summary
+
+__all__ = [
+    "ChannelResponse",
+    "FeatureMaps",
+    "FilterSet",
+    "LayerKindError",
+    "Summary",
+    "ViewOptionError",
+    "channel_means",
+    "conv_layers",
+    "feature_maps",
+    "filters",
+    "layer_output",
+    "stage_layers",
+    "summary",
+]

@@ -1,0 +1,218 @@
+"""Convolution filters as pictures, with per-filter norms and a dead-filter count (Zeiler & Fergus 2014)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import suggestion
+from ..probe import default_layer, module_of, name_of, resolve_layer
+from .errors import LayerKindError, ViewOptionError
+
+SCALES = ("symmetric", "minmax")
+
+
+@dataclass(eq=False)
+class FilterSet:
+    """The weights of one ``Conv2d`` layer and how to look at them.
+
+    ``weight``: a CPU float copy of the kernel, shape (out_channels, in_channels / groups, kh, kw).
+    ``norms``: L2 norm of every output filter over (in, kh, kw), shape (out_channels,); ``rms`` the
+    root mean square of its weights (Zeiler & Fergus renormalised first-layer filters whose RMS exceeded
+    0.1). ``dead``: indices of near-zero filters, whose norm is at most ``dead_tolerance`` times the
+    largest norm of the layer (such filters cannot respond to anything).
+
+    Pictures (:meth:`to_image`, ``.image``): ``kind == "rgb"`` (a layer reading 3 input channels, the
+    first layer) shows each filter as one RGB tile; otherwise a grid with one row per output filter and
+    one column per input channel of its group, each kernel a grey tile (``kind == "depthwise"``: one
+    tile per channel, since each filter reads one channel). ``scale="symmetric"`` (default) maps each
+    filter's weights by w / (2 max|w|) + 0.5, so mid-grey is 0, brighter positive, darker negative, and
+    the tiles of one filter share one scale; ``scale="minmax"`` stretches each filter to [0, 1].
+    """
+
+    layer: str
+    weight: torch.Tensor
+    groups: int
+    in_channels: int
+    stride: tuple[int, int]
+    norms: torch.Tensor
+    rms: torch.Tensor
+    dead: list[int]
+    dead_tolerance: float
+    scale: str = "symmetric"
+    max_filters: int | None = 64
+    max_channels: int | None = 16
+    layer_type: str = "Conv2d"
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def out_channels(self) -> int:
+        """Number of filters (output channels) of the layer."""
+        return int(self.weight.shape[0])
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        """(kh, kw) in input pixels of this layer."""
+        return int(self.weight.shape[2]), int(self.weight.shape[3])
+
+    @property
+    def kind(self) -> str:
+        """``"rgb"`` (reads 3 channels, one group), ``"depthwise"`` (each filter reads one channel: depthwise
+        convolutions, or a layer with a single input channel such as a grayscale first layer) or ``"channels"``."""
+        if self.groups == 1 and self.weight.shape[1] == 3:
+            return "rgb"
+        if self.weight.shape[1] == 1:
+            return "depthwise"
+        return "channels"
+
+    @property
+    def shown_filters(self) -> int:
+        """How many filters the picture shows (``max_filters`` caps it)."""
+        return self.out_channels if self.max_filters is None else min(self.out_channels, self.max_filters)
+
+    @property
+    def shown_channels(self) -> int:
+        """How many input channels per filter the picture shows (``max_channels`` caps it)."""
+        n = int(self.weight.shape[1])
+        return n if self.max_channels is None else min(n, self.max_channels)
+
+    def scaled(self) -> torch.Tensor:
+        """The weights mapped to [0, 1] for display, per output filter, as :attr:`scale` says."""
+        w = self.weight.double()
+        flat = w.flatten(1)
+        if self.scale == "symmetric":
+            m = flat.abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            return (w / (2 * m) + 0.5).float()
+        lo = flat.amin(1).view(-1, 1, 1, 1)
+        span = (flat.amax(1).view(-1, 1, 1, 1) - lo).clamp_min(1e-12)
+        return ((w - lo) / span).float()
+
+    def tiles(self) -> list[Image.Image]:
+        """One picture per shown output filter: RGB for ``kind == "rgb"``, grey for ``"depthwise"``.
+
+        For ``kind == "channels"`` a filter has one tile per input channel: use :meth:`channel_tiles`.
+        """
+        s = self.scaled()[: self.shown_filters]
+        if self.kind == "rgb":
+            arrays = s.permute(0, 2, 3, 1).numpy()
+        else:
+            arrays = s[:, 0].numpy()
+        return [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arrays]
+
+    def channel_tiles(self) -> list[list[Image.Image]]:
+        """``tiles[filter][input channel]``: each kernel slice as a grey picture (shown filters/channels only)."""
+        s = self.scaled()[: self.shown_filters, : self.shown_channels].numpy()
+        return [[Image.fromarray((k * 255 + 0.5).astype(np.uint8)) for k in row] for row in s]
+
+    def to_image(self, *, cell: int | None = None, title: bool = True) -> Image.Image:
+        """The filters as one picture (see the class docstring for the layout and the scale)."""
+        from ..render import grid, matrix_grid, titled
+
+        kh, kw = self.kernel_size
+        caption = self.caption() if title else None
+        if self.kind in ("rgb", "depthwise"):
+            tiles = self.tiles()
+            cell = cell or max(32, min(64, 8 * max(kh, kw)))
+            picture = grid(tiles, labels=[str(i) for i in range(len(tiles))], cell=cell, columns=min(len(tiles), 8))
+            return titled(picture, caption) if caption else picture
+        tiles2 = self.channel_tiles()
+        cell = cell or max(12, min(48, 6 * max(kh, kw)))
+        group = int(self.weight.shape[1])
+        col_labels = [str(j) for j in range(len(tiles2[0]))]
+        if self.groups > 1:
+            caption = (caption or "") + f" (columns: input {group} of each group)"
+        return matrix_grid(tiles2, row_labels=[str(i) for i in range(len(tiles2))], column_labels=col_labels, cell=cell, title=caption)
+
+    def caption(self) -> str:
+        """One line saying what the picture shows (layer, counts, kernel size, scale)."""
+        kh, kw = self.kernel_size
+        shown = f"{self.shown_filters} of {self.out_channels}" if self.shown_filters < self.out_channels else f"{self.out_channels}"
+        text = f"{self.layer}: {shown} filters {kh}x{kw}"
+        if self.kind == "channels":
+            n = int(self.weight.shape[1])
+            text += f" x {self.shown_channels} of {n} inputs" if self.shown_channels < n else f" x {n} inputs"
+        return text + (", grey = 0" if self.scale == "symmetric" else ", min-max per filter")
+
+    @property
+    def image(self) -> Image.Image:
+        """:meth:`to_image` with the default layout (computed once)."""
+        if self._image is None:
+            self._image = self.to_image()
+        return self._image
+
+    def _repr_png_(self) -> bytes:
+        from ..render import png_bytes
+
+        return png_bytes(self.image)
+
+    def __str__(self) -> str:
+        n = self.norms
+        kh, kw = self.kernel_size
+        return (
+            f"{self.layer} ({self.layer_type}): {self.out_channels} filters of {int(self.weight.shape[1])}x{kh}x{kw}, "
+            f"groups {self.groups}, stride {self.stride[0]}x{self.stride[1]}; L2 norm min {n.min():.4g}, "
+            f"median {n.median():.4g}, max {n.max():.4g}; near-zero filters: {len(self.dead)}"
+        )
+
+
+def conv_layers(model: Any) -> list[str]:
+    """Names of every ``Conv2d`` (subclasses included) in ``named_modules()`` order."""
+    return [n for n, m in module_of(model).named_modules() if n and isinstance(m, nn.Conv2d)]
+
+
+def filters(
+    model: Any,
+    layer: str | None = None,
+    *,
+    max_filters: int | None = 64,
+    max_channels: int | None = 16,
+    scale: str = "symmetric",
+    dead_tolerance: float = 0.01,
+) -> FilterSet:
+    """The kernels of a ``Conv2d`` layer (default: the first convolution) with norms and a picture.
+
+    ``max_filters`` / ``max_channels`` (``None``: all) limit what the picture shows (the first ones by
+    index); the weights are always complete. ``scale``: ``"symmetric"`` (grey = 0) or ``"minmax"``.
+    A filter is near-zero (dead) when its L2 norm is at most ``dead_tolerance`` x the layer's largest.
+    A layer that is not a ``Conv2d`` raises :class:`LayerKindError` naming close convolutions.
+    """
+    module = module_of(model)
+    if scale not in SCALES:
+        raise ViewOptionError(f"unknown filter scale {scale!r}; choose {' or '.join(SCALES)}")
+    for name, value in (("max_filters", max_filters), ("max_channels", max_channels)):
+        if value is not None and value < 1:
+            raise ViewOptionError(f"{name} must be at least 1, got {value}")
+    if layer is None:
+        layer = default_layer(model, "first_conv")
+    conv = resolve_layer(module, layer)
+    name = layer if isinstance(layer, str) else name_of(module, conv)
+    if not isinstance(conv, nn.Conv2d):
+        convs = conv_layers(module)
+        hint = suggestion(name, convs) or (f"; convolutions include {', '.join(convs[:5])}" if convs else "; the model has no Conv2d")
+        raise LayerKindError(f"layer {name!r} is a {type(conv).__name__}, not a Conv2d, so it has no filters{hint}")
+    w = conv.weight.detach().float().cpu().clone()
+    norms = w.flatten(1).norm(dim=1)
+    rms = norms / math.sqrt(w[0].numel())
+    limit = dead_tolerance * float(norms.max()) if len(norms) else 0.0
+    dead = [i for i, v in enumerate(norms.tolist()) if v <= limit]
+    return FilterSet(
+        layer=name,
+        weight=w,
+        groups=int(conv.groups),
+        in_channels=int(conv.in_channels),
+        stride=(int(conv.stride[0]), int(conv.stride[1])),
+        norms=norms,
+        rms=rms,
+        dead=dead,
+        dead_tolerance=dead_tolerance,
+        scale=scale,
+        max_filters=max_filters,
+        max_channels=max_channels,
+        layer_type=type(conv).__name__,
+    )
