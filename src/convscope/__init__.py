@@ -30,6 +30,7 @@ from .inspect import (
 )
 from .models import Model, Prediction, load_model
 from .probe import Capture, LayerInfo, ReceptiveField, default_layer, guard, layer_table, resolve_layer
+from .synthesis import adversarial, visualize
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,8 @@ __all__ = [
     "feature_maps",
     "filters",
     "summary",
+    "adversarial",
+    "visualize",
     "Attribution",
     "attribute",
     "Capture",

@@ -1,0 +1,391 @@
+"""The optimisation loop of feature visualisation: objective + parameterisation + transforms + regularisers.
+
+:func:`visualize` (``cs.visualize``) maximises an objective (Erhan et al. 2009; Olah et al. 2017) by
+gradient ascent on an image parameterisation, feeding randomly transformed copies of the image through
+the model (each image of the batch gets its own transform). The forward pass stops right after the
+deepest layer the objective reads (unless it needs the logits). :func:`render_channels` renders many
+channels of one layer in one batched optimisation, one image per channel. :func:`multiscale` is the
+coarse-to-fine pixel procedure (start small, upscale between rounds, optionally blur).
+
+Every call leaves the model as it found it (modes, ``requires_grad``, in-place flags, hooks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConvscopeError
+from ..models.model import output_logits
+from ..probe import Capture
+from .network import Network, NotDifferentiableError, network
+from .objectives import LOGITS, Objective, as_objective, channel
+from .params import ImageParam, image_param
+from .regularizers import Regularizer
+from .transforms import Transform, resolve
+
+
+@dataclass
+class Rendering:
+    """A synthesised image batch and how it was made.
+
+    ``input``: the tensor fed to the model (N, 3, H, W) in its preprocessed space (no transform), so
+    evaluating the objective on it reproduces ``objectives``. ``pixels``: the same in [0, 1].
+    ``history``: mean objective per step, measured on the transformed copies the optimiser saw.
+    """
+
+    input: torch.Tensor
+    pixels: torch.Tensor
+    objectives: torch.Tensor
+    history: list[float]
+    objective_name: str
+    steps: int
+    forward_passes: int
+    backward_passes: int
+    seconds: float
+    interrupted: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """Every image of the batch as a PIL image (8-bit)."""
+        return pixels_to_pil(self.pixels)
+
+    @property
+    def image(self) -> Image.Image:
+        """The first (often the only) image."""
+        return self.images[0]
+
+    @property
+    def objective(self) -> float:
+        """The final objective value (mean over the batch) measured on ``input``."""
+        return float(self.objectives.mean())
+
+
+def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [0, 1] -> list of 8-bit RGB images."""
+    a = (pixels.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype("uint8")
+    return [Image.fromarray(x) for x in a]
+
+
+# ============================================================================ evaluating objectives
+
+
+def capture_for(net: Network, objective: Objective, *, rules: dict | None = None) -> Capture:
+    """A :class:`~convscope.Capture` reading the objective's layers; stops early unless logits are needed."""
+    stop = bool(objective.layers) and not objective.needs_logits
+    return Capture(net.module, list(objective.layers), grads=True, stop=stop, rules=rules)
+
+
+def objective_values(cap: Capture, objective: Objective, x: torch.Tensor) -> torch.Tensor:
+    """Run the captured model on ``x`` and return the objective per image (N,)."""
+    out = cap.forward(x)
+    acts: dict[str, torch.Tensor] = dict(cap.activations)
+    if objective.needs_logits:
+        if out is None:
+            raise ConvscopeError("the objective needs the logits but the forward pass stopped early")
+        acts[LOGITS] = output_logits(out)
+    return objective(acts)
+
+
+def evaluate(model: Any, objective: Objective | str, x: torch.Tensor, *, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None) -> torch.Tensor:
+    """The objective per image (N,) for a preprocessed input ``x`` (one forward pass, no gradient)."""
+    net = network(model, mean=mean, std=std)
+    obj = as_objective(objective, model)
+    with torch.no_grad(), capture_for(net, obj) as cap:
+        return objective_values(cap, obj, x.to(net.device)).detach()
+
+
+def _redirect(upper: float):
+    """ReLU (``upper`` = inf) / ReLU6 backward with Lucid's redirect for units that pass no gradient.
+
+    Per image: where the ordinary gradient (grad * 1[0 < input < upper]) is zero everywhere, pass
+    instead the gradient components that would move saturated inputs back into the active range
+    (input <= 0 and a descent step raises it; input >= upper and a step lowers it). Otherwise the
+    ordinary gradient, unchanged. Used for the first steps so that dead units can wake up.
+    """
+
+    def rule(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        normal = grad * ((inp > 0) & (inp < upper)).to(grad.dtype)
+        dead = normal.flatten(1).abs().amax(dim=1) == 0 if normal.ndim > 1 else normal.abs().amax().view(1) == 0
+        if not bool(dead.any()):
+            return normal
+        wake = grad * (((inp <= 0) & (grad < 0)) | ((inp >= upper) & (grad > 0))).to(grad.dtype)
+        shape = (-1,) + (1,) * (normal.ndim - 1)
+        return torch.where(dead.view(shape), wake, normal)
+
+    return rule
+
+
+def _redirect_rules(module: nn.Module) -> dict[type, Any]:
+    rules: dict[type, Any] = {}
+    for m in module.modules():
+        if type(m) is nn.ReLU:
+            rules[nn.ReLU] = _redirect(float("inf"))
+        elif type(m) is nn.ReLU6:
+            rules[nn.ReLU6] = _redirect(6.0)
+    return rules
+
+
+# ============================================================================ the loop
+
+
+def optimize(
+    net: Network,
+    objective: Objective,
+    param: ImageParam,
+    *,
+    steps: int,
+    transform: Transform | None = None,
+    regularizers: Sequence[Regularizer] = (),
+    lr: float = 0.05,
+    optimizer: str = "adam",
+    generator: torch.Generator,
+    redirect_relu: int = 16,
+    progress: bool | None = None,
+    description: str = "render",
+    until: Callable[[torch.Tensor], bool] | None = None,
+) -> tuple[list[float], int, bool]:
+    """Gradient ascent on ``objective`` - penalties over ``param``; returns (history, steps run, interrupted).
+
+    Each step: pixels = param.image(); x = normalize(transform(pixels)); loss = -sum_i objective_i(x) +
+    sum_i penalty_i(pixels); one optimiser step; then the regularisers' step operations. During the
+    first ``redirect_relu`` steps, ReLU/ReLU6 units pass gradients that would switch them on.
+    ``until(values)`` may end the loop early (checked on each step's objective values).
+    Ctrl-C stops the loop and keeps the image as it is.
+    """
+    if steps < 0:
+        raise ConvscopeError(f"steps must be >= 0, got {steps}")
+    if not lr > 0:
+        raise ConvscopeError(f"learning rate must be positive, got {lr}")
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(param.tensors, lr=lr)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(param.tensors, lr=lr, momentum=0.9)
+    else:
+        raise ConvscopeError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
+    history: list[float] = []
+    done = 0
+    interrupted = False
+    phases = [(min(redirect_relu, steps), _redirect_rules(net.module)), (steps - min(redirect_relu, steps), None)]
+    bar = tqdm(total=steps, desc=description, disable=None if progress is None else not progress, leave=False)
+    try:
+        for count, rules in phases:
+            if count <= 0:
+                continue
+            with capture_for(net, objective, rules=rules or None) as cap:
+                for _ in range(count):
+                    pixels = param.image()
+                    seen = transform(pixels, generator) if transform is not None else pixels
+                    values = objective_values(cap, objective, net.normalize(seen))
+                    if not values.requires_grad:
+                        raise NotDifferentiableError(
+                            f"the objective {objective.name!r} does not depend differentiably on the input "
+                            "(a layer or the model output is computed without autograd)")
+                    loss = -values.sum()
+                    for r in regularizers:
+                        p = r.penalty(pixels)
+                        if p is not None:
+                            loss = loss + p.sum()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if any(t.grad is None for t in param.tensors):
+                        raise NotDifferentiableError("no gradient reached the image: the model is not differentiable")
+                    opt.step()
+                    for r in regularizers:
+                        r.after_step(param, done)
+                    history.append(float(values.detach().mean()))
+                    done += 1
+                    bar.update(1)
+                    if until is not None and until(values.detach()):
+                        return history, done, interrupted
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    return history, done, interrupted
+
+
+def render(
+    model: Any,
+    objective: Objective | str,
+    *,
+    param: str | ImageParam = "fourier",
+    size: int | tuple[int, int] | None = None,
+    batch: int = 1,
+    steps: int = 256,
+    lr: float = 0.05,
+    optimizer: str = "adam",
+    transforms: str | Transform | Sequence[Transform] | None = "standard",
+    regularizers: Sequence[Regularizer] = (),
+    decorrelate: bool = True,
+    redirect_relu: int = 16,
+    seed: int | None = 0,
+    progress: bool | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    until: Callable[[torch.Tensor], bool] | None = None,
+) -> Rendering:
+    """Optimise an image batch to maximise ``objective``; the engine behind :func:`visualize`.
+
+    ``param``: ``"fourier"`` (default), ``"pixel"`` or an :class:`~convscope.synthesis.params.ImageParam`.
+    ``size``: output side in pixels (default: the model's input size). ``batch``: images optimised
+    together (each with its own transforms). ``seed``: seeds the initial image and every transform
+    (same seed, same image). ``mean``/``std``: normalisation for a plain ``nn.Module``. ``until``: see
+    :func:`optimize`.
+    """
+    net = network(model, mean=mean, std=std)
+    obj = as_objective(objective, model)
+    h, w = _size(size, net)
+    if batch < 1:
+        raise ConvscopeError(f"batch must be >= 1, got {batch}")
+    gen = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
+    p = param if isinstance(param, ImageParam) else image_param(param, (batch, h, w), decorrelate=decorrelate,
+                                                              generator=gen, device=net.device)
+    transform = resolve(transforms, min(h, w))
+    start = time.perf_counter()
+    history, done, interrupted = optimize(
+        net, obj, p, steps=steps, transform=transform, regularizers=regularizers, lr=lr, optimizer=optimizer,
+        generator=gen, redirect_relu=redirect_relu, progress=progress, description=f"visualize {obj.name}",
+        until=until)
+    return _finish(net, obj, p.image().detach(), history, done, interrupted, start)
+
+
+def _finish(net: Network, obj: Objective, pixels: torch.Tensor, history: list[float], done: int,
+            interrupted: bool, start: float, **extras: Any) -> Rendering:
+    x = net.normalize(pixels)
+    with torch.no_grad(), capture_for(net, obj) as cap:
+        values = objective_values(cap, obj, x).detach()
+    return Rendering(
+        input=x, pixels=pixels, objectives=values, history=history, objective_name=obj.name, steps=done,
+        forward_passes=done + 1, backward_passes=done, seconds=time.perf_counter() - start,
+        interrupted=interrupted, extras=dict(extras))
+
+
+def _size(size: int | tuple[int, int] | None, net: Network) -> tuple[int, int]:
+    if size is None:
+        return net.input_size
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if h < 16 or w < 16:
+        raise ConvscopeError(f"image size must be at least 16 pixels, got {h}x{w}")
+    return h, w
+
+
+def visualize(
+    model: Any,
+    objective: Objective | str,
+    *,
+    steps: int = 256,
+    size: int | tuple[int, int] | None = None,
+    seed: int | None = 0,
+    batch: int = 1,
+    diversity: float = 0.0,
+    **options: Any,
+) -> Rendering:
+    """Feature visualisation: an image that maximises ``objective`` (``cs.visualize``).
+
+    ``objective``: a string (``"conv_head:286"``, ``"bn2:3@3,3"``, ``"blocks.5.0"``, ``"logit:385"``,
+    ``"0.5*bn2:3 - bn2:4"``) or an :class:`Objective`. ``diversity`` > 0 with ``batch`` > 1 adds
+    ``diversity * diversity(layer)`` on the objective's first layer so the samples differ (Olah et al.
+    2017). Other options go to :func:`render` (``param``, ``lr``, ``transforms``, ``regularizers``,
+    ``decorrelate``, ``progress``, ``mean``, ``std``...). Returns a :class:`Rendering`; ``r.image`` is
+    a PIL image, ``r.input`` the tensor fed to the model, ``r.objective`` the final objective value.
+    """
+    obj = as_objective(objective, model)
+    if diversity:
+        if not obj.layers:
+            raise ConvscopeError("diversity needs an objective that reads a layer")
+        from .objectives import diversity as diversity_term
+
+        obj = obj + diversity * diversity_term(obj.layers[0])
+    return render(model, obj, steps=steps, size=size, seed=seed, batch=batch, **options)
+
+
+def render_channels(model: Any, layer: str, channels: Sequence[int], **options: Any) -> Rendering:
+    """Render ``channels`` of ``layer`` in one batched optimisation: image i maximises channel i.
+
+    The images are independent (eval-mode model, per-image transforms), so this gives what separate
+    renderings give, for a fraction of the cost. Options as in :func:`render`.
+    """
+    channels = [int(c) for c in channels]
+    if not channels:
+        raise ConvscopeError("no channels to render")
+    options.setdefault("seed", 0)
+    return render(model, channel(layer, channels), batch=len(channels), **options)
+
+
+# ============================================================================ coarse-to-fine
+
+
+def multiscale(
+    model: Any,
+    objective: Objective | str,
+    *,
+    start: int = 56,
+    factor: float = 1.2,
+    rounds: int = 12,
+    steps: int = 20,
+    lr: float = 0.1,
+    weight_decay: float = 1e-6,
+    blur: int | None = None,
+    seed: int | None = 0,
+    progress: bool | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Rendering:
+    """Coarse-to-fine pixel optimisation: ``steps`` Adam steps at ``start`` px, then upscale by ``factor``.
+
+    The image is optimised directly in the model's input space (Adam, ``lr``, ``weight_decay``) from
+    uniform noise in [150, 180]/255; after each of the ``rounds`` rounds but the last it is resized by
+    ``factor`` (bicubic) and, with ``blur=k``, box-blurred with a k x k kernel. Final side:
+    ``start * factor**(rounds - 1)``. Upscaling low-frequency patterns found at small sizes avoids the
+    high-frequency noise of pure pixel optimisation.
+    """
+    net = network(model, mean=mean, std=std)
+    obj = as_objective(objective, model)
+    if start < 16 or factor < 1 or rounds < 1:
+        raise ConvscopeError("multiscale needs start >= 16, factor >= 1 and rounds >= 1")
+    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    pixels = (150 + 30 * torch.rand((1, 3, start, start), generator=gen)) / 255
+    pixels = pixels.to(net.device, net.dtype)
+    history: list[float] = []
+    t0 = time.perf_counter()
+    done = 0
+    interrupted = False
+    size = float(start)
+    bar = tqdm(total=rounds * steps, desc=f"multiscale {obj.name}", disable=None if progress is None else not progress, leave=False)
+    try:
+        with capture_for(net, obj) as cap:
+            for r in range(rounds):
+                x = net.normalize(pixels).detach().requires_grad_(True)
+                opt = torch.optim.Adam([x], lr=lr, weight_decay=weight_decay)
+                for _ in range(steps):
+                    values = objective_values(cap, obj, x)
+                    if not values.requires_grad:
+                        raise NotDifferentiableError(f"the objective {obj.name!r} does not depend differentiably on the input")
+                    opt.zero_grad(set_to_none=True)
+                    (-values.sum()).backward()
+                    opt.step()
+                    history.append(float(values.detach().mean()))
+                    done += 1
+                    bar.update(1)
+                pixels = net.to_pixels(x.detach()).clamp(0, 1)
+                if r < rounds - 1:
+                    size *= factor
+                    pixels = F.interpolate(pixels, size=(int(size), int(size)), mode="bicubic", align_corners=False).clamp(0, 1)
+                    if blur:
+                        pixels = F.avg_pool2d(F.pad(pixels, (blur // 2, (blur - 1) // 2) * 2, mode="reflect"), blur, stride=1)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    return _finish(net, obj, pixels.detach(), history, done, interrupted, t0, sizes=(start, int(size)))

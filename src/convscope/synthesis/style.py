@@ -1,0 +1,263 @@
+"""Texture synthesis and neural style transfer with Gram matrices (Gatys, Ecker & Bethge 2015, 2016).
+
+For features F (C, HW) at a layer, the Gram matrix is G = F F^T / (C H W) (the PyTorch tutorial's
+normalisation). The style loss is sum_l mean (G_l(x) - G_l^target)^2 over the style layers; with
+several style images the target is the weighted mean of their Gram matrices. The content loss is
+mean (F(x) - F(content))^2 at the content layer(s). Style transfer minimises
+``content_weight * content + style_weight * style``; texture synthesis is the style term alone, from
+noise. Optimisers: L-BFGS (Gatys) or Adam. The image is optimised through a sigmoid (always a valid
+image, no clamping that would break L-BFGS's curvature model) or, with ``param="clamp"``, as raw pixels
+projected onto [0, 1] before every evaluation (the PyTorch tutorial's way). ``preserve_color`` keeps the content image's
+colours (luminance-only transfer, Gatys et al. 2016): the result's Y channel with the content's I, Q.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import ConvscopeError
+from ..images import ImageLike, load_image
+from ..probe import Capture
+from .network import Network, NotDifferentiableError, network
+from .render import pixels_to_pil
+
+
+def gram(f: torch.Tensor) -> torch.Tensor:
+    """Gram matrices (N, C, C) of features (N, C, H, W), divided by C*H*W."""
+    n, c = f.shape[:2]
+    flat = f.reshape(n, c, -1)
+    return torch.bmm(flat, flat.transpose(1, 2)) / flat[0].numel()
+
+
+def default_layers(model: Any) -> tuple[list[str], list[str]]:
+    """(style layers, content layers): Gatys's conv1_1..conv5_1 / conv4_2 for torchvision VGG; else the
+    first layer at each of the first five resolutions (style) and the fourth of them (content)."""
+    from ..probe import layer_table, module_of
+
+    module = module_of(model)
+    feats = getattr(module, "features", None)
+    if isinstance(feats, torch.nn.Sequential):
+        convs = [f"features.{i}" for i, m in enumerate(feats) if isinstance(m, torch.nn.Conv2d)]
+        if len(convs) == 16:  # VGG-19
+            return [convs[i] for i in (0, 2, 4, 8, 12)], [convs[9]]
+        if len(convs) == 13:  # VGG-16
+            return [convs[i] for i in (0, 2, 4, 7, 10)], [convs[8]]
+    rows = model.layers() if hasattr(model, "layers") and callable(model.layers) else layer_table(model)
+    spatial = [r for r in rows if r.is_spatial and r.output_shape is not None]
+    # containers that span several resolutions (e.g. a whole ``blocks`` Sequential) say nothing about one scale
+    spans = {r.name for r in spatial
+             if len({o.output_shape[2:] for o in spatial if o.name.startswith(r.name + ".")}) > 2}
+    seen: dict[tuple[int, ...], str] = {}
+    for r in spatial:
+        if r.depth <= 2 and r.name not in spans and r.output_shape[2:] not in seen:
+            seen[r.output_shape[2:]] = r.name
+    picks = list(seen.values())[:5]
+    if not picks:
+        raise ConvscopeError("the model has no spatial layers for style losses")
+    return picks, [picks[min(3, len(picks) - 1)]]
+
+
+@dataclass
+class StyleResult:
+    """A stylised image or synthesised texture; ``history``: total loss per function evaluation.
+
+    ``extras["times"]``: seconds since the call started at each evaluation (targets included).
+    """
+
+    input: torch.Tensor
+    pixels: torch.Tensor
+    history: list[float]
+    style_loss: float
+    content_loss: float
+    style_history: list[float]
+    evaluations: int
+    seconds: float
+    style_layers: list[str]
+    content_layers: list[str]
+    interrupted: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Image.Image:
+        return pixels_to_pil(self.pixels)[0]
+
+
+def _pixels(image: ImageLike | torch.Tensor, size: int | tuple[int, int] | None, net: Network) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        p = image if image.ndim == 4 else image.unsqueeze(0)
+        p = p.detach().to(net.device, net.dtype)
+    else:
+        img = load_image(image)
+        p = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].to(net.device, net.dtype)
+    if size is not None:
+        hw = (size, size) if isinstance(size, int) else size
+        if tuple(p.shape[2:]) != tuple(hw):
+            p = F.interpolate(p, size=hw, mode="bilinear", align_corners=False, antialias=True)
+    return p.clamp(0, 1)
+
+
+def _preserve_color(result: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """Luminance of ``result`` with the chrominance (YIQ) of ``content``."""
+    m = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                     device=result.device, dtype=result.dtype)
+    y = torch.einsum("ck,nkhw->nchw", m, result)
+    c = torch.einsum("ck,nkhw->nchw", m, F.interpolate(content, size=result.shape[2:], mode="bilinear", align_corners=False))
+    yiq = torch.cat([y[:, :1], c[:, 1:]], 1)
+    return torch.einsum("ck,nkhw->nchw", torch.linalg.inv(m), yiq).clamp(0, 1)
+
+
+def style_transfer(
+    model: Any,
+    content: ImageLike | torch.Tensor | None,
+    styles: ImageLike | torch.Tensor | Sequence[ImageLike | torch.Tensor],
+    *,
+    style_weights: Sequence[float] | None = None,
+    content_weight: float = 1.0,
+    style_weight: float = 1e6,
+    steps: int = 300,
+    optimizer: str = "lbfgs",
+    lr: float | None = None,
+    size: int | tuple[int, int] | None = 128,
+    init: str = "content",
+    param: str = "sigmoid",
+    style_layers: Sequence[str] | None = None,
+    content_layers: Sequence[str] | None = None,
+    preserve_color: bool = False,
+    line_search: bool = False,
+    seed: int | None = 0,
+    progress: bool | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> StyleResult:
+    """Neural style transfer (Gatys et al. 2015); with ``content=None``, texture synthesis.
+
+    ``styles``: one image or several, blended by ``style_weights`` (normalised to sum 1) through their
+    Gram matrices. ``steps``: function evaluations (L-BFGS counts each closure call, as the PyTorch
+    tutorial does; Adam one per step). ``lr``: L-BFGS step (default 1) or Adam rate (default 0.02).
+    ``init``: ``"content"`` or ``"noise"``. ``size``: side (or (H, W)) of the content and of the
+    output; style images are resized to it. Losses are reported unweighted-by-nothing: ``style_loss``
+    and ``content_loss`` are the final weighted terms.
+    """
+    net = network(model, mean=mean, std=std)
+    if steps < 1:
+        raise ConvscopeError(f"steps must be >= 1, got {steps}")
+    if optimizer not in ("lbfgs", "adam"):
+        raise ConvscopeError(f"unknown optimizer {optimizer!r}; choose lbfgs or adam")
+    if param not in ("sigmoid", "clamp"):
+        raise ConvscopeError(f"unknown param {param!r}; choose sigmoid or clamp")
+    if content_weight < 0 or style_weight < 0:
+        raise ConvscopeError("loss weights must be non-negative")
+    style_list = list(styles) if isinstance(styles, (list, tuple)) else [styles]
+    if not style_list:
+        raise ConvscopeError("at least one style image is needed")
+    w = torch.tensor(list(style_weights) if style_weights is not None else [1.0] * len(style_list), dtype=torch.float64)
+    if len(w) != len(style_list) or (w < 0).any() or w.sum() <= 0:
+        raise ConvscopeError("style weights: one non-negative weight per style image, not all zero")
+    w = (w / w.sum()).tolist()
+    s_layers, c_layers = default_layers(model)
+    s_layers = list(style_layers) if style_layers is not None else s_layers
+    c_layers = list(content_layers) if content_layers is not None else c_layers
+    if content is None:
+        c_layers, content_weight = [], 0.0
+    layers = list(dict.fromkeys(s_layers + c_layers))
+    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    t0 = time.perf_counter()
+    with Capture(net.module, layers, grads=True, stop=True) as cap:
+        # targets: computed once
+        with torch.no_grad():
+            cp = _pixels(content, size, net) if content is not None else None
+            hw = tuple(cp.shape[2:]) if cp is not None else ((size, size) if isinstance(size, int) else tuple(size or net.input_size))
+            target_grams = {name: 0 for name in s_layers}
+            for weight, s in zip(w, style_list):
+                cap.forward(net.normalize(_pixels(s, hw, net)))
+                for name in s_layers:
+                    target_grams[name] = target_grams[name] + weight * gram(cap.activations[name]).detach()
+            target_content = {}
+            if cp is not None:
+                cap.forward(net.normalize(cp))
+                target_content = {name: cap.activations[name].detach().clone() for name in c_layers}
+        if init == "content" and cp is not None:
+            start = cp.clone()
+        elif init in ("noise", "content"):
+            start = torch.rand((1, 3, *hw), generator=gen).to(net.device, net.dtype)
+        else:
+            raise ConvscopeError(f"unknown init {init!r}; choose content or noise")
+        raw = torch.logit(start.clamp(1e-3, 1 - 1e-3)) if param == "sigmoid" else start.clone()
+        raw.requires_grad_(True)
+        image = (lambda: torch.sigmoid(raw)) if param == "sigmoid" else (lambda: raw)
+        history: list[float] = []
+        style_hist: list[float] = []
+        times: list[float] = []
+        last = {"style": 0.0, "content": 0.0}
+        bar = tqdm(total=steps, desc="texture" if content is None else "style", disable=None if progress is None else not progress, leave=False)
+
+        def closure() -> torch.Tensor:
+            if param == "clamp":  # projected: every evaluation sees a valid image
+                with torch.no_grad():
+                    raw.clamp_(0, 1)
+            opt.zero_grad(set_to_none=True)
+            cap.forward(net.normalize(image()))
+            acts = cap.activations
+            s_loss = sum(F.mse_loss(gram(acts[n]), target_grams[n], reduction="sum") / target_grams[n].shape[-1] ** 2 for n in s_layers)
+            c_loss = sum(F.mse_loss(acts[n], target_content[n]) for n in c_layers) if c_layers else torch.zeros((), device=raw.device)
+            loss = style_weight * s_loss + content_weight * c_loss
+            if not loss.requires_grad:
+                raise NotDifferentiableError("the style loss does not depend differentiably on the image")
+            loss.backward()
+            history.append(float(loss.detach()))
+            times.append(time.perf_counter() - t0)
+            style_hist.append(float(style_weight * s_loss.detach()))
+            last["style"], last["content"] = style_hist[-1], float(content_weight * c_loss.detach())
+            bar.update(1)
+            return loss
+
+        interrupted = False
+        try:
+            if optimizer == "lbfgs":
+                opt: torch.optim.Optimizer = torch.optim.LBFGS([raw], lr=lr or 1.0, max_iter=steps, max_eval=steps,
+                                                                tolerance_grad=0, tolerance_change=0, history_size=100,
+                                                                line_search_fn="strong_wolfe" if line_search else None)
+                while len(history) < steps:
+                    before = len(history)
+                    opt.step(closure)
+                    if param == "clamp":
+                        with torch.no_grad():
+                            raw.clamp_(0, 1)
+                    if len(history) == before:
+                        break
+            else:
+                opt = torch.optim.Adam([raw], lr=lr or 0.02)
+                for _ in range(steps):
+                    opt.step(closure)
+                    if param == "clamp":
+                        with torch.no_grad():
+                            raw.clamp_(0, 1)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+    pixels = image().detach().clamp(0, 1)
+    if preserve_color and cp is not None:
+        pixels = _preserve_color(pixels, cp)
+    return StyleResult(input=net.normalize(pixels), pixels=pixels, history=history, style_loss=last["style"],
+                       content_loss=last["content"], style_history=style_hist, evaluations=len(history),
+                       seconds=time.perf_counter() - t0, style_layers=s_layers, content_layers=c_layers,
+                       interrupted=interrupted, extras={"times": times})
+
+
+def texture(model: Any, style: ImageLike | torch.Tensor | Sequence[ImageLike | torch.Tensor], **options: Any) -> StyleResult:
+    """Texture synthesis (Gatys et al. 2015): match the style image's Gram matrices from noise.
+
+    Same options as :func:`style_transfer` (``init`` is always noise).
+    """
+    options["init"] = "noise"
+    return style_transfer(model, None, style, **options)

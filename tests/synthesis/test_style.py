@@ -1,0 +1,61 @@
+"""Texture synthesis and style transfer (Gram matrices)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import convscope as cs
+from convscope.synthesis import gram, style_transfer, texture
+from convscope.synthesis.style import _preserve_color, default_layers
+
+
+def test_gram_matches_hand_computation():
+    f = torch.tensor([[[[1.0, 2.0]], [[0.0, 3.0]]]])  # (1, 2, 1, 2)
+    expected = torch.tensor([[[5.0, 6.0], [6.0, 9.0]]]) / 4
+    assert torch.allclose(gram(f), expected)
+
+
+def test_default_layers_follow_gatys_on_vgg19_and_one_per_scale_elsewhere(model):
+    vgg = cs.load_model("vgg19", weights=None)
+    assert default_layers(vgg) == (["features.0", "features.5", "features.10", "features.19", "features.28"], ["features.21"])
+    style, content = default_layers(model)
+    assert style[0] == "conv_stem" and len(style) == 5 and content[0] in style
+
+
+def test_texture_style_loss_falls_tenfold(model, untouched):
+    with untouched(model.module):
+        r = texture(model, "sample:brick", size=48, steps=60, progress=False)
+    assert r.style_history[-1] < r.style_history[0] / 10
+    assert r.evaluations == 60 and r.image.size == (48, 48) and r.content_loss == 0
+
+
+def test_style_transfer_with_two_weighted_styles_and_adam(tiny):
+    a = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    s1, s2 = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32) * 0.2
+    kw = dict(size=32, steps=25, style_layers=["conv1", "conv2"], content_layers=["conv2"], progress=False)
+    r = style_transfer(tiny, a, [s1, s2], style_weights=[3, 1], optimizer="adam", lr=0.05, **kw)
+    assert r.history[-1] < r.history[0]
+    only_first = style_transfer(tiny, a, [s1, s2], style_weights=[1, 0], steps=1, size=32, style_layers=["conv1"],
+                                content_layers=["conv2"], progress=False)
+    same = style_transfer(tiny, a, s1, steps=1, size=32, style_layers=["conv1"], content_layers=["conv2"], progress=False)
+    assert only_first.history[0] == pytest.approx(same.history[0], rel=1e-5)
+
+
+def test_preserve_color_keeps_the_content_chrominance():
+    content = torch.rand(1, 3, 8, 8) * 0.2 + 0.4
+    result = torch.rand(1, 3, 8, 8) * 0.2 + 0.4
+    out = _preserve_color(result, content)
+    m = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    yiq = lambda x: torch.einsum("ck,nkhw->nchw", m, x)  # noqa: E731
+    assert torch.allclose(yiq(out)[:, 1:], yiq(content)[:, 1:], atol=1e-5)
+    assert torch.allclose(yiq(out)[:, :1], yiq(result)[:, :1], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(optimizer="sgd"), dict(style_weights=[1, 2]),
+                                 dict(style_weights=[-1]), dict(init="zeros"), dict(style_weight=-1)])
+def test_bad_style_settings(tiny, bad, untouched):
+    x = torch.rand(1, 3, 16, 16)
+    kw = dict(size=16, steps=1, style_layers=["conv1"], content_layers=["conv2"], progress=False) | bad
+    with untouched(tiny), pytest.raises(cs.ConvscopeError):
+        style_transfer(tiny, x, x, **kw)
