@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,20 +15,60 @@ from .registry import MethodSpec, check_options, get_method
 from .result import Attribution, display_map
 
 
-@dataclass
 class Context:
-    """What a method function gets: the module, the validated input batch, one target per image, the layer."""
+    """What a method function gets: the module, the validated input batch, one target per image, the layer.
 
-    module: nn.Module
-    x: torch.Tensor
-    target: torch.Tensor
-    layer: str | None
-    model: Any = None
-    batch_size: int = 32
+    ``target`` is (N,) class indices. When the caller asked for the top prediction (``target=None``),
+    it is found lazily: a method that runs its own forward pass on ``x`` calls :meth:`choose_target`
+    with those logits and saves a pass; otherwise the first read of ``target`` costs one forward pass
+    (counted in ``extra_forward_passes``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        target: torch.Tensor | None = None,
+        layer: str | None = None,
+        model: Any = None,
+        batch_size: int = 32,
+    ):
+        self.module = module
+        self.x = x
+        self._target = None if target is None else target.to(x.device)
+        self.layer = layer
+        self.model = model
+        self.batch_size = batch_size
+        self.extra_forward_passes = 0
 
     @property
     def device(self) -> torch.device:
         return self.x.device
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The class explained for each image, (N,) long on the input's device."""
+        if self._target is None:
+            with torch.no_grad():
+                logits = self.logits(self.x)
+            self.extra_forward_passes += 1
+            self._target = logits.argmax(dim=1)
+        return self._target
+
+    @target.setter
+    def target(self, value: torch.Tensor) -> None:
+        self._target = value.to(self.x.device)
+
+    @property
+    def target_known(self) -> bool:
+        """True when the targets are fixed (given by the caller or already chosen)."""
+        return self._target is not None
+
+    def choose_target(self, logits: torch.Tensor) -> torch.Tensor:
+        """The targets, taking the top class of ``logits`` (the method's own pass on ``x``) when none was given."""
+        if self._target is None:
+            self._target = logits.detach().argmax(dim=1)
+        return self._target
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores of a batch (with the autograd graph when grad is enabled)."""
@@ -72,19 +111,15 @@ def attribute(
         xt = xt.to(device)
     xt = xt.detach()
     with guard(module, eval=True, freeze=True, no_inplace=False):
-        extra_forward = 0
-        if target is None:
-            with torch.no_grad():
-                logits = output_logits(module(xt))
-            extra_forward = 1
-            tgt = logits.argmax(dim=1)
-        else:
+        tgt = None
+        if target is not None:
             num_classes = _num_classes(wrapped, module, xt)
-            tgt = resolve_targets(target, xt.shape[0], num_classes, getattr(wrapped, "labels", None))
-        tgt = tgt.to(xt.device)
+            tgt = resolve_targets(target, xt.shape[0], num_classes, getattr(wrapped, "labels", None)).to(xt.device)
         layer_name = _layer_for(spec, model, module, layer, xt)
         ctx = Context(module=module, x=xt, target=tgt, layer=layer_name, model=wrapped)
         out = spec.fn(ctx, **values)
+        tgt = ctx.target
+        extra_forward = ctx.extra_forward_passes
     raw = out.raw.detach()
     display = out.extras.pop("map", None)
     if display is None:
@@ -121,7 +156,7 @@ def resolve_targets(target: Any, n: int, num_classes: int | None, labels: Sequen
     else:
         indices = []
         for v in values:
-            if isinstance(v, str) or isinstance(v, bool) or not isinstance(v, (int,)) and not hasattr(v, "__index__"):
+            if isinstance(v, (str, bool)) or (not isinstance(v, int) and not hasattr(v, "__index__")):
                 raise TargetError(f"target {v!r} must be a class index with a plain module")
             v = int(v)
             if num_classes is not None and not 0 <= v < num_classes:

@@ -17,7 +17,8 @@ class Attribution:
     ``raw``: exactly as the method defines it (gradient family (N, C, H, W) at input size; CAM family
     (N, h, w) at the layer's resolution; occlusion/RISE (N, H, W)). ``map``: (N, H, W) in [0, 1] at
     input size for display. ``target``: (N,) the classes explained. ``forward_passes`` and
-    ``backward_passes`` count what the method cost; ``extras`` holds method-specific outputs (e.g. the
+    ``backward_passes`` count what the method cost, in network evaluations per image (finding the top
+    class costs one forward pass unless the method's own pass on the input gives it); ``extras`` holds method-specific outputs (e.g. the
     integrated-gradients completeness error, the occlusion top-class map).
     """
 
@@ -90,12 +91,17 @@ class Attribution:
 def display_map(raw: torch.Tensor, family: str, size: tuple[int, int]) -> torch.Tensor:
     """Turn a raw attribution into an (N, H, W) map in [0, 1] at input size.
 
-    gradient family: largest absolute value over colour channels; CAM family: ReLU, bilinear upsampling;
+    gradient family: largest absolute value over colour channels, clipped at its 99th percentile; CAM family: ReLU, bilinear upsampling;
     perturbation family: positive part (evidence for the class). Each image is min-max scaled on its own.
     """
     r = raw.detach().float()
     if family == "gradient":
         m = r.abs().amax(dim=1)
+        # pixel maps are sparse: saturate the top 1% so the structure is visible (Smilkov et al. 2017)
+        flat = m.flatten(1)
+        k = max(1, int(0.99 * flat.shape[1]))
+        top = flat.kthvalue(k, dim=1).values.view(-1, 1, 1)
+        m = torch.minimum(m, top.clamp(min=1e-30))
     elif family == "cam":
         m = F.interpolate(r.clamp(min=0).unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
     else:

@@ -1,0 +1,366 @@
+"""Gradient methods: one engine (the target score's gradient with respect to the input, batched), with
+optional backward rules for ReLU-like modules and a post-processing per method.
+
+- ``saliency`` (Simonyan et al. 2014): ``dS_c/dx``, signed, (N, C, H, W).
+- ``gradient_x_input`` (Shrikumar et al. 2016): ``x * dS_c/dx``.
+- ``integrated_gradients`` (Sundararajan et al. 2017): ``(x - x') * integral_0^1 dS_c/dx(x' + a (x - x')) da``.
+- ``smoothgrad`` (Smilkov et al. 2017): the mean of a gradient method over noisy copies of ``x``.
+- ``guided_backprop`` (Springenberg et al. 2015) and ``deconvnet`` (Zeiler & Fergus 2014): the gradient
+  with the backward rule of every ``nn.ReLU`` / ``nn.ReLU6`` replaced (see :data:`GUIDED_RULES`,
+  :data:`DECONV_RULES`), applied through :class:`convscope.probe.Capture`, which turns in-place
+  activations off for the call and restores them.
+
+``S_c`` is always the pre-softmax score (logit) of the target class. Passes are counted per image.
+Parameter gradients are never computed (the guard freezes parameters; ``torch.autograd.grad`` is taken
+with respect to the input only). Long loops show a tqdm bar on a terminal and can be interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConvscopeError, InputShapeError
+from ..probe import BackwardRule, Capture
+from .api import Context
+from .registry import MethodOutput, Option, register_method
+
+# ============================================================================ backward rules
+
+
+def guided_relu(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Guided backprop through ReLU: pass the gradient where the input was positive AND the gradient is."""
+    return grad.clamp(min=0) * (inp > 0)
+
+
+def guided_relu6(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Guided backprop through ReLU6: pass the gradient where 0 < input < 6 and the gradient is positive."""
+    return grad.clamp(min=0) * ((inp > 0) & (inp < 6))
+
+
+def deconv_relu(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """DeconvNet (Zeiler & Fergus): ReLU applied to the backward signal, ignoring the forward mask."""
+    return grad.clamp(min=0)
+
+
+#: Backward rules of guided backpropagation, by module type.
+GUIDED_RULES: dict[type, BackwardRule] = {nn.ReLU: guided_relu, nn.ReLU6: guided_relu6}
+#: Backward rules of the DeconvNet, by module type.
+DECONV_RULES: dict[type, BackwardRule] = {nn.ReLU: deconv_relu, nn.ReLU6: deconv_relu}
+
+_RULES: dict[str, dict[type, BackwardRule] | None] = {
+    "saliency": None,
+    "gradient_x_input": None,
+    "guided_backprop": GUIDED_RULES,
+    "deconvnet": DECONV_RULES,
+}
+
+
+# ============================================================================ the engine
+
+
+def input_gradients(
+    ctx: Context,
+    inputs: torch.Tensor,
+    target: torch.Tensor | None,
+    *,
+    rules: dict[type, BackwardRule] | None = None,
+    batch_size: int = 16,
+    desc: str = "gradients",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of each row's target logit with respect to that row of ``inputs`` (M, C, H, W).
+
+    Runs ``ceil(M / batch_size)`` forward + backward passes. ``target``: (M,) classes, or ``None`` to
+    use each row's top prediction (only sensible when ``inputs`` is ``ctx.x``; the choice is recorded in
+    ``ctx``). ``rules`` replace backward rules of elementwise modules for the call. Returns the
+    gradients (M, C, H, W) and the targets used (M,).
+    """
+    m = inputs.shape[0]
+    grads = torch.empty_like(inputs)
+    used = torch.empty(m, dtype=torch.long, device=inputs.device)
+    starts = range(0, m, batch_size)
+    capture = Capture(ctx.module, rules=rules) if rules else nullcontext()
+    with capture, torch.enable_grad():
+        for s in tqdm(starts, desc=desc, disable=None if len(starts) > 4 else True, leave=False):
+            xb = inputs[s : s + batch_size].detach().requires_grad_(True)
+            logits = ctx.logits(xb)
+            if target is None:
+                tb = logits.detach().argmax(1)
+            else:
+                tb = target[s : s + batch_size]
+            score = logits.gather(1, tb.view(-1, 1)).sum()
+            (g,) = torch.autograd.grad(score, xb)
+            grads[s : s + batch_size] = g
+            used[s : s + batch_size] = tb
+    if target is None and inputs is ctx.x and not ctx.target_known:
+        ctx.target = used
+    return grads, used
+
+
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ConvscopeError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def _passes(m: int, n: int) -> int:
+    """Passes per image when ``m`` rows were evaluated for a batch of ``n`` images."""
+    return math.ceil(m / n)
+
+
+# ============================================================================ plain gradients
+
+
+_BATCH = Option(int, 16, "images per forward/backward pass (bounds memory)")
+
+
+@register_method(
+    "saliency",
+    family="gradient",
+    passes="1 forward + 1 backward",
+    options={"batch_size": _BATCH},
+    paper="Simonyan, Vedaldi & Zisserman 2014, Deep Inside Convolutional Networks",
+)
+def saliency(ctx: Context, batch_size: int) -> MethodOutput:
+    """Vanilla gradient dS_c/dx of the target logit, signed (N, C, H, W); shown as max |.| over channels."""
+    _check_batch(batch_size)
+    g, _ = input_gradients(ctx, ctx.x, None if not ctx.target_known else ctx.target, batch_size=batch_size, desc="saliency")
+    return MethodOutput(raw=g, forward_passes=1, backward_passes=1)
+
+
+@register_method(
+    "gradient_x_input",
+    family="gradient",
+    passes="1 forward + 1 backward",
+    options={"batch_size": _BATCH},
+    paper="Shrikumar et al. 2016, Not Just a Black Box",
+)
+def gradient_x_input(ctx: Context, batch_size: int) -> MethodOutput:
+    """Input times gradient, x * dS_c/dx (N, C, H, W): a first-order Taylor contribution of each input value."""
+    _check_batch(batch_size)
+    g, _ = input_gradients(ctx, ctx.x, None if not ctx.target_known else ctx.target, batch_size=batch_size, desc="gradient x input")
+    return MethodOutput(raw=g * ctx.x, forward_passes=1, backward_passes=1)
+
+
+@register_method(
+    "guided_backprop",
+    family="gradient",
+    passes="1 forward + 1 backward",
+    options={"batch_size": _BATCH},
+    paper="Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net",
+)
+def guided_backprop(ctx: Context, batch_size: int) -> MethodOutput:
+    """Guided backpropagation (N, C, H, W): the input gradient where every ReLU/ReLU6 passes back only
+    positive gradients at positions where its input was active (0 < x, and x < 6 for ReLU6)."""
+    _check_batch(batch_size)
+    t = None if not ctx.target_known else ctx.target
+    g, _ = input_gradients(ctx, ctx.x, t, rules=GUIDED_RULES, batch_size=batch_size, desc="guided backprop")
+    return MethodOutput(raw=g, forward_passes=1, backward_passes=1)
+
+
+@register_method(
+    "deconvnet",
+    family="gradient",
+    passes="1 forward + 1 backward",
+    options={"batch_size": _BATCH},
+    paper="Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks",
+)
+def deconvnet(ctx: Context, batch_size: int) -> MethodOutput:
+    """DeconvNet reconstruction (N, C, H, W): backpropagation where every ReLU/ReLU6 applies a ReLU to the
+    backward signal instead of masking it by the forward activation (Zeiler & Fergus's backward rule)."""
+    _check_batch(batch_size)
+    t = None if not ctx.target_known else ctx.target
+    g, _ = input_gradients(ctx, ctx.x, t, rules=DECONV_RULES, batch_size=batch_size, desc="deconvnet")
+    return MethodOutput(raw=g, forward_passes=1, backward_passes=1)
+
+
+# ============================================================================ integrated gradients
+
+#: Quadrature rules of the path integral (names as in Captum).
+IG_RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
+
+
+def quadrature(steps: int, rule: str = "gausslegendre") -> tuple[torch.Tensor, torch.Tensor]:
+    """Points ``alpha`` in [0, 1] and weights summing to 1 for ``integral_0^1 f(a) da ~ sum w_i f(alpha_i)``."""
+    if rule == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return torch.tensor(0.5 * (nodes + 1)), torch.tensor(0.5 * weights)
+    if rule == "riemann_trapezoid":
+        if steps < 2:
+            raise ConvscopeError("the trapezoid rule needs at least 2 steps")
+        w = torch.full((steps,), 1.0 / (steps - 1), dtype=torch.float64)
+        w[0] = w[-1] = 0.5 / (steps - 1)
+        return torch.linspace(0, 1, steps, dtype=torch.float64), w
+    w = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+    if rule == "riemann_left":
+        return torch.linspace(0, 1 - 1 / steps, steps, dtype=torch.float64), w
+    if rule == "riemann_right":
+        return torch.linspace(1 / steps, 1, steps, dtype=torch.float64), w
+    if rule == "riemann_middle":
+        return torch.linspace(0.5 / steps, 1 - 0.5 / steps, steps, dtype=torch.float64), w
+    raise ConvscopeError(f"unknown integration rule {rule!r}; valid: {', '.join(IG_RULES)}")
+
+
+def make_baseline(ctx: Context, baseline: str | float | torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The reference input x' of integrated gradients, same shape as ``ctx.x``.
+
+    ``"zero"``: all zeros in the model's input space (Captum's default); ``"black"``: a black image (pixel
+    value 0 through the model's normalisation; zeros for a plain module); ``"blur"``: ``x`` blurred with
+    a Gaussian of sigma = min(H, W) / 20 pixels; ``"noise"``: uniform random pixels (seeded); a number:
+    that constant; a tensor: broadcast to ``x``'s shape.
+    """
+    x = ctx.x
+    if isinstance(baseline, torch.Tensor):
+        b = baseline.to(device=x.device, dtype=x.dtype)
+        try:
+            b = b.expand_as(x) if b.shape != x.shape else b
+        except RuntimeError:
+            raise InputShapeError(f"baseline of shape {tuple(baseline.shape)} does not fit input {tuple(x.shape)}") from None
+        if not torch.isfinite(b).all():
+            raise InputShapeError("baseline holds NaN or infinite values")
+        return b
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return torch.full_like(x, float(baseline))
+    model = ctx.model
+    if baseline == "zero":
+        return torch.zeros_like(x)
+    if baseline == "black":
+        if model is not None and hasattr(model, "from_pixels") and x.shape[1] == 3:
+            return model.from_pixels(torch.zeros_like(x))
+        return torch.zeros_like(x)
+    if baseline == "noise":
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        pixels = torch.rand(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
+        if model is not None and hasattr(model, "from_pixels") and x.shape[1] == 3:
+            return model.from_pixels(pixels)
+        return pixels * (x.amax() - x.amin()) + x.amin()
+    if baseline == "blur":
+        return gaussian_blur(x, sigma=min(x.shape[-2:]) / 20)
+    raise ConvscopeError(f"unknown baseline {baseline!r}; use zero, black, blur, noise, a number or a tensor")
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a batch (N, C, H, W) with reflected borders (kernel radius 3 sigma)."""
+    radius = max(1, min(int(3 * sigma), min(x.shape[-2:]) - 1))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    y = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+@register_method(
+    "integrated_gradients",
+    family="gradient",
+    passes="steps x (1 forward + 1 backward) + 2 forward",
+    options={
+        "steps": Option(int, 32, "points on the path from the baseline to the input"),
+        "baseline": Option((str, float, torch.Tensor), "black", "zero, black, blur, noise, a number or a tensor"),
+        "rule": Option(str, "gausslegendre", "quadrature rule of the path integral", IG_RULES),
+        "batch_size": _BATCH,
+        "seed": Option(int, 0, "seed of the noise baseline"),
+    },
+    paper="Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks",
+)
+def integrated_gradients(ctx: Context, steps: int, baseline: str | float | torch.Tensor, rule: str, batch_size: int, seed: int) -> MethodOutput:
+    """Integrated gradients (N, C, H, W): (x - x') * sum_i w_i dS_c/dx(x' + alpha_i (x - x')).
+
+    Completeness says the attributions sum to S_c(x) - S_c(x'); ``extras["completeness_error"]`` (N,)
+    is |sum(attr) - (S_c(x) - S_c(x'))| / |S_c(x) - S_c(x')|, ``extras["delta"]`` the signed gap.
+    All ``steps`` points of every image are batched ``batch_size`` at a time.
+    """
+    _check_batch(batch_size)
+    if steps < 1:
+        raise ConvscopeError(f"steps must be at least 1, got {steps}")
+    x = ctx.x
+    n = x.shape[0]
+    base = make_baseline(ctx, baseline, seed)
+    with torch.no_grad():  # endpoints: the completeness check (and the top class when not given)
+        ends = ctx.logits(torch.cat([x, base]))
+    target = ctx.choose_target(ends[:n])
+    alphas, weights = quadrature(steps, rule)
+    alphas = alphas.to(device=x.device, dtype=x.dtype)
+    weights = weights.to(device=x.device, dtype=x.dtype)
+    diff = x - base
+    # rows ordered (step, image): row k*n + i is image i at alpha_k
+    path = base.unsqueeze(0) + alphas.view(-1, 1, 1, 1, 1) * diff.unsqueeze(0)
+    g, _ = input_gradients(
+        ctx, path.reshape(-1, *x.shape[1:]), target.repeat(steps), batch_size=batch_size, desc="integrated gradients"
+    )
+    avg = (g.view(steps, *x.shape) * weights.view(-1, 1, 1, 1, 1)).sum(0)
+    raw = diff * avg
+    gap = ctx.target_scores(ends[:n], target) - ctx.target_scores(ends[n:], target)
+    delta = raw.flatten(1).sum(1) - gap
+    error = delta.abs() / gap.abs().clamp(min=1e-12)
+    extras = {"completeness_error": error.detach().cpu(), "delta": delta.detach().cpu(), "score_gap": gap.detach().cpu(), "baseline": base}
+    return MethodOutput(raw=raw, forward_passes=steps + 2, backward_passes=steps, extras=extras)
+
+
+# ============================================================================ smoothgrad
+
+SMOOTHGRAD_BASES = ("saliency", "gradient_x_input", "guided_backprop", "deconvnet")
+
+
+@register_method(
+    "smoothgrad",
+    family="gradient",
+    passes="samples x (1 forward + 1 backward)",
+    options={
+        "samples": Option(int, 25, "noisy copies per image"),
+        "noise": Option(float, 0.15, "noise standard deviation as a fraction of each image's value range"),
+        "base": Option(str, "saliency", "gradient method to smooth", SMOOTHGRAD_BASES),
+        "square": Option(bool, False, "average the squared maps (SmoothGrad-Squared)"),
+        "batch_size": _BATCH,
+        "seed": Option(int, 0, "seed of the noise"),
+    },
+    paper="Smilkov et al. 2017, SmoothGrad: removing noise by adding noise",
+)
+def smoothgrad(ctx: Context, samples: int, noise: float, base: str, square: bool, batch_size: int, seed: int) -> MethodOutput:
+    """SmoothGrad (N, C, H, W): mean over ``samples`` copies x + e, e ~ N(0, (noise * (max x - min x))^2),
+    of the ``base`` method's map (the gradient; times the noisy input for ``gradient_x_input``)."""
+    _check_batch(batch_size)
+    if samples < 1:
+        raise ConvscopeError(f"samples must be at least 1, got {samples}")
+    if noise < 0:
+        raise ConvscopeError(f"noise must be non-negative, got {noise}")
+    x = ctx.x
+    target = ctx.target
+    sigma = noise * (x.flatten(1).amax(1) - x.flatten(1).amin(1))  # (N,)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    eps = torch.randn((samples, *x.shape), generator=gen).to(device=x.device, dtype=x.dtype)
+    noisy = (x.unsqueeze(0) + eps * sigma.view(1, -1, 1, 1, 1)).reshape(-1, *x.shape[1:])  # row s*n + i
+    g, _ = input_gradients(
+        ctx, noisy, target.repeat(samples), rules=_RULES[base], batch_size=batch_size, desc="smoothgrad"
+    )
+    if base == "gradient_x_input":
+        g = g * noisy
+    g = g.view(samples, *x.shape)
+    raw = (g * g).mean(0) if square else g.mean(0)
+    return MethodOutput(raw=raw, forward_passes=samples, backward_passes=samples)
+
+
+def gradient_rules(name: str) -> dict[type, BackwardRule] | None:
+    """Backward rules used by the gradient method ``name`` (``None``: the plain gradient)."""
+    return _RULES[name]
+
+
+__all__: list[str] = [
+    "DECONV_RULES",
+    "GUIDED_RULES",
+    "IG_RULES",
+    "deconv_relu",
+    "gaussian_blur",
+    "gradient_rules",
+    "guided_relu",
+    "guided_relu6",
+    "input_gradients",
+    "make_baseline",
+    "quadrature",
+]
