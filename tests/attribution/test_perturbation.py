@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import convscope as cs
-from convscope.attribution.incremental import build_plan, materialize
+from convscope.attribution.incremental import Pointwise, Window, _cap, build_plan, materialize
 from convscope.attribution.perturbation import _window_region, occlusion_positions, rise_masks
 from convscope.errors import ConvscopeError
 
@@ -171,6 +171,69 @@ def test_approximate_occlusion_correlates_with_exact(builtin, x128):
     assert approx.extras["computed_fraction"] < exact.extras["computed_fraction"]
 
 
+def test_approximate_caps_follow_tau_and_tau_small():
+    # ceil(tau * side) on maps larger than 7; maps of side <= 7 only with tau_small
+    assert _cap((0.5, None), 14) == 7
+    assert _cap((0.5, None), 28) == 14
+    assert _cap((0.5, None), 7) is None
+    assert _cap((0.5, 0.8), 7) == 6
+    assert _cap((0.5, 0.8), 56) == 28
+    assert _cap(None, 56) is None
+
+
+def test_tau_small_caps_the_head_and_does_less_work(builtin, x128):
+    loose = cs.attribute(builtin, x128, "occlusion", window=32, stride=32, approximate=True, tau=0.7)
+    capped = cs.attribute(
+        builtin, x128, "occlusion", window=32, stride=32, approximate=True, tau=0.7, tau_small=0.5
+    )
+    assert capped.extras["computed_fraction"] < loose.extras["computed_fraction"]
+    assert not torch.allclose(capped.extras["probability_map"], loose.extras["probability_map"])
+
+
+class BNNet(nn.Module):
+    """conv-BN-ReLU -> conv(stride 2)-BN -> ReLU -> GAP -> linear, BatchNorm with non-trivial statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(8, 5)
+        g = torch.Generator().manual_seed(3)
+        for m in self.features:
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(8, generator=g))
+                m.running_var.copy_(torch.rand(8, generator=g) + 0.2)
+                m.weight.data.copy_(torch.randn(8, generator=g))
+                m.bias.data.copy_(torch.randn(8, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_batchnorm_is_folded_into_the_convolution_and_occlusion_stays_exact():
+    torch.manual_seed(6)
+    module = BNNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    plan = build_plan(module, x)
+    assert plan is not None and plan.family == "vgg"
+    # two convolutions (BatchNorm folded in) and the two ReLUs; no BatchNorm stage left
+    assert [type(st) for st in plan.stages] == [Window, Pointwise, Window, Pointwise]
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    inc = cs.attribute(module, x, "occlusion", window=8, stride=4, engine="incremental")
+    ref = cs.attribute(module, x, "occlusion", window=8, stride=4, engine="batched")
+    torch.testing.assert_close(
+        inc.extras["probability_map"], ref.extras["probability_map"], rtol=1e-5, atol=1e-6
+    )
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
 # ---------------------------------------------------------------------------- extras and fills
 
 
@@ -307,6 +370,7 @@ def test_model_untouched_after_success_and_failure(vgg11, method, options):
         ({"fill": "purple"}, "fill"),
         ({"fill": float("nan")}, "finite"),
         ({"tau": 0.0, "approximate": True}, "tau"),
+        ({"tau_small": 1.5, "approximate": True}, "tau_small"),
         ({"channel": 3}, "channel_layer"),
         ({"batch_size": 0}, "batch_size"),
         ({"engine": "magic"}, "engine"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -102,7 +101,6 @@ def test_explain_subprocess(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CONVSCOPE_SLOW"), reason="slow (about a minute): set CONVSCOPE_SLOW=1")
 def test_explain_all_subprocess_grid(tmp_path):
     """--method all as a user runs it, on a random-weight resnet18 (fast): a labelled grid of every method."""
     out = tmp_path / "all.png"

@@ -95,8 +95,7 @@ def test_options_choose_layers_and_unknown_sections_are_errors(builtin):
         select_sections(["feature"])
 
 
-@pytest.mark.slow
 def test_every_registered_section_succeeds_on_the_builtin_model(builtin):
-    """All sections, including those other features add (run with ``-m slow``; ``make demo`` runs the same)."""
+    """All sections, including those other features add, build without an error box on the built-in model."""
     rep = render_report(builtin, "sample:chelsea", progress=False)
     assert [s.key for s in rep.failures] == []
