@@ -131,7 +131,7 @@ def occlusion_rows(quick: bool = False, vgg_size: int = 224) -> list[Row]:
         checks.append(f"{other} {corr(ap.raw, ex.raw):.4f}")
     rows.append(
         Row(
-            "occlusion (approximate, tau=0.5, tau_small=0.8)",
+            "occlusion (approximate, tau=0.5)",
             cfg,
             awall,
             acpu,

@@ -1,7 +1,7 @@
 """Synthesis speed: batched channel rendering vs one at a time; style transfer vs the PyTorch tutorial recipe.
 
 Run: ``.venv/bin/python benchmarks/synthesis.py [--size 64] [--steps 16] [--style-size 128]``. Prints a
-markdown block for benchmarks/RESULTS-synthesis.md. Both comparisons run in the same process, one after
+markdown block for benchmarks/RESULTS.md. Both comparisons run in the same process, one after
 the other, so the ratios compare like with like on the same machine.
 
 1. 16 channels of one layer of the built-in model rendered in one batched optimisation vs 16 separate

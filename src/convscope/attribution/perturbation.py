@@ -103,8 +103,8 @@ def _batches(n: int, size: int) -> Iterator[slice]:
         "tau": Option(float, 0.5, "approximate mode: cap of the changed region's side, fraction of each map"),
         "tau_small": Option(
             float,
-            0.8,
-            "approximate mode: the same cap on maps of side <= 7 (the head), e.g. 6 of 7 positions",
+            None,
+            "approximate mode: the same cap on maps of side <= 7 (the head); default: not capped",
         ),
         "engine": Option(
             str,
@@ -139,7 +139,7 @@ def occlusion(
     fill: float | str,
     approximate: bool,
     tau: float,
-    tau_small: float,
+    tau_small: float | None,
     engine: str,
     batch_size: int | None,
     channel_layer: str | None,
@@ -186,7 +186,7 @@ def _occlusion(
     fill: float | str,
     approximate: bool,
     tau: float,
-    tau_small: float,
+    tau_small: float | None,
     engine: str,
     batch_size: int | None,
     channel_layer: str | None,
@@ -201,7 +201,7 @@ def _occlusion(
         raise ConvscopeError(f"occlusion drill must lie in [0, 1], got {drill}")
     if not 0.0 < tau <= 1.0:
         raise ConvscopeError(f"occlusion tau must lie in (0, 1], got {tau}")
-    if not 0.0 < tau_small <= 1.0:
+    if tau_small is not None and not 0.0 < tau_small <= 1.0:
         raise ConvscopeError(f"occlusion tau_small must lie in (0, 1], got {tau_small}")
     if (channel is None) != (channel_layer is None):
         raise ConvscopeError("occlusion needs both channel_layer and channel to map a channel's response")
