@@ -34,6 +34,15 @@ def module_of(model: Any) -> nn.Module:
     return module
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters (or, failing that, its buffers) live; the CPU for an empty module."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def layer_names(module: nn.Module) -> list[str]:
     """Every addressable layer name (those of ``named_modules()``, the root excluded)."""
     return [name for name, _ in module.named_modules() if name]

@@ -10,10 +10,11 @@ from PIL import Image
 
 from .errors import ViewOptionError
 from .features import layer_output, model_input
+from .picture import Pictured
 
 
 @dataclass(eq=False)
-class ChannelResponse:
+class ChannelResponse(Pictured):
     """Mean activation of every channel of ``layer``, for each image of a batch.
 
     ``means``: (N, C) with ``means[n, c] = activation[n, c].mean()`` over the h x w positions (the
@@ -69,18 +70,6 @@ class ChannelResponse:
         from ..render import figure_to_image
 
         return figure_to_image(self.figure(top, index), dpi=dpi)
-
-    @property
-    def image(self) -> Image.Image:
-        """:meth:`to_image` with the defaults (computed once)."""
-        if self._image is None:
-            self._image = self.to_image()
-        return self._image
-
-    def _repr_png_(self) -> bytes:
-        from ..render import png_bytes
-
-        return png_bytes(self.image)
 
     def __str__(self) -> str:
         top = ", ".join(f"{c} ({v:.3g})" for c, v in self.top(5))

@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import InputShapeError
 from ..probe import Capture, module_of
 from .errors import LayerKindError, ViewOptionError
+from .picture import Pictured
 
 SORTS = ("index", "mean", "max")
 
@@ -53,7 +54,7 @@ def layer_output(model: Any, x: torch.Tensor, layer: str) -> torch.Tensor:
 
 
 @dataclass(eq=False)
-class FeatureMaps:
+class FeatureMaps(Pictured):
     """The feature maps of one layer for one image.
 
     ``activations``: (C, h, w), the layer's output exactly as the network computed it (same device and
@@ -142,18 +143,6 @@ class FeatureMaps:
             text = f"{self.layer}: {len(idx)} of {c} channels, {h}x{w}, {how}"
         picture = grid(tiles, labels=[str(i) for i in idx], cell=cell, columns=columns or min(len(idx), 8))
         return titled(picture, text) if text else picture
-
-    @property
-    def image(self) -> Image.Image:
-        """:meth:`to_image` with the instance's settings (computed once)."""
-        if self._image is None:
-            self._image = self.to_image()
-        return self._image
-
-    def _repr_png_(self) -> bytes:
-        from ..render import png_bytes
-
-        return png_bytes(self.image)
 
 
 def feature_maps(

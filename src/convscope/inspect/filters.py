@@ -14,12 +14,13 @@ from torch import nn
 from ..errors import suggestion
 from ..probe import default_layer, module_of, name_of, resolve_layer
 from .errors import LayerKindError, ViewOptionError
+from .picture import Pictured
 
 SCALES = ("symmetric", "minmax")
 
 
 @dataclass(eq=False)
-class FilterSet:
+class FilterSet(Pictured):
     """The weights of one ``Conv2d`` layer and how to look at them.
 
     ``weight``: a CPU float copy of the kernel, shape (out_channels, in_channels / groups, kh, kw).
@@ -138,18 +139,6 @@ class FilterSet:
             n = int(self.weight.shape[1])
             text += f" x {self.shown_channels} of {n} inputs" if self.shown_channels < n else f" x {n} inputs"
         return text + (", grey = 0" if self.scale == "symmetric" else ", min-max per filter")
-
-    @property
-    def image(self) -> Image.Image:
-        """:meth:`to_image` with the default layout (computed once)."""
-        if self._image is None:
-            self._image = self.to_image()
-        return self._image
-
-    def _repr_png_(self) -> bytes:
-        from ..render import png_bytes
-
-        return png_bytes(self.image)
 
     def __str__(self) -> str:
         n = self.norms

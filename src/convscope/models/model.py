@@ -74,11 +74,9 @@ class Model:
     @property
     def device(self) -> torch.device:
         """Where the module's parameters (or buffers) live."""
-        for t in self.module.parameters():
-            return t.device
-        for t in self.module.buffers():
-            return t.device
-        return torch.device("cpu")
+        from ..probe import module_device
+
+        return module_device(self.module)
 
     @property
     def num_classes(self) -> int:

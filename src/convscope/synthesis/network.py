@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvscopeError
-from ..probe import module_of
+from ..probe import module_device, module_of
 
 
 class NotDifferentiableError(ConvscopeError, RuntimeError):
@@ -35,11 +35,7 @@ class Network:
 
     @property
     def device(self) -> torch.device:
-        for t in self.module.parameters():
-            return t.device
-        for t in self.module.buffers():
-            return t.device
-        return torch.device("cpu")
+        return module_device(self.module)
 
     @property
     def dtype(self) -> torch.dtype:
