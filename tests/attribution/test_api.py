@@ -10,6 +10,7 @@ from torch import nn
 import convscope as cs
 from convscope.attribution import METHODS, get_method, method_names
 from convscope.attribution.registry import parse_option
+from statecheck import assert_untouched, snapshot
 
 # fast settings for the many-pass methods, applied only where the method has the option
 FAST = {"steps": 3, "samples": 2, "masks": 16, "window": 16, "stride": 16}
@@ -18,29 +19,6 @@ FAST = {"steps": 3, "samples": 2, "masks": 16, "window": 16, "stride": 16}
 def fast_options(name: str) -> dict:
     spec = get_method(name)
     return {k: v for k, v in FAST.items() if k in spec.options}
-
-
-def snapshot(net: nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
-        "training": [m.training for m in net.modules()],
-        "requires_grad": [p.requires_grad for p in net.parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in net.parameters()],
-        "inplace": [getattr(m, "inplace", None) for m in net.modules()],
-    }
-
-
-def assert_untouched(net: nn.Module, before: dict) -> None:
-    after = snapshot(net)
-    for k, v in before["state"].items():
-        assert torch.equal(v, after["state"][k]), k
-    for key in ("training", "requires_grad", "inplace"):
-        assert before[key] == after[key], key
-    for a, b in zip(before["grads"], after["grads"]):
-        assert (a is None and b is None) or torch.equal(a, b)
-    for m in net.modules():
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            assert len(getattr(m, hooks)) == 0, (type(m).__name__, hooks)
 
 
 def user_state(net: nn.Module) -> None:

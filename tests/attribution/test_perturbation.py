@@ -3,8 +3,6 @@ reference, hand-built toy models; state hygiene; bad input."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +13,7 @@ import convscope as cs
 from convscope.attribution.incremental import Pointwise, Window, _cap, build_plan, materialize
 from convscope.attribution.perturbation import _window_region, occlusion_positions, rise_masks
 from convscope.errors import ConvscopeError
+from statecheck import assert_untouched, snapshot
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -59,25 +58,6 @@ def _captum_occlusion(
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
-
-
-def _state(module: nn.Module) -> dict:
-    buf = io.BytesIO()
-    torch.save(module.state_dict(), buf)
-    hooks = sum(
-        len(m._forward_hooks)
-        + len(m._forward_pre_hooks)
-        + len(m._backward_hooks)
-        + len(m._backward_pre_hooks)
-        for m in module.modules()
-    )
-    return {
-        "bytes": buf.getvalue(),
-        "training": [m.training for m in module.modules()],
-        "requires_grad": [p.requires_grad for p in module.parameters()],
-        "inplace": [getattr(m, "inplace", None) for m in module.modules()],
-        "hooks": hooks,
-    }
 
 
 class OneConvNet(nn.Module):
@@ -347,13 +327,13 @@ def test_model_untouched_after_success_and_failure(vgg11, method, options):
     module = vgg11
     module.train()
     module.classifier[0].weight.requires_grad_(True)
-    before = _state(module)
+    before = snapshot(module)
     x = torch.randn(1, 3, 32, 32)
     cs.attribute(module, x, method, **options)
-    assert _state(module) == before
+    assert_untouched(module, before)
     with pytest.raises(ConvscopeError):
         cs.attribute(module, x, method, target=99, **options)
-    assert _state(module) == before
+    assert_untouched(module, before)
     module.eval()
 
 

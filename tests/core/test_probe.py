@@ -10,8 +10,7 @@ from torch import nn
 import convscope as cs
 from convscope.errors import LayerNotFoundError
 from convscope.probe import Capture, guard, layer_table, resolve_layer
-
-from .statecheck import assert_untouched, snapshot
+from statecheck import assert_untouched, snapshot
 
 
 # ---------------------------------------------------------------- addressing

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
-from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import nn
 
 import convscope as cs
-
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+import statecheck
 
 
 def tiny_module() -> nn.Sequential:
@@ -44,30 +41,7 @@ def vgg() -> cs.Model:
     return cs.load_model("vgg16", weights=None)
 
 
-def _snapshot(module: nn.Module) -> dict:
-    buf = io.BytesIO()
-    torch.save(module.state_dict(), buf)
-    return {
-        "state": buf.getvalue(),
-        "training": [m.training for m in module.modules()],
-        "inplace": [getattr(m, "inplace", None) for m in module.modules()],
-        "requires_grad": [p.requires_grad for p in module.parameters()],
-        "grads": [id(p.grad) if p.grad is not None else None for p in module.parameters()],
-        "hooks": [len(getattr(m, name)) for m in module.modules() for name in HOOK_DICTS],
-    }
-
-
 @pytest.fixture
 def untouched():
     """``with untouched(module): ...`` fails if the block changed weights, modes, flags or left hooks."""
-
-    @contextmanager
-    def check(module: nn.Module):
-        before = _snapshot(module)
-        yield
-        after = _snapshot(module)
-        for key in before:
-            assert after[key] == before[key], f"model {key} changed"
-        assert all(n == 0 for n in after["hooks"]), "hooks left behind"
-
-    return check
+    return statecheck.untouched

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import convscope as cs
+import statecheck
 
 
 @pytest.fixture(scope="session")
@@ -53,40 +54,7 @@ def detached():
     return Detached().eval()
 
 
-def snapshot(module: nn.Module) -> dict:
-    """Everything a synthesis call must leave unchanged."""
-    return {
-        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
-        "training": [m.training for m in module.modules()],
-        "requires_grad": [p.requires_grad for p in module.parameters()],
-        "grads": [p.grad is None for p in module.parameters()],
-        "inplace": [getattr(m, "inplace", None) for m in module.modules()],
-    }
-
-
-def assert_untouched(module: nn.Module, before: dict) -> None:
-    after = snapshot(module)
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
-    for key in ("training", "requires_grad", "grads", "inplace"):
-        assert after[key] == before[key], key
-    for m in module.modules():
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            assert len(getattr(m, hooks)) == 0, (type(m).__name__, hooks)
-
-
 @pytest.fixture
 def untouched():
     """``with untouched(module): ...`` checks the module is unchanged afterwards (also after an error)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def check(module: nn.Module):
-        before = snapshot(module)
-        try:
-            yield
-        finally:
-            assert_untouched(module, before)
-
-    return check
+    return statecheck.untouched
