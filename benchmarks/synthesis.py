@@ -148,14 +148,14 @@ def evals_of(runs: list) -> int:
     return runs[0][2]
 
 
-def bench_style(size: int, steps: int = 300, rounds: int = 2) -> dict:
+def bench_style(size: int, steps: int = 300, rounds: int = 2, content_name: str = "chelsea", style_name: str = "brick") -> dict:
     torch.manual_seed(0)
     vgg = cs.load_model("vgg19", weights=None)
     for p in vgg.module.parameters():
         p.requires_grad_(False)
     load = lambda name: torch.from_numpy(  # noqa: E731
         __import__("numpy").asarray(cs.sample_image(name).resize((size, size)), dtype="float32") / 255).permute(2, 0, 1)[None].contiguous()
-    content, style = load("chelsea").to(vgg.device), load("brick").to(vgg.device)
+    content, style = load(content_name).to(vgg.device), load(style_name).to(vgg.device)
     kw = dict(size=size, style_layers=["features.0", "features.2", "features.5", "features.7", "features.10"],
               content_layers=["features.7"], style_weight=1e6, content_weight=1.0, progress=False)
     # two alternating rounds, best time of each: the machine is shared, so one-off timings are noisy
@@ -168,7 +168,7 @@ def bench_style(size: int, steps: int = 300, rounds: int = 2) -> dict:
     t_tut = min(r[1] for r in runs_tut)
     ours = min(runs_ours, key=lambda r: r.seconds)
     times = ours.extras["times"]
-    out = {"size": size, "tutorial_final_loss": final, "tutorial_s": t_tut, "tutorial_evals": evals,
+    out = {"size": size, "pair": f"{content_name} + {style_name}", "tutorial_final_loss": final, "tutorial_s": t_tut, "tutorial_evals": evals,
            "ours_final_loss": ours.history[-1], "ours_total_s": ours.seconds,
            "per_eval_tutorial_ms": 1000 * t_tut / evals, "per_eval_ours_ms": 1000 * ours.seconds / len(ours.history)}
     out["sigmoid_final_loss"] = sig.history[-1]
@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--style-size", type=int, default=128)
     ap.add_argument("--style-steps", type=int, default=300)
     ap.add_argument("--skip-style", action="store_true")
+    ap.add_argument("--pairs", default="chelsea+brick",
+                    help="content+style sample pairs, comma-separated; the first gets the detailed table")
     ap.add_argument("--skip-channels", action="store_true")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -203,9 +205,11 @@ def main() -> None:
         print(f"| 16 separate runs | {r['single_s']:.2f} | {r['single_mean_objective']:.3f} |")
         print(f"\nratio batched / separate = **{r['ratio']:.2f}** (bar: <= 0.60); forward pass stopped before the classifier: {r['stopped_early']}")
     if not args.skip_style:
-        s = bench_style(args.style_size, args.style_steps)
+        pairs = [tuple(p.split("+")) for p in args.pairs.split(",")]
+        results = [bench_style(args.style_size, args.style_steps, content_name=c, style_name=st) for c, st in pairs]
+        s = results[0]
         print("\n### Style transfer vs the PyTorch tutorial recipe (VGG-19, random weights)\n")
-        print(f"{s['size']} px, content conv_4, style conv_1..5, style weight 1e6, content weight 1, L-BFGS\n")
+        print(f"{s['size']} px, {s['pair']}, content conv_4, style conv_1..5, style weight 1e6, content weight 1, L-BFGS\n")
         print("| run | evaluations | seconds | loss |\n|---|---:|---:|---:|")
         print(f"| tutorial (clamp in closure) | {s['tutorial_evals']} | {s['tutorial_s']:.2f} | {s['tutorial_final_loss']:.4g} |")
         print(f"| convscope (projected pixels, as the tutorial), same evaluations | {s['tutorial_evals']} | {s['ours_total_s']:.2f} | {s['ours_final_loss']:.4g} |")
@@ -216,6 +220,12 @@ def main() -> None:
         print(f"\nper evaluation: tutorial {s['per_eval_tutorial_ms']:.0f} ms, convscope {s['per_eval_ours_ms']:.0f} ms")
         print(f"speed-up to the tutorial's final loss = **{s['speedup_exact']:.2f}x**, to within 1% = "
               f"**{s['speedup_within_1pct']:.2f}x** (bar: >= 1.5x)")
+        if len(results) > 1:
+            print("\n| content + style | tutorial: loss after 320 evaluations | tutorial s | convscope: evaluations to reach it "
+                  "| convscope s | ms per evaluation (tutorial / convscope) | speed-up |\n|---|---:|---:|---:|---:|---:|---:|")
+            for r in results:
+                print(f"| {r['pair']} | {r['tutorial_final_loss']:.5g} | {r['tutorial_s']:.2f} | {r['evals_exact']} | {r['s_exact']:.2f} "
+                      f"| {r['per_eval_tutorial_ms']:.0f} / {r['per_eval_ours_ms']:.0f} | **{r['speedup_exact']:.2f}x** |")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,40 @@ import torch
 
 import convscope as cs
 from convscope.synthesis import gram, style_transfer, texture
-from convscope.synthesis.style import _preserve_color, default_layers
+from convscope.synthesis.style import _preserve_color, default_layers, gram_loss
 
 
 def test_gram_matches_hand_computation():
     f = torch.tensor([[[[1.0, 2.0]], [[0.0, 3.0]]]])  # (1, 2, 1, 2)
     expected = torch.tensor([[[5.0, 6.0], [6.0, 9.0]]]) / 4
     assert torch.allclose(gram(f), expected)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_loss_equals_autograd_through_gram_and_mse(layout):
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 5, 4, 3, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
+    t = gram(torch.randn(1, 5, 4, 3, generator=gen, dtype=torch.float64))
+    ref_f = f.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.mse_loss(gram(ref_f), t.expand(2, -1, -1), reduction="sum") / 25
+    ref.backward()
+    ours_f = f.detach().clone().requires_grad_(True)
+    ours = gram_loss(ours_f, t)
+    ours.backward()
+    assert torch.allclose(ours, ref) and torch.allclose(ours_f.grad, ref_f.grad)
+    assert ours_f.grad.is_contiguous(memory_format=layout)
+    assert torch.autograd.gradcheck(lambda x: gram_loss(x, t), (f.detach().clone().requires_grad_(True),))
+
+
+def test_channels_last_layout_gives_the_same_losses(tiny):
+    a = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    s = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    kw = dict(size=32, steps=5, style_layers=["conv1", "conv2"], content_layers=["conv2"], progress=False, param="clamp")
+    nchw = style_transfer(tiny, a, s, channels_last=False, **kw)
+    nhwc = style_transfer(tiny, a, s, channels_last=True, **kw)
+    # the same losses at the same image, and the same L-BFGS steps up to float rounding (which L-BFGS amplifies)
+    assert torch.allclose(torch.tensor(nchw.history[:3]), torch.tensor(nhwc.history[:3]), rtol=2e-5)
+    assert torch.allclose(nchw.pixels, nhwc.pixels, atol=1e-4)
 
 
 def test_default_layers_follow_gatys_on_vgg19_and_one_per_scale_elsewhere(model):

@@ -31,11 +31,56 @@ from .network import Network, NotDifferentiableError, network
 from .render import pixels_to_pil
 
 
-def gram(f: torch.Tensor) -> torch.Tensor:
-    """Gram matrices (N, C, C) of features (N, C, H, W), divided by C*H*W."""
+def _rows(f: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Features (N, C, H, W) as a matrix without copying: (N, HW, C) for channels-last storage
+    (``True``), else (N, C, HW) (``False``)."""
     n, c = f.shape[:2]
-    flat = f.reshape(n, c, -1)
-    return torch.bmm(flat, flat.transpose(1, 2)) / flat[0].numel()
+    if c > 1 and f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous():
+        return f.permute(0, 2, 3, 1).reshape(n, -1, c), True
+    return f.reshape(n, c, -1), False
+
+
+def gram(f: torch.Tensor) -> torch.Tensor:
+    """Gram matrices (N, C, C) of features (N, C, H, W), divided by C*H*W (any memory format)."""
+    flat, last = _rows(f)
+    g = torch.bmm(flat.transpose(1, 2), flat) if last else torch.bmm(flat, flat.transpose(1, 2))
+    return g / flat[0].numel()
+
+
+class _GramLoss(torch.autograd.Function):
+    """sum over the batch of ||G(f) - T||^2 / C^2, with G from :func:`gram`, in two matrix products.
+
+    Autograd through ``gram`` then ``mse_loss`` spends three (the forward product and one per factor in
+    the backward); here the backward is dL/dF = 4 (G - T) F / (C^2 * C H W) for symmetric G - T.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        flat, last = _rows(f)
+        g = gram(f)
+        diff = g - target
+        diff = (diff + diff.transpose(1, 2)) / 2  # exact for symmetric targets; keeps the backward exact
+        c = f.shape[1]
+        ctx.save_for_backward(flat, diff)
+        ctx.meta = (last, tuple(f.shape), c, flat[0].numel())
+        return diff.pow(2).sum() / c**2
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        flat, diff = ctx.saved_tensors
+        last, shape, c, numel = ctx.meta
+        scale = grad_out * 4.0 / (c**2 * numel)
+        if last:  # (N, HW, C) @ (N, C, C) -> channels-last (N, C, H, W)
+            n, _, h, w = shape
+            grad = torch.bmm(flat, diff).mul_(scale).reshape(n, h, w, c).permute(0, 3, 1, 2)
+        else:
+            grad = torch.bmm(diff, flat).mul_(scale).reshape(shape)
+        return grad, None
+
+
+def gram_loss(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Style loss of one layer: ``sum ||gram(f) - target||^2 / C^2`` (target (1 or N, C, C), symmetric)."""
+    return _GramLoss.apply(f, target.expand(f.shape[0], -1, -1) if target.shape[0] != f.shape[0] else target)
 
 
 def default_layers(model: Any) -> tuple[list[str], list[str]]:
@@ -133,6 +178,7 @@ def style_transfer(
     content_layers: Sequence[str] | None = None,
     preserve_color: bool = False,
     line_search: bool = False,
+    channels_last: bool = True,
     seed: int | None = 0,
     progress: bool | None = None,
     mean: Sequence[float] | None = None,
@@ -144,7 +190,8 @@ def style_transfer(
     Gram matrices. ``steps``: function evaluations (L-BFGS counts each closure call, as the PyTorch
     tutorial does; Adam one per step). ``lr``: L-BFGS step (default 1) or Adam rate (default 0.02).
     ``init``: ``"content"`` or ``"noise"``. ``size``: side (or (H, W)) of the content and of the
-    output; style images are resized to it. Losses are reported unweighted-by-nothing: ``style_loss``
+    output; style images are resized to it. ``channels_last``: run the network on channels-last (NHWC)
+    activations, the faster layout for CPU convolutions (same losses). ``style_loss``
     and ``content_loss`` are the final weighted terms.
     """
     net = network(model, mean=mean, std=std)
@@ -170,6 +217,8 @@ def style_transfer(
         c_layers, content_weight = [], 0.0
     layers = list(dict.fromkeys(s_layers + c_layers))
     gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    # targets in the layout the optimised image will have: losses then compare like with like (no copies)
+    layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last else (lambda t: t)
     t0 = time.perf_counter()
     with Capture(net.module, layers, grads=True, stop=True) as cap:
         # targets: computed once
@@ -178,12 +227,12 @@ def style_transfer(
             hw = tuple(cp.shape[2:]) if cp is not None else ((size, size) if isinstance(size, int) else tuple(size or net.input_size))
             target_grams = {name: 0 for name in s_layers}
             for weight, s in zip(w, style_list):
-                cap.forward(net.normalize(_pixels(s, hw, net)))
+                cap.forward(layout(net.normalize(_pixels(s, hw, net))))
                 for name in s_layers:
                     target_grams[name] = target_grams[name] + weight * gram(cap.activations[name]).detach()
             target_content = {}
             if cp is not None:
-                cap.forward(net.normalize(cp))
+                cap.forward(layout(net.normalize(cp)))
                 target_content = {name: cap.activations[name].detach().clone() for name in c_layers}
         if init == "content" and cp is not None:
             start = cp.clone()
@@ -192,8 +241,13 @@ def style_transfer(
         else:
             raise ConvscopeError(f"unknown init {init!r}; choose content or noise")
         raw = torch.logit(start.clamp(1e-3, 1 - 1e-3)) if param == "sigmoid" else start.clone()
+        if channels_last:
+            # stored (N, H, W, 3) and seen as a channels-last (N, 3, H, W) view: every convolution then runs
+            # in the NHWC layout (faster on CPU), while the optimiser still sees one contiguous tensor
+            raw = raw.permute(0, 2, 3, 1).contiguous()
         raw.requires_grad_(True)
-        image = (lambda: torch.sigmoid(raw)) if param == "sigmoid" else (lambda: raw)
+        nchw = (lambda t: t.permute(0, 3, 1, 2)) if channels_last else (lambda t: t)
+        image = (lambda: torch.sigmoid(nchw(raw))) if param == "sigmoid" else (lambda: nchw(raw))
         history: list[float] = []
         style_hist: list[float] = []
         times: list[float] = []
@@ -207,7 +261,7 @@ def style_transfer(
             opt.zero_grad(set_to_none=True)
             cap.forward(net.normalize(image()))
             acts = cap.activations
-            s_loss = sum(F.mse_loss(gram(acts[n]), target_grams[n], reduction="sum") / target_grams[n].shape[-1] ** 2 for n in s_layers)
+            s_loss = sum(gram_loss(acts[n], target_grams[n]) for n in s_layers)
             c_loss = sum(F.mse_loss(acts[n], target_content[n]) for n in c_layers) if c_layers else torch.zeros((), device=raw.device)
             loss = style_weight * s_loss + content_weight * c_loss
             if not loss.requires_grad:
