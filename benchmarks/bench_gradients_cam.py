@@ -102,18 +102,27 @@ def main() -> None:
     # smoothgrad (16 samples): every setting runs interleaved with the others, best of 3 rounds
     steps, samples = 32, 16
     sigma = float(0.15 * (x.max() - x.min()))
+    # convscope feeds the model channels-last input on the CPU (faster oneDNN convolutions); the peers get
+    # the input as the user holds it (NCHW) and, for comparison, channels-last input prepared by hand
+    xcl = x.contiguous(memory_format=torch.channels_last)
     runs = {
         ("ig", "ours", 8): lambda: cs.attribute(model, x, "integrated_gradients", steps=steps, baseline="zero", target=target, batch_size=8),
         ("ig", "ours", 16): lambda: cs.attribute(model, x, "integrated_gradients", steps=steps, baseline="zero", target=target, batch_size=16),
         ("ig", "peer", None): lambda: IntegratedGradients(module).attribute(x, target=target, n_steps=steps),
         ("ig", "peer", 8): lambda: IntegratedGradients(module).attribute(x, target=target, n_steps=steps, internal_batch_size=8),
         ("ig", "peer", 16): lambda: IntegratedGradients(module).attribute(x, target=target, n_steps=steps, internal_batch_size=16),
+        ("ig", "peer-nhwc", None): lambda: IntegratedGradients(module).attribute(xcl, target=target, n_steps=steps),
+        ("ig", "peer-nhwc", 8): lambda: IntegratedGradients(module).attribute(xcl, target=target, n_steps=steps, internal_batch_size=8),
         ("sg", "ours", 8): lambda: cs.attribute(model, x, "smoothgrad", samples=samples, target=target, batch_size=8),
         ("sg", "ours", 16): lambda: cs.attribute(model, x, "smoothgrad", samples=samples, target=target, batch_size=16),
         ("sg", "peer", None): lambda: NoiseTunnel(Saliency(module)).attribute(
             x, nt_type="smoothgrad", nt_samples=samples, stdevs=sigma, target=target, abs=False),
         ("sg", "peer", 8): lambda: NoiseTunnel(Saliency(module)).attribute(
             x, nt_type="smoothgrad", nt_samples=samples, stdevs=sigma, target=target, abs=False, nt_samples_batch_size=8),
+        ("sg", "peer-nhwc", 8): lambda: NoiseTunnel(Saliency(module)).attribute(
+            xcl, nt_type="smoothgrad", nt_samples=samples, stdevs=sigma, target=target, abs=False, nt_samples_batch_size=8),
+        ("sg", "peer-nhwc", 16): lambda: NoiseTunnel(Saliency(module)).attribute(
+            xcl, nt_type="smoothgrad", nt_samples=samples, stdevs=sigma, target=target, abs=False, nt_samples_batch_size=16),
     }
     times = {k: float("inf") for k in runs}
     results = {}
@@ -130,10 +139,14 @@ def main() -> None:
     pbs, t_p, ref = best("ig", "peer")
     row(f"integrated_gradients steps={steps} bs={bs}", t_ig, f"{a.forward_passes}+{a.backward_passes}",
         f"Captum IG internal_batch_size={pbs}", t_p, f"rel diff {rel(a.raw, ref):.1e}")
+    pbs, t_p, ref = best("ig", "peer-nhwc")
+    row("  (same, peer given channels-last input)", t_ig, "", f"Captum IG NHWC internal_batch_size={pbs}", t_p, f"rel diff {rel(a.raw, ref):.1e}")
     bs, t_sg, a = best("sg", "ours")
     pbs, t_p, ref = best("sg", "peer")
     row(f"smoothgrad samples={samples} bs={bs}", t_sg, f"{a.forward_passes}+{a.backward_passes}",
         f"Captum NoiseTunnel(Saliency) bs={pbs}", t_p, "same estimator, different noise draws")
+    pbs, t_p, ref = best("sg", "peer-nhwc")
+    row("  (same, peer given channels-last input)", t_sg, "", f"Captum NoiseTunnel NHWC bs={pbs}", t_p, "")
 
     # --- Score-CAM at bn2 (1280 channels)
     mine = {bs: once(lambda bs=bs: cs.attribute(model, x, "scorecam", layer="bn2", target=target, batch_size=bs))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import ConvscopeError, InputShapeError, TargetError
 from ..models.model import check_input, output_logits, resolve_class
-from ..probe import default_layer, guard, layer_table, module_of, resolve_layer
+from ..probe import default_layer, forward_fast, guard, layer_table, module_of, resolve_layer
 from .registry import MethodSpec, check_options, get_method
 from .result import Attribution, display_map
 
@@ -72,7 +72,7 @@ class Context:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores of a batch (with the autograd graph when grad is enabled)."""
-        return output_logits(self.module(x))
+        return output_logits(forward_fast(self.module, x))
 
     def target_scores(self, logits: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """The score of each image's target class, shape (N,)."""

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConvscopeError, InputShapeError
-from ..probe import Capture
+from ..probe import Capture, forward_fast
 from .api import Context
 from .gradients import GUIDED_RULES, input_gradients
 from .registry import MethodOutput, Option, register_method
@@ -80,7 +80,7 @@ def capture_layer(ctx: Context, *, grads: bool = False, stop: bool = False) -> L
 
     layers = [ctx.layer] if stop else []
     with Capture(ctx.module, layers, stop=stop, edit={ctx.layer: keep}) as cap, torch.set_grad_enabled(grads):
-        out = cap.forward(ctx.x)
+        out = forward_fast(ctx.module, ctx.x, cap.forward)
         if not seen:
             raise ConvscopeError(f"layer {ctx.layer!r} did not run in the forward pass")
         if out is None:

@@ -142,6 +142,11 @@ def _place(
 #: costs too much accuracy (correlation 0.96-0.99 on the built-in model's 7x7 head)
 MIN_CAPPED_SIDE = 7
 
+#: maps of at most this many positions on a side are computed in full: there one occluded window
+#: reaches most of the map within a block or two, and the region bookkeeping costs more than it saves
+#: (exact occlusion on the built-in model: 4.0-4.1 s instead of 4.5-4.8 s; the result is the same)
+FULL_SIDE = 7
+
 #: approximate mode's caps: ``tau`` for maps larger than MIN_CAPPED_SIDE, ``tau_small`` (None: never
 #: capped) for the others
 Caps = tuple[float, "float | None"]
@@ -280,6 +285,14 @@ class Residual(Stage):
         cache[id(self)] = y[0]
         return y
 
+    @staticmethod
+    def _on(reg: Region, clean: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
+        """``reg`` on the extent (oy, ox, oh, ow): its own values when it already is that extent (the
+        body's region usually is), else the clean map's crop with the region written in."""
+        if reg.hw == (oh, ow) and torch.equal(reg.y0, oy) and torch.equal(reg.x0, ox):
+            return reg.values
+        return _paste(_gather(clean, oy, ox, oh, ow), reg, oy, ox)
+
     def step(self, reg: Region, cache: dict[int, torch.Tensor], cap: Caps | None, stats: Stats) -> Region:
         rb, rs = reg, reg
         for st in self.body:
@@ -294,8 +307,8 @@ class Residual(Stage):
         cy0, cx0 = rb.anchor()
         oy, oh = _place(lo_y, hi_y, hh, _cap(cap, hh), cy0)
         ox, ow = _place(lo_x, hi_x, ww, _cap(cap, ww), cx0)
-        body = _paste(_gather(cache[id(self) + 1], oy, ox, oh, ow), rb, oy, ox)
-        short = _paste(_gather(cache[-id(self)], oy, ox, oh, ow), rs, oy, ox)
+        body = self._on(rb, cache[id(self) + 1], oy, ox, oh, ow)
+        short = self._on(rs, cache[-id(self)], oy, ox, oh, ow)
         out = Region(body + short, oy, ox, (hh, ww), (cy0, cx0))
         for st in self.post:
             out = st.step(out, cache, cap, stats)
@@ -335,7 +348,7 @@ class Plan:
         i = 0
         prev_clean = self.cache[0]
         stats_full = 0.0
-        while i < len(self.stages) and reg.fraction() <= switch:
+        while i < len(self.stages) and reg.fraction() <= switch and min(reg.size) > FULL_SIDE:
             st = self.stages[i]
             reg = st.step(reg, self.cache, caps, stats)
             prev_clean = st.clean_output(self.cache)
