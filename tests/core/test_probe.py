@@ -262,3 +262,46 @@ def test_many_captures_do_not_leak(tiny):
     gc.collect()
     assert len(gc.get_objects()) - baseline < 200
     assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
+
+
+class _ViewsConvFeatures(torch.nn.Module):
+    """An old-style model: ``.view`` on convolutional features (fails on channels-last activations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).view(x.shape[0], -1))
+
+
+def test_forward_fast_uses_channels_last_on_cpu_and_gives_the_same_values(monkeypatch):
+    from convscope import probe
+
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    seen = []
+    conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        fast, plain = probe.forward_fast(conv, x), conv(x)
+    assert seen == [True, False] and x.is_contiguous()  # the caller's tensor is left as it was
+    assert torch.allclose(fast, plain, atol=1e-6)
+    monkeypatch.setattr(probe, "CHANNELS_LAST", False)
+    seen.clear()
+    probe.forward_fast(conv, x)
+    assert seen == [False]
+
+
+def test_forward_fast_falls_back_for_models_that_cannot_take_channels_last():
+    from convscope import probe
+
+    model = _ViewsConvFeatures().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError):
+        model(x.contiguous(memory_format=torch.channels_last))  # the hazard is real
+    assert torch.allclose(probe.forward_fast(model, x), model(x))
+    assert not probe.wants_channels_last(model, x)  # remembered: no second failing try
+    a = cs.attribute(model, x, "saliency", target=1)
+    assert a.raw.shape == x.shape
