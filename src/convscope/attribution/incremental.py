@@ -208,6 +208,7 @@ class Window(Stage):
     def __init__(self, fn, k, s, d, pads, pad_value: float = 0.0, macs: float = 0.0):
         self.fn, self.k, self.s, self.d = fn, k, s, d
         self.pads, self.pad_value, self.macs = pads, pad_value, macs
+        self.pointlike = tuple(k) == (1, 1) and tuple(s) == (1, 1) and not any(pads)
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
         if any(self.pads):
@@ -247,7 +248,10 @@ class Window(Stage):
         ih = (oh - 1) * self.s[0] + (self.k[0] - 1) * self.d[0] + 1
         iw = (ow - 1) * self.s[1] + (self.k[1] - 1) * self.d[1] + 1
         cy, cx = oy * self.s[0], ox * self.s[1]
-        crop = _paste(_gather(padded, cy, cx, ih, iw), reg, cy, cx, (self.pads[2], self.pads[0]))
+        if self.pointlike and reg.hw == (ih, iw) and torch.equal(reg.y0, oy) and torch.equal(reg.x0, ox):
+            crop = reg.values  # a 1x1 stride-1 window reads exactly the changed region: nothing to gather
+        else:
+            crop = _paste(_gather(padded, cy, cx, ih, iw), reg, cy, cx, (self.pads[2], self.pads[0]))
         b = reg.values.shape[0]
         stats.macs_done += self.macs * oh * ow * b
         return Region(self.fn(crop), oy, ox, (hout, wout), (cy0, cx0))
