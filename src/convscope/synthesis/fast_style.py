@@ -30,7 +30,7 @@ from ..images import ImageLike, load_image
 from ..probe import Capture
 from .network import network
 from .render import pixels_to_pil
-from .style import _pixels, default_layers, gram
+from .style import _pixels, default_layers, gram, gram_loss
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -206,7 +206,8 @@ def train_fast_style(
                 cap.forward(loss_net.normalize(y))
                 acts = cap.activations
                 c_loss = content_weight * sum(F.mse_loss(acts[n], content_target[n]) for n in c_layers)
-                s_loss = style_weight * sum(F.mse_loss(gram(acts[n]), target[n].expand(batch_size, -1, -1)) for n in s_layers)
+                # mean squared Gram error per element, as mse_loss would give, in two matrix products per layer
+                s_loss = style_weight * sum(gram_loss(acts[n], target[n]) / acts[n].shape[0] for n in s_layers)
                 loss = c_loss + s_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
