@@ -1,0 +1,73 @@
+"""``convscope serve``: the web explorer on http://127.0.0.1:8000/ (see :mod:`convscope.server`).
+
+Loads the model once, prints ``convscope: serving http://HOST:PORT/`` on stderr and serves until
+Ctrl-C. ``--port 0`` takes any free port. Binding to another address than the loopback one exposes
+the model to the network without authentication; a warning says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+
+from ..errors import ConvscopeError
+from .common import info, load_model_from_args
+
+ORDER = 60
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must lie in 0..65535, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        parents=parents,
+        help="web explorer: predictions, explanations, feature maps and visualisations in the browser",
+        description="Serve the web explorer for the chosen model on http://HOST:PORT/ until Ctrl-C.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: any free port)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
+                   help="largest image upload accepted, in megabytes (default 20)")
+    p.add_argument("--quiet", action="store_true", help="do not log every request on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..server import make_server
+
+    if not args.max_upload_mb > 0:
+        raise ConvscopeError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    model = load_model_from_args(args)
+    model.layers()  # the layer table once now, so the first page load is quick
+    try:
+        server = make_server(model, args.host, args.port, quiet=args.quiet,
+                             max_upload=int(args.max_upload_mb * 1024 * 1024))
+    except OSError as exc:
+        raise ConvscopeError(f"cannot serve on {args.host}:{args.port} ({exc.strerror or exc})") from None
+    if not _is_loopback(server.host):
+        info(f"convscope: warning: listening on {server.host}, reachable from other machines; the explorer has no authentication")
+    info(f"convscope: serving {server.url}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        info("convscope: stopped")
+    finally:
+        server.server_close()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,91 @@
+"""Helpers for the web explorer tests: a tiny model, an HTTP client (urllib), PNG bytes in and out."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+import convscope as cs
+
+
+class Tiny(nn.Module):
+    """A small CNN with named layers: conv1 (8 ch) -> relu1 -> conv2 (16 ch, /2) -> relu2 -> pool -> fc (10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def tiny_model() -> cs.Model:
+    torch.manual_seed(0)
+    return cs.load_model(Tiny().eval(), input_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                         labels=[f"thing {i}" for i in range(10)], device="cpu")
+
+
+@dataclass
+class Answer:
+    status: int
+    data: Any
+    headers: Any
+
+
+class Client:
+    """urllib against one server; JSON answers decoded, HTTP errors returned (not raised)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def request(self, path: str, body: bytes | None = None, method: str | None = None, timeout: float = 60) -> Answer:
+        req = urllib.request.Request(self.url + path.lstrip("/"), data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/octet-stream")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw, status, headers = r.read(), r.status, r.headers
+        except urllib.error.HTTPError as e:
+            raw, status, headers = e.read(), e.code, e.headers
+        ctype = headers.get("Content-Type", "")
+        return Answer(status, json.loads(raw) if ctype.startswith("application/json") else raw, headers)
+
+    def get(self, path: str) -> Answer:
+        return self.request(path)
+
+    def post(self, path: str, body: bytes) -> Answer:
+        return self.request(path, body=body, method="POST")
+
+
+def png_bytes(width: int = 40, height: int = 30, seed: int = 0) -> bytes:
+    """A random RGB picture as PNG file bytes."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode(uri: str) -> Image.Image:
+    """A ``data:image/png;base64,...`` URI as a loaded PIL image (fails unless it is a real PNG)."""
+    prefix = "data:image/png;base64,"
+    assert uri.startswith(prefix)
+    img = Image.open(io.BytesIO(base64.b64decode(uri[len(prefix):])))
+    assert img.format == "PNG"
+    img.load()
+    return img
