@@ -1,0 +1,110 @@
+"""``convscope bias``: shape-versus-texture bias (Geirhos et al., ICLR 2019) and shape-only accuracy.
+
+``bias [--data DIR] [--silhouettes DIR] [--edges DIR] [--categories FILE] [--json] [-o plot.png]``
+prints the shape bias, the shares of shape / texture / other decisions, the counts per shape category and
+the 16-way accuracy on silhouettes and edge drawings (a short table, or JSON); ``-o`` writes the
+per-category plot (with an accuracy panel when shape-only sets ran). Without ``--data`` the shipped sample
+in ``../shared/data`` is used, and its silhouettes and edges too unless ``--no-shape-only``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from .cmd_inspect import output_file, positive_int, save
+from .common import info, load_model_from_args
+
+ORDER = 55
+
+
+def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "bias", parents=parents, help="shape-vs-texture bias on cue-conflict images (Geirhos et al. 2019)",
+        description="Shape bias = shape / (shape + texture) 16-way decisions over cue-conflict images whose shape and "
+        "texture categories differ; the 16-way decision averages the softmax over each category's ImageNet classes. "
+        "Also the 16-way accuracy on shape-only stimuli (silhouettes, edge drawings).",
+    )
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="cue-conflict folder, SHAPE/SHAPEi-TEXTUREj.png (default: the shipped sample in ../shared/data)")
+    p.add_argument("--silhouettes", default=None, metavar="DIR", help="silhouettes folder, CATEGORY/*.png")
+    p.add_argument("--edges", default=None, metavar="DIR", help="edge drawings folder, CATEGORY/*.png")
+    p.add_argument("--no-shape-only", action="store_true",
+                   help="do not look for the shipped silhouettes and edges when --silhouettes/--edges are not given")
+    p.add_argument("--categories", default=None, metavar="FILE",
+                   help="16-class mapping JSON {category: [ImageNet indices]} (default: imagenet16.json)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (with every image's decision)")
+    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="write the per-category plot")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_bias)
+
+
+def _shape_only_sets(args: argparse.Namespace) -> list[tuple[str, str]]:
+    from ..dataset.bias import find_stimuli
+
+    sets = []
+    for kind in ("silhouettes", "edges"):
+        folder = getattr(args, kind)
+        if folder is None and args.data is None and not args.no_shape_only:
+            found = find_stimuli(kind)
+            folder = str(found) if found is not None else None
+        if folder is not None:
+            sets.append((kind, folder))
+    return sets
+
+
+def _fmt(v: float, spec: str = ".3f") -> str:
+    return "n/a" if v is None or math.isnan(v) else format(v, spec)
+
+
+def run_bias(args: argparse.Namespace) -> int:
+    from ..dataset.bias import PUBLISHED_SHAPE_ACCURACY, PUBLISHED_SHAPE_BIAS, shape_accuracy, shape_bias
+
+    if args.output:
+        output_file(args.output, "")
+    model = load_model_from_args(args)
+    progress = False if args.no_progress else None
+    kw = dict(categories=args.categories, batch_size=args.batch_size, progress=progress)
+    result = shape_bias(model, args.data, **kw)
+    accuracies = []
+    if not result.interrupted:
+        for kind, folder in _shape_only_sets(args):
+            acc = shape_accuracy(model, folder, kind=kind, **kw)
+            accuracies.append(acc)
+            if acc.interrupted:
+                break
+    if args.json:
+        print(json.dumps({"shape_bias": result.to_dict(), "shape_only": [a.to_dict() for a in accuracies]}, indent=2))
+    else:
+        _print_table(result, accuracies, PUBLISHED_SHAPE_BIAS, PUBLISHED_SHAPE_ACCURACY)
+    if result.interrupted or any(a.interrupted for a in accuracies):
+        info("interrupted: the numbers cover the images done so far")
+    if args.output:
+        save(result.to_image(accuracies), args.output, "shape-bias plot")
+    return 0
+
+
+def _print_table(result: Any, accuracies: list[Any], bias_refs: dict[str, float], acc_refs: dict[str, dict[str, float]]) -> None:
+    done = len(result.decisions)
+    print(f"{result.model_name} on {result.root}")
+    print(f"{done} images: {result.conflicts} cue conflicts, {result.excluded} with the same shape and texture category "
+          f"(left out)" + (f"; interrupted after {done} of {result.total}" if result.interrupted else ""))
+    refs = ", ".join(f"{k} {v:g}" for k, v in bias_refs.items())
+    print(f"shape bias  {_fmt(result.shape_bias)}   (published: {refs})")
+    print(f"{'decision':<10} {'images':>6} {'share':>7}")
+    for name, count, share in (("shape", result.shape, result.shape_fraction), ("texture", result.texture, result.texture_fraction),
+                               ("neither", result.neither, result.neither_fraction)):
+        print(f"{name:<10} {count:>6} {_fmt(share, '7.1%'):>7}")
+    print()
+    print(f"{'shape category':<15} {'shape':>5} {'texture':>7} {'n':>3} {'shape bias':>10}")
+    for c in result.per_category:
+        print(f"{c.category:<15} {c.shape:>5} {c.texture:>7} {c.n:>3} {_fmt(c.shape_bias):>10}")
+    if accuracies:
+        print()
+        print(f"{'shape only':<12} {'accuracy':>8} {'correct':>9}   published")
+        for a in accuracies:
+            pub = ", ".join(f"{k} {v:g}" for k, v in acc_refs.get(a.kind, {}).items()) or "-"
+            print(f"{a.kind:<12} {_fmt(a.accuracy):>8} {f'{a.correct}/{a.n}':>9}   {pub}")

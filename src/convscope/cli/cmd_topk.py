@@ -1,0 +1,129 @@
+"""``convscope topk FOLDER --layer L``: the images and patches that most activate each channel of a layer.
+
+Parses options, calls :func:`convscope.dataset.topk.top_activations`, prints a table (or JSON) on stdout
+and writes the grid picture atomically; progress and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from typing import Any
+
+from ..errors import ConvscopeError
+from .cmd_inspect import output_file, positive_int, save, slug
+from .common import info, load_model_from_args
+
+ORDER = 45
+
+
+def parse_channels(text: str) -> list[int]:
+    """``"0-15,20,31-33"`` -> ``[0, ..., 15, 20, 31, 32, 33]`` (argparse type; bad text exits with 2)."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(s) for s in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected channels like 0-15,20, got {text!r}") from None
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"channel listed twice in {text!r}")
+    return out
+
+
+def run_topk(args: argparse.Namespace) -> int:
+    """Stream the folder, print the top images per channel, write the grid picture."""
+    from ..dataset.folder import SkippedImagesWarning
+    from ..dataset.topk import top_activations
+    from ..probe import default_layer
+
+    if not os.path.isdir(args.folder):
+        raise ConvscopeError(f"{args.folder}: not a folder")
+    if args.output:
+        output_file(args.output, "")
+    model = load_model_from_args(args)
+    layer = args.layer or default_layer(model, "cam")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)  # reported below, in one line
+        r = top_activations(model, args.folder, layer, k=args.k, channels=args.channels, reduce=args.reduce,
+                            batch_size=args.batch_size, state=args.state, save_every=args.save_every,
+                            progress=False if args.no_progress else None)
+    if r.skipped:
+        first = "; ".join(reason for _, reason in r.skipped[:3])
+        info(f"skipped {len(r.skipped)} unreadable file(s): {first}" + (" ..." if len(r.skipped) > 3 else ""))
+    if args.json:
+        data = r.to_dict()
+        data["root"] = os.path.abspath(args.folder)
+        for item in data["channels"]:
+            for hit in item["top"]:
+                hit["source"] = _relative(hit["source"], args.folder)
+        for item in data["skipped"]:
+            item["source"] = _relative(item["source"], args.folder)
+        print(json.dumps(data, indent=1))
+    else:
+        _print_table(r, args.folder)
+    if r.channels:
+        shown = args.channels if args.channels is not None else r.channels[: args.rows]
+        out = output_file(args.output, f"topk-{slug(layer)}.png")
+        save(r.grid(shown, mode=args.mode), out, f"top-{args.k} grid ({len(shown)} channels)")
+    else:
+        info("no image could be scored; nothing to draw")
+    info(f"{r.processed - len(r.skipped)} images in {r.seconds:.1f} s" + (f"; state in {args.state}" if args.state else ""))
+    if r.interrupted:
+        info("interrupted: " + ("run the same command again to continue" if args.state else "rerun with --state FILE to be able to resume"))
+        return 130
+    return 0
+
+
+def _relative(source: str | None, folder: str) -> str | None:
+    if source is None:
+        return None
+    return os.path.relpath(source, folder)
+
+
+def _print_table(r: Any, folder: str) -> None:
+    print(f"{r.layer}: top {r.k} by {r.reduce} over {r.processed - len(r.skipped)} images"
+          + ("" if r.complete else f" ({r.processed}/{r.total} done)"))
+    print(f"{'channel':>7}  {'value':>10}  {'where':>9}  top image (then the next ones)")
+    for c in r.channels:
+        hits = r.hits(c)
+        if not hits:
+            continue
+        h = hits[0]
+        where = "" if h.y is None else f"({h.y},{h.x})"
+        rest = ", ".join(_relative(o.source, folder) or str(o.image) for o in hits[1:4]) + (" ..." if len(hits) > 4 else "")
+        print(f"{c:>7}  {h.value:>10.4g}  {where:>9}  {_relative(h.source, folder)}" + (f"  | {rest}" if rest else ""))
+
+
+def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Add the ``topk`` parser."""
+    p = subparsers.add_parser(
+        "topk", parents=parents, help="the images and patches that most activate each channel, over a folder",
+        description="Stream every image of FOLDER (recursively, sorted) through the model up to LAYER and keep, per channel, "
+        "the K images with the largest response (spatial max with its receptive-field patch, or mean). Memory stays "
+        "bounded by channels x K; with --state the run is saved as it goes and the same command resumes it.",
+    )
+    p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
+    p.add_argument("--layer", default=None, metavar="L", help="layer name (default: the last spatial layer)")
+    p.add_argument("--k", type=positive_int, default=9, metavar="K", help="images kept per channel (default 9)")
+    p.add_argument("--channels", type=parse_channels, default=None, metavar="LIST",
+                   help="channels to rank, e.g. 0-15,20 (default: all; the picture shows the first --rows)")
+    p.add_argument("--reduce", choices=("max", "mean"), default="max", help="spatial max (with patch) or mean (default max)")
+    p.add_argument("--mode", choices=("patch", "image"), default=None,
+                   help="picture tiles: receptive-field patches or whole images with the box (default: patch for max)")
+    p.add_argument("--rows", type=positive_int, default=16, metavar="N", help="channels drawn without --channels (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
+    p.add_argument("--state", default=None, metavar="FILE", help="save progress to FILE (+ FILE.json); rerun to resume")
+    p.add_argument("--save-every", type=positive_int, default=20, metavar="N", help="save the state every N batches (default 20)")
+    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="grid picture (default topk-LAYER.png)")
+    p.add_argument("--json", action="store_true", help="print every channel's top images as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_topk)

@@ -1,0 +1,666 @@
+"""Shape-versus-texture bias (Geirhos et al., ICLR 2019, "ImageNet-trained CNNs are biased towards texture").
+
+A cue-conflict image carries the shape of one of 16 entry-level categories and the texture of another
+(made by style transfer). The 1000-way ImageNet classifier is turned into a 16-way one by averaging its
+softmax over each category's ImageNet classes (``imagenet16.json``) and taking the largest average. Over
+the images whose shape and texture categories differ, the decision is a *shape* hit, a *texture* hit
+or neither; the shape bias is ``shape / (shape + texture)``. Images whose two categories agree are left
+out. Silhouettes and edge drawings (shape only) give a plain 16-way accuracy (:func:`shape_accuracy`).
+
+- :func:`shape_bias` -> :class:`ShapeBias`; :func:`shape_accuracy` -> :class:`ShapeAccuracy`.
+- :func:`load_categories`, :func:`aggregation_matrix`, :func:`category_scores`: the 16-way decision rule.
+- :func:`find_stimuli`: where the shipped stimuli are (``$CONVSCOPE_DATA``, ``../shared/data``).
+
+Forward passes are batched, run in inference mode under :class:`~convscope.probe.guard` (the model is
+left as it was) and on the model's device. Memory is bounded by the number of images x 16 scores; a
+Ctrl-C returns the decisions made so far (``interrupted=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import ConvscopeError
+from ..inspect.picture import Pictured
+
+#: Shape bias published with mean aggregation (Geirhos et al. 2019 and their model-vs-human benchmark).
+PUBLISHED_SHAPE_BIAS: dict[str, float] = {
+    "humans": 0.96,
+    "ResNet-50 (Stylized-ImageNet)": 0.81,
+    "AlexNet": 0.253,
+    "ResNet-50": 0.214,
+    "VGG-16": 0.092,
+}
+
+#: Published 16-way accuracy on shape-only stimuli (Geirhos et al. 2019): ResNet-50 and humans.
+PUBLISHED_SHAPE_ACCURACY: dict[str, dict[str, float]] = {
+    "edges": {"ResNet-50": 0.18, "humans": 0.87},
+    "silhouettes": {"ResNet-50": 0.54, "humans": 0.75},
+}
+
+#: The ImageNet-1k class count the category mapping refers to (standard class order).
+IMAGENET_CLASSES = 1000
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CUE_CONFLICT = "cue-conflict-sample"
+STIMULI_URL = "https://github.com/rgeirhos/texture-vs-shape (folder stimuli/, CC BY 4.0)"
+
+_CONFLICT_NAME = re.compile(r"^(?P<shape>.+?)\d+-(?P<texture>.+?)\d+$")
+_LEADING_NAME = re.compile(r"^(?P<name>.+?)\d*$")
+
+
+class StimuliError(ConvscopeError, ValueError):
+    """Stimuli, a category mapping or a model that the shape-bias experiments cannot use."""
+
+
+# ============================================================================ where the data is
+
+
+def data_roots() -> list[Path]:
+    """Folders searched for the shipped stimuli, in order: ``$CONVSCOPE_DATA``, ``../shared/data`` from the
+    current folder, ``shared/data`` under it, and ``../shared/data`` next to the source checkout."""
+    roots = []
+    if os.environ.get("CONVSCOPE_DATA"):
+        roots.append(Path(os.environ["CONVSCOPE_DATA"]))
+    cwd = Path.cwd()
+    roots += [cwd.parent / "shared" / "data", cwd / "shared" / "data"]
+    here = Path(__file__).resolve()
+    if len(here.parents) > 4:  # src/convscope/dataset/bias.py -> the repository's parent folder
+        roots.append(here.parents[4] / "shared" / "data")
+    return roots
+
+
+def find_stimuli(name: str = CUE_CONFLICT) -> Path | None:
+    """The shipped stimulus folder ``name`` (``cue-conflict-sample``, ``silhouettes``, ``edges``), or None."""
+    for root in data_roots():
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _default_root() -> Path:
+    found = find_stimuli(CUE_CONFLICT)
+    if found is None:
+        searched = ", ".join(str(r) for r in data_roots())
+        raise StimuliError(
+            f"no cue-conflict images found (looked for {CUE_CONFLICT}/ in {searched}); pass the folder "
+            f"(root=... or --data DIR), laid out as SHAPE/SHAPEi-TEXTUREj.png, or set CONVSCOPE_DATA. "
+            f"The stimuli: {STIMULI_URL}"
+        )
+    return found
+
+
+# ============================================================================ the 16-way decision
+
+
+def load_categories(source: str | os.PathLike | Mapping[str, Sequence[int]] | None = None, *, near: Path | None = None,
+                    num_classes: int = IMAGENET_CLASSES) -> dict[str, list[int]]:
+    """The 16 categories and their ImageNet class indices, validated.
+
+    ``source``: a JSON file ``{"airplane": [404], ...}``, a mapping, or None: ``imagenet16.json`` in
+    ``near`` or its parent folder when there is one, else the copy shipped with convscope.
+    """
+    if source is None:
+        for folder in ([near, near.parent] if near is not None else []):
+            if (folder / "imagenet16.json").is_file():
+                source = folder / "imagenet16.json"
+                break
+    if source is None:
+        text = resources.files("convscope.dataset").joinpath("imagenet16.json").read_text(encoding="utf-8")
+        raw: Any = json.loads(text)
+        where = "the shipped imagenet16.json"
+    elif isinstance(source, Mapping):
+        raw, where = source, "the category mapping"
+    else:
+        where = str(source)
+        try:
+            raw = json.loads(Path(source).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise StimuliError(f"{source}: cannot read the category mapping ({exc.strerror or exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StimuliError(f"{source}: not a JSON category mapping ({exc})") from None
+    if not isinstance(raw, Mapping) or len(raw) < 2:
+        raise StimuliError(f"{where}: expected a JSON object of at least two categories -> lists of ImageNet indices")
+    categories: dict[str, list[int]] = {}
+    for name, indices in raw.items():
+        if not isinstance(indices, (list, tuple)) or not indices:
+            raise StimuliError(f"{where}: category {name!r} needs a non-empty list of class indices")
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_classes]
+        if bad:
+            raise StimuliError(f"{where}: category {name!r} has indices outside 0..{num_classes - 1}: {bad[:5]}")
+        categories[str(name)] = sorted(set(indices))
+    return categories
+
+
+def aggregation_matrix(categories: Mapping[str, Sequence[int]], num_classes: int = IMAGENET_CLASSES) -> torch.Tensor:
+    """(K, num_classes) matrix whose row k averages the probabilities of category k's classes (1/|k| on them)."""
+    m = torch.zeros(len(categories), num_classes)
+    for k, indices in enumerate(categories.values()):
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        m[k, idx] = 1.0 / len(idx)
+    return m
+
+
+def category_scores(logits: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """(N, K) mean softmax probability of each category's classes; argmax over K is the 16-way decision."""
+    probs = logits.float().softmax(dim=1)
+    return probs @ matrix.to(probs.device, probs.dtype).T
+
+
+# ============================================================================ results
+
+
+@dataclass
+class Decision:
+    """One image: its shape and texture categories (equal for shape-only stimuli), the 16-way decision and
+    the top ImageNet class (index and label)."""
+
+    file: str
+    shape: str
+    texture: str
+    decision: str
+    top_class: int
+    top_label: str
+
+    @property
+    def conflict(self) -> bool:
+        """Whether shape and texture categories differ (only these count for the shape bias)."""
+        return self.shape != self.texture
+
+    @property
+    def outcome(self) -> str:
+        """``"shape"``, ``"texture"``, ``"neither"``, or ``"no conflict"`` for same-category images."""
+        if not self.conflict:
+            return "no conflict"
+        return "shape" if self.decision == self.shape else "texture" if self.decision == self.texture else "neither"
+
+
+@dataclass
+class CategoryCounts:
+    """Per shape category: conflict images ``n``, decisions for their ``shape`` and for their ``texture``."""
+
+    category: str
+    shape: int = 0
+    texture: int = 0
+    n: int = 0
+
+    @property
+    def shape_bias(self) -> float:
+        """shape / (shape + texture) within the category; NaN when it has neither kind of decision."""
+        return self.shape / (self.shape + self.texture) if self.shape + self.texture else math.nan
+
+
+@dataclass(eq=False)
+class ShapeBias(Pictured):
+    """Shape-vs-texture bias of a model on cue-conflict images (Geirhos et al. 2019).
+
+    ``shape_bias`` = ``shape`` / (``shape`` + ``texture``) over the ``conflicts`` images whose shape and
+    texture categories differ (NaN when there is neither kind of decision). ``excluded``: images with the
+    same category for both, left out. ``decisions``: every image, in file order; ``scores``: (N, K) mean
+    softmax per category for the same images (columns in ``categories`` order); ``per_category``: counts
+    per shape category; ``confusion``: (K, K) counts of conflict images, row = shape category, column =
+    decided category. ``interrupted``: Ctrl-C stopped the run after ``len(decisions)`` of ``total`` images.
+    """
+
+    shape_bias: float
+    shape: int
+    texture: int
+    neither: int
+    conflicts: int
+    excluded: int
+    decisions: list[Decision]
+    per_category: list[CategoryCounts]
+    categories: dict[str, list[int]]
+    scores: torch.Tensor
+    confusion: torch.Tensor
+    root: str
+    model_name: str = "model"
+    total: int = 0
+    skipped: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def shape_fraction(self) -> float:
+        """Share of conflict images decided for their shape category."""
+        return self.shape / self.conflicts if self.conflicts else math.nan
+
+    @property
+    def texture_fraction(self) -> float:
+        """Share of conflict images decided for their texture category."""
+        return self.texture / self.conflicts if self.conflicts else math.nan
+
+    @property
+    def neither_fraction(self) -> float:
+        """Share of conflict images decided for a third category."""
+        return self.neither / self.conflicts if self.conflicts else math.nan
+
+    def figure(self, accuracies: Sequence[ShapeAccuracy] = (), *, title: str | None = None) -> Any:
+        """The classic per-category plot: share of shape decisions per shape category, with the model's
+        overall shape bias and the published human mean; a panel of shape-only accuracies when given."""
+        return bias_figure(self, accuracies, title=title)
+
+    def to_image(self, accuracies: Sequence[ShapeAccuracy] = (), *, dpi: int = 100) -> Image.Image:
+        """:meth:`figure` rendered to a PIL image."""
+        from ..render import figure_to_image
+
+        return figure_to_image(self.figure(accuracies), dpi=dpi)
+
+    def to_dict(self, *, images: bool = True) -> dict[str, Any]:
+        """Plain JSON-ready data (NaN becomes None)."""
+        out: dict[str, Any] = {
+            "model": self.model_name,
+            "root": self.root,
+            "shape_bias": _num(self.shape_bias),
+            "shape_fraction": _num(self.shape_fraction),
+            "texture_fraction": _num(self.texture_fraction),
+            "neither_fraction": _num(self.neither_fraction),
+            "shape": self.shape,
+            "texture": self.texture,
+            "neither": self.neither,
+            "conflicts": self.conflicts,
+            "excluded": self.excluded,
+            "images": len(self.decisions),
+            "total": self.total,
+            "interrupted": self.interrupted,
+            "skipped": list(self.skipped),
+            "per_category": [
+                {"category": c.category, "shape": c.shape, "texture": c.texture, "n": c.n, "shape_bias": _num(c.shape_bias)}
+                for c in self.per_category
+            ],
+            "published": dict(PUBLISHED_SHAPE_BIAS),
+        }
+        if images:
+            out["decisions"] = [_decision_dict(d) | {"outcome": d.outcome} for d in self.decisions]
+        return out
+
+    def __str__(self) -> str:
+        return (f"{self.model_name}: shape bias {self.shape_bias:.3f} over {self.conflicts} cue-conflict images "
+                f"(shape {self.shape}, texture {self.texture}, neither {self.neither}; {self.excluded} same-category left out)"
+                + (f"; interrupted after {len(self.decisions)} of {self.total}" if self.interrupted else ""))
+
+
+@dataclass(eq=False)
+class ShapeAccuracy(Pictured):
+    """16-way accuracy on shape-only stimuli (silhouettes, edge drawings): ``correct`` of ``n`` images.
+
+    ``per_category``: category -> (correct, n); ``decisions`` and ``scores`` (N, K) as in :class:`ShapeBias`.
+    """
+
+    kind: str
+    accuracy: float
+    correct: int
+    n: int
+    per_category: dict[str, tuple[int, int]]
+    decisions: list[Decision]
+    categories: dict[str, list[int]]
+    scores: torch.Tensor
+    root: str
+    model_name: str = "model"
+    total: int = 0
+    skipped: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    def figure(self, *, title: str | None = None) -> Any:
+        """Bars: accuracy per category, with the overall accuracy and the published references."""
+        return accuracy_figure(self, title=title)
+
+    def to_image(self, *, dpi: int = 100) -> Image.Image:
+        from ..render import figure_to_image
+
+        return figure_to_image(self.figure(), dpi=dpi)
+
+    def to_dict(self, *, images: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind, "model": self.model_name, "root": self.root, "accuracy": _num(self.accuracy),
+            "correct": self.correct, "n": self.n, "total": self.total, "interrupted": self.interrupted,
+            "skipped": list(self.skipped),
+            "per_category": {c: {"correct": k, "n": n} for c, (k, n) in self.per_category.items()},
+            "published": dict(PUBLISHED_SHAPE_ACCURACY.get(self.kind, {})),
+        }
+        if images:
+            out["decisions"] = [_decision_dict(d) | {"correct": d.decision == d.shape} for d in self.decisions]
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.model_name}: {self.kind} accuracy {self.accuracy:.3f} ({self.correct}/{self.n}, 16-way)"
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _decision_dict(d: Decision) -> dict[str, Any]:
+    return {"file": d.file, "shape": d.shape, "texture": d.texture, "decision": d.decision,
+            "top_class": d.top_class, "top_label": d.top_label}
+
+
+# ============================================================================ running
+
+
+def _check_root(root: str | os.PathLike) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise StimuliError(f"{path}: no such folder (stimuli: {STIMULI_URL})")
+    if not path.is_dir():
+        raise StimuliError(f"{path}: not a folder; pass the folder that holds CATEGORY/ subfolders of images")
+    return path
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
+def _check_model(model: Any) -> None:
+    if not callable(getattr(model, "preprocess", None)) or not hasattr(model, "module"):
+        raise StimuliError(
+            f"expected a convscope Model, got {type(model).__name__}; wrap a module with "
+            "cs.load_model(module, input_size=..., mean=..., std=...) so images get the model's own preprocessing"
+        )
+    n = getattr(model, "num_classes", None)
+    if n is not None and n != IMAGENET_CLASSES:
+        raise StimuliError(_classes_message(n))
+
+
+def _classes_message(n: int) -> str:
+    return (f"the shape-vs-texture experiments need a classifier over the {IMAGENET_CLASSES} ImageNet-1k classes "
+            f"(standard order); this model has {n} classes")
+
+
+def _classify(model: Any, files: Sequence[Path], matrix: torch.Tensor, *, batch_size: int, progress: bool | None,
+              desc: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Batched inference: (scores (M, K), top ImageNet class (M,), interrupted) for the first M files."""
+    from ..models.model import output_logits
+    from ..probe import forward_fast, guard
+
+    if batch_size < 1:
+        raise StimuliError(f"batch_size must be at least 1, got {batch_size}")
+    module = model.module
+    scores, tops = [], []
+    interrupted = False
+    bar = tqdm(total=len(files), desc=desc, unit="image", disable=None if progress is None else not progress, leave=False)
+    try:
+        with guard(module, eval=True, freeze=False, no_inplace=False), torch.inference_mode():
+            for start in range(0, len(files), batch_size):
+                x = model.preprocess([str(f) for f in files[start:start + batch_size]])
+                logits = output_logits(forward_fast(module, x))
+                if logits.ndim != 2 or logits.shape[1] != IMAGENET_CLASSES:
+                    raise StimuliError(_classes_message(logits.shape[-1] if logits.ndim else 0))
+                scores.append(category_scores(logits, matrix).cpu())
+                tops.append(logits.argmax(dim=1).cpu())
+                bar.update(x.shape[0])
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    k = matrix.shape[0]
+    return (torch.cat(scores) if scores else torch.zeros(0, k),
+            torch.cat(tops) if tops else torch.zeros(0, dtype=torch.long), interrupted)
+
+
+def _label(model: Any, index: int) -> str:
+    label = getattr(model, "label", None)
+    return label(index) if callable(label) else str(index)
+
+
+def shape_bias(
+    model: Any,
+    root: str | os.PathLike | None = None,
+    *,
+    categories: str | os.PathLike | Mapping[str, Sequence[int]] | None = None,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> ShapeBias:
+    """Shape-vs-texture bias of an ImageNet classifier on cue-conflict images (Geirhos et al., ICLR 2019).
+
+    ``model``: a :class:`~convscope.Model` whose output is the 1000 ImageNet-1k classes (its own
+    ``preprocess`` is used). ``root``: a folder of ``SHAPE/SHAPEi-TEXTUREj.png`` images (any depth; the
+    name alone gives both categories), e.g. the 80-image sample shipped in ``../shared/data`` (the
+    default) or the full 1280-image set. ``categories``: the 16-class mapping (JSON file or dict; default
+    ``imagenet16.json`` next to the data, else the shipped copy). Each image is decided by the mean
+    softmax over each category's ImageNet classes, argmax over the categories. Cost: one forward pass
+    per image, ``batch_size`` at a time. ``progress``: tqdm bar (None: only on a terminal).
+    """
+    _check_model(model)
+    path = _check_root(root) if root is not None else _default_root()
+    cats = load_categories(categories, near=path)
+    files, shapes, textures, skipped = [], [], [], []
+    for f in _image_files(path):
+        m = _CONFLICT_NAME.match(f.stem)
+        if m and m["shape"] in cats and m["texture"] in cats:
+            files.append(f)
+            shapes.append(m["shape"])
+            textures.append(m["texture"])
+        else:
+            skipped.append(f.relative_to(path).as_posix())
+    if not files:
+        raise StimuliError(
+            f"{path}: no cue-conflict images; expected files named SHAPEi-TEXTUREj.png (e.g. cat3-elephant1.png) "
+            f"with SHAPE and TEXTURE among {', '.join(cats)}"
+            + (f" ({len(skipped)} other files ignored, e.g. {skipped[0]})" if skipped else "")
+        )
+    matrix = aggregation_matrix(cats)
+    scores, tops, interrupted = _classify(model, files, matrix, batch_size=batch_size, progress=progress, desc="shape bias")
+    names = list(cats)
+    chosen = scores.argmax(dim=1).tolist() if len(scores) else []
+    decisions = [
+        Decision(file=f.relative_to(path).as_posix(), shape=s, texture=t, decision=names[c], top_class=int(top),
+                 top_label=_label(model, int(top)))
+        for f, s, t, c, top in zip(files, shapes, textures, chosen, tops.tolist())
+    ]
+    per = {name: CategoryCounts(name) for name in names}
+    confusion = torch.zeros(len(names), len(names), dtype=torch.long)
+    where = {name: i for i, name in enumerate(names)}
+    for d in decisions:
+        if not d.conflict:
+            continue
+        row = per[d.shape]
+        row.n += 1
+        row.shape += d.outcome == "shape"
+        row.texture += d.outcome == "texture"
+        confusion[where[d.shape], where[d.decision]] += 1
+    shape = sum(c.shape for c in per.values())
+    texture = sum(c.texture for c in per.values())
+    conflicts = sum(c.n for c in per.values())
+    return ShapeBias(
+        shape_bias=shape / (shape + texture) if shape + texture else math.nan,
+        shape=shape,
+        texture=texture,
+        neither=conflicts - shape - texture,
+        conflicts=conflicts,
+        excluded=len(decisions) - conflicts,
+        decisions=decisions,
+        per_category=list(per.values()),
+        categories=cats,
+        scores=scores,
+        confusion=confusion,
+        root=str(path),
+        model_name=getattr(model, "name", type(model).__name__),
+        total=len(files),
+        skipped=skipped,
+        interrupted=interrupted,
+    )
+
+
+def shape_accuracy(
+    model: Any,
+    root: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    categories: str | os.PathLike | Mapping[str, Sequence[int]] | None = None,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> ShapeAccuracy:
+    """16-way accuracy on shape-only stimuli laid out as ``CATEGORY/*.png`` (silhouettes, edge drawings).
+
+    Same decision rule as :func:`shape_bias`. The category of an image is its folder's name (or, for
+    files outside category folders, the name before its number: ``cat3.png``). ``kind``: a name for the
+    set (default: the folder's name; ``silhouettes`` and ``edges`` have published references in
+    :data:`PUBLISHED_SHAPE_ACCURACY`).
+    """
+    _check_model(model)
+    path = _check_root(root)
+    cats = load_categories(categories, near=path)
+    files, truth, skipped = [], [], []
+    for f in _image_files(path):
+        name = f.parent.name if f.parent != path else None
+        if name not in cats:
+            m = _LEADING_NAME.match(f.stem)
+            name = m["name"] if m else None
+        if name in cats:
+            files.append(f)
+            truth.append(name)
+        else:
+            skipped.append(f.relative_to(path).as_posix())
+    if not files:
+        raise StimuliError(
+            f"{path}: no shape-only images; expected CATEGORY/*.png with CATEGORY among {', '.join(cats)}"
+            + (f" ({len(skipped)} other files ignored, e.g. {skipped[0]})" if skipped else "")
+        )
+    kind = kind or path.name
+    matrix = aggregation_matrix(cats)
+    scores, tops, interrupted = _classify(model, files, matrix, batch_size=batch_size, progress=progress, desc=kind)
+    names = list(cats)
+    chosen = scores.argmax(dim=1).tolist() if len(scores) else []
+    decisions = [
+        Decision(file=f.relative_to(path).as_posix(), shape=t, texture=t, decision=names[c], top_class=int(top),
+                 top_label=_label(model, int(top)))
+        for f, t, c, top in zip(files, truth, chosen, tops.tolist())
+    ]
+    per: dict[str, tuple[int, int]] = {}
+    for d in decisions:
+        k, n = per.get(d.shape, (0, 0))
+        per[d.shape] = (k + (d.decision == d.shape), n + 1)
+    correct = sum(k for k, _ in per.values())
+    return ShapeAccuracy(
+        kind=kind,
+        accuracy=correct / len(decisions) if decisions else math.nan,
+        correct=correct,
+        n=len(decisions),
+        per_category={c: per[c] for c in names if c in per},
+        decisions=decisions,
+        categories=cats,
+        scores=scores,
+        root=str(path),
+        model_name=getattr(model, "name", type(model).__name__),
+        total=len(files),
+        skipped=skipped,
+        interrupted=interrupted,
+    )
+
+
+# ============================================================================ figures
+
+
+def bias_figure(result: ShapeBias, accuracies: Sequence[ShapeAccuracy] = (), *, title: str | None = None) -> Any:
+    """Per shape category, the share of shape decisions among shape + texture decisions (the layout of
+    Geirhos et al.'s figure 4, shape on the left), with the model's mean, humans and ResNet-50."""
+    from matplotlib.figure import Figure
+
+    rows = result.per_category
+    wide = bool(accuracies)
+    fig = Figure(figsize=(9.5 if wide else 5.6, 0.28 * len(rows) + 1.9), dpi=100, layout="constrained")
+    ax = fig.add_subplot(1, 2, 1) if wide else fig.add_subplot()
+    y = list(range(len(rows)))[::-1]
+    values = [c.shape_bias for c in rows]
+    shown = [(yy, v) for yy, v in zip(y, values) if not math.isnan(v)]
+    ax.axvline(PUBLISHED_SHAPE_BIAS["humans"], color="#c44e52", linestyle="--", linewidth=1.2,
+               label=f"humans, mean ({PUBLISHED_SHAPE_BIAS['humans']:.2f})")
+    ax.axvline(PUBLISHED_SHAPE_BIAS["ResNet-50"], color="#8c8c8c", linestyle=":", linewidth=1.2,
+               label=f"ResNet-50, published ({PUBLISHED_SHAPE_BIAS['ResNet-50']:.3f})")
+    if not math.isnan(result.shape_bias):
+        ax.axvline(result.shape_bias, color="#4c72b0", linewidth=1.4, label=f"{result.model_name} ({result.shape_bias:.3f})")
+    if shown:
+        ax.scatter([v for _, v in shown], [yy for yy, _ in shown], color="#4c72b0", s=36, zorder=3, edgecolor="white")
+    for yy, c, v in zip(y, rows, values):
+        if math.isnan(v):
+            ax.text(0.5, yy, "no shape or texture decision" if c.n else "no images", ha="center", va="center",
+                    fontsize=7, color="#888888")
+    ax.set_yticks(y, [f"{c.category} ({c.shape}/{c.shape + c.texture})" for c in rows], fontsize=8)
+    ax.set_xlim(1.02, -0.02)  # shape on the left, texture on the right, as in the paper
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("fraction of 'shape' decisions")
+    top = ax.secondary_xaxis("top", functions=(lambda v: 1 - v, lambda v: 1 - v))
+    top.set_xlabel("fraction of 'texture' decisions")
+    ax.grid(axis="x", color="#eeeeee")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=7, frameon=False, ncol=1)
+    if wide:
+        _accuracy_panel(fig.add_subplot(1, 2, 2), accuracies)
+    fig.suptitle(title or f"Shape vs texture bias: {result.conflicts} cue-conflict images", fontsize=10)
+    return fig
+
+
+def _accuracy_panel(ax: Any, accuracies: Sequence[ShapeAccuracy]) -> None:
+    import numpy as np
+
+    names = [a.kind for a in accuracies]
+    x = np.arange(len(names))
+    refs = [("model", [a.accuracy for a in accuracies], "#4c72b0"),
+            ("ResNet-50 (published)", [PUBLISHED_SHAPE_ACCURACY.get(a.kind, {}).get("ResNet-50", np.nan) for a in accuracies], "#8c8c8c"),
+            ("humans (published)", [PUBLISHED_SHAPE_ACCURACY.get(a.kind, {}).get("humans", np.nan) for a in accuracies], "#c44e52")]
+    width = 0.26
+    for i, (label, vals, colour) in enumerate(refs):
+        bars = ax.bar(x + (i - 1) * width, vals, width, color=colour, label=label)
+        for b, v in zip(bars, vals):
+            if not math.isnan(v):
+                ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", fontsize=7)
+    ax.axhline(1 / 16, color="#444444", linewidth=0.8, linestyle=":", label="chance (1/16)")
+    ax.set_xticks(x, [f"{a.kind}\n(n={a.n})" for a in accuracies], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("16-way accuracy")
+    ax.set_title("shape-only stimuli", fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="upper left")
+
+
+def accuracy_figure(result: ShapeAccuracy, *, title: str | None = None) -> Any:
+    """Accuracy per category as bars, with the overall accuracy and the published references."""
+    from matplotlib.figure import Figure
+
+    names = list(result.per_category)
+    acc = [k / n if n else math.nan for k, n in result.per_category.values()]
+    fig = Figure(figsize=(7.5, 3.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), acc, color="#4c72b0")
+    ax.axhline(result.accuracy, color="#4c72b0", linewidth=1.2, label=f"{result.model_name} ({result.accuracy:.2f})")
+    for who, colour in (("humans", "#c44e52"), ("ResNet-50", "#8c8c8c")):
+        ref = PUBLISHED_SHAPE_ACCURACY.get(result.kind, {}).get(who)
+        if ref is not None:
+            ax.axhline(ref, color=colour, linestyle="--", linewidth=1.0, label=f"{who}, published ({ref:.2f})")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("16-way accuracy")
+    ax.legend(fontsize=7, frameon=False, loc="upper right")
+    ax.set_title(title or f"{result.kind}: {result.correct}/{result.n} correct", fontsize=10)
+    return fig
+
+
+__all__ = [
+    "IMAGENET_CLASSES",
+    "PUBLISHED_SHAPE_ACCURACY",
+    "PUBLISHED_SHAPE_BIAS",
+    "CategoryCounts",
+    "Decision",
+    "ShapeAccuracy",
+    "ShapeBias",
+    "StimuliError",
+    "aggregation_matrix",
+    "category_scores",
+    "find_stimuli",
+    "load_categories",
+    "shape_accuracy",
+    "shape_bias",
+]

@@ -1,0 +1,178 @@
+"""Streaming many images through a model: a folder (or a list of images) read in batches, in a stable order.
+
+:class:`ImageSource` lists image files recursively in a stable order (sorted by their path relative to
+the folder, compared as text), reads them with :func:`convscope.load_image`, preprocesses them with the
+model's own :meth:`~convscope.Model.preprocess` and yields fixed-size batches. A file that cannot be read
+(corrupt, truncated, not an image) is skipped and counted, never fatal: the batch simply holds fewer
+images, :attr:`ImageSource.skipped` names every skipped file with the reason, and one
+:class:`SkippedImagesWarning` summarises them when a pass ends.
+
+Files are chosen by suffix (:data:`IMAGE_SUFFIXES`, any case); hidden files and folders (names starting
+with ``.``) are left out. Nothing is kept in memory beyond one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConvscopeError, ImageError
+
+#: File suffixes taken as images when a folder is listed (compared case-insensitively).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some files of a stream could not be read and were skipped (see :attr:`ImageSource.skipped`)."""
+
+
+class DatasetError(ConvscopeError, ValueError):
+    """A dataset that cannot be streamed: a missing folder, a folder without images, a bad option."""
+
+
+def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (recursively by default), sorted by their relative path as text.
+
+    The order is stable across runs and machines (it depends only on the names), which is what lets an
+    interrupted run resume. Hidden files and folders are skipped; symbolic links to folders are not followed.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    found: list[tuple[str, Path]] = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")] if recursive else []
+        for name in files:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(directory) / name
+            found.append((path.relative_to(root).as_posix(), path))
+    found.sort(key=lambda item: item[0])
+    return [p for _, p in found]
+
+
+@dataclass
+class Batch:
+    """One batch of a stream.
+
+    ``x``: preprocessed images (n, 3, H, W) on the model's device, or ``None`` when every image of the
+    batch was skipped. ``index``: (n,) positions of those images in the source list. ``start``/``stop``:
+    the range of source positions the batch covered (skipped ones included), so ``stop`` is how many
+    sources are done once the batch is used. ``skipped``: ``(position, reason)`` of the unreadable ones.
+    """
+
+    x: torch.Tensor | None
+    index: torch.Tensor
+    start: int
+    stop: int
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+class ImageSource:
+    """A fixed, ordered list of images to stream: a folder (listed with :func:`list_images`) or a list.
+
+    ``images``: a folder path, or a sequence of file paths, ``"sample:NAME"`` strings and PIL images
+    (arrays too). ``names``: one text per image identifying it (paths relative to the folder, paths as
+    given, ``sample:NAME``; ``None`` for in-memory images, which cannot be read back later).
+    ``paths``: what to reload each image from (``None`` for in-memory ones). Only the list of names
+    is kept for files; in-memory images are held by the caller's own list, not copied.
+    """
+
+    def __init__(self, images: Any, *, recursive: bool = True):
+        self.root: Path | None = None
+        self._items: Sequence[Any]
+        if isinstance(images, (str, os.PathLike)) and not str(images).startswith("sample:"):
+            path = Path(images)
+            if not path.exists():
+                raise DatasetError(f"{path}: no such folder or file")
+            if path.is_dir():
+                self.root = path
+                self._items = list_images(path, recursive=recursive)
+                if not self._items:
+                    raise DatasetError(f"{path}: no image files found ({', '.join(IMAGE_SUFFIXES)})")
+            else:
+                self._items = [images]
+        elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+            self._items = images
+        else:
+            raise DatasetError(f"cannot stream images from a {type(images).__name__}; pass a folder or a list of images")
+        if len(self._items) == 0:
+            raise DatasetError("no images to stream (empty list)")
+        self.names: list[str | None] = [self._name(item) for item in self._items]
+        self.skipped: list[tuple[int, str]] = []
+
+    def _name(self, item: Any) -> str | None:
+        if isinstance(item, (str, os.PathLike)):
+            if self.root is not None:
+                return Path(item).relative_to(self.root).as_posix()
+            return str(item)
+        return None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def paths(self) -> list[str | None]:
+        """Where each image can be read again: a path or ``sample:NAME``; ``None`` for in-memory images."""
+        return [str(item) if isinstance(item, (str, os.PathLike)) else None for item in self._items]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the list of names (in-memory images count as ``<memory>``): equal lists, equal text."""
+        h = hashlib.sha256()
+        for name in self.names:
+            h.update((name if name is not None else "<memory>").encode("utf-8", "surrogateescape"))
+            h.update(b"\0")
+        return h.hexdigest()
+
+    def load(self, position: int) -> Any:
+        """The picture at ``position`` as a validated RGB PIL image (raises :class:`ImageError`)."""
+        from ..images import load_image
+
+        return load_image(self._items[position])
+
+    def batches(self, model: Any, batch_size: int = 32, *, start: int = 0) -> Iterator[Batch]:
+        """Preprocessed batches of ``batch_size`` sources from position ``start`` on.
+
+        ``model``: a :class:`~convscope.Model` (its ``preprocess`` makes the tensors). Unreadable images are
+        left out of their batch and recorded in :attr:`skipped`; when the pass ends (also early, when the
+        caller stops iterating) one :class:`SkippedImagesWarning` lists how many and the first few.
+        """
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
+        if not hasattr(model, "preprocess"):
+            raise DatasetError("reading image files needs a convscope Model (cs.load_model(module, input_size=..., "
+                               "mean=..., std=...)) that knows the preprocessing; a plain nn.Module needs tensors")
+        already = len(self.skipped)
+        try:
+            for lo in range(start, len(self._items), batch_size):
+                hi = min(lo + batch_size, len(self._items))
+                pictures, index, skipped = [], [], []
+                for i in range(lo, hi):
+                    try:
+                        pictures.append(self.load(i))
+                        index.append(i)
+                    except ImageError as exc:
+                        skipped.append((i, str(exc)))
+                self.skipped.extend(skipped)
+                x = model.preprocess(pictures) if pictures else None
+                yield Batch(x=x, index=torch.tensor(index, dtype=torch.long), start=lo, stop=hi, skipped=skipped)
+        finally:
+            new = self.skipped[already:]
+            if new:
+                warnings.warn(skipped_summary(new), SkippedImagesWarning, stacklevel=2)
+
+
+def skipped_summary(skipped: Sequence[tuple[int, str]], show: int = 3) -> str:
+    """One line: how many images were skipped and the first ``show`` reasons."""
+    first = "; ".join(reason for _, reason in skipped[:show])
+    more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
+    return f"skipped {len(skipped)} unreadable image(s): {first}{more}"

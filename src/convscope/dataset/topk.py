@@ -1,0 +1,670 @@
+"""Top activating images and patches per channel: what a unit responds to across a dataset.
+
+Zeiler & Fergus (ECCV 2014, "Visualizing and Understanding Convolutional Networks", fig. 2) show, for
+each unit, the dataset images (and the image patches) that excite it most. :func:`top_activations`
+streams a folder or any list of images through the model once, stopping each forward pass right after
+the layer, and keeps for every chosen channel the ``k`` images with the largest response:
+
+- ``reduce="max"``: the largest value of the channel's map, and where (``y``, ``x`` in the layer's grid)
+  it was; the input patch behind that unit is its receptive field (``probe.layer_table``), clipped to
+  the image;
+- ``reduce="mean"``: the mean over the map (no position).
+
+Memory is bounded by channels x k whatever the dataset size: after each batch the running top-k of
+every channel is merged with the batch's scores by one stable sort over ``[kept; new]`` (vectorised
+across channels), so ties go to the earlier image and the result equals a full sort of all responses.
+With ``state=PATH`` the running top-k, the list of inputs and the progress are saved atomically every
+``save_every`` batches, on Ctrl-C and at the end; the same call again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from ..inspect.errors import LayerKindError
+from ..inspect.picture import Pictured
+from ..probe import (
+    Capture,
+    ReceptiveField,
+    forward_fast,
+    layer_table,
+    module_device,
+    module_of,
+    resolve_layer,
+)
+from .folder import Batch, DatasetError, ImageSource
+
+REDUCES = ("max", "mean")
+STATE_FORMAT = "convscope-topk/1"
+#: Channels drawn by ``TopK.image`` / ``TopK.grid()`` when none are named.
+DEFAULT_ROWS = 16
+
+
+class TopKError(DatasetError):
+    """A top-k option that cannot be used (k < 1, an unknown reduce, a channel out of range...)."""
+
+
+class StateMismatchError(TopKError):
+    """A saved state that belongs to a different run (other inputs, layer, k, channels, reduce or model)."""
+
+
+# ============================================================================ result
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One of a channel's top images: ``rank`` (1 = strongest), ``image`` (position in the inputs),
+    ``source`` (its file, ``None`` for in-memory inputs), ``value`` (the response), ``y``/``x`` (where in
+    the layer's grid, ``None`` for ``reduce="mean"``), ``box`` (top, left, bottom, right) of the input
+    patch behind that unit in the network's input picture, clipped, end exclusive; ``None`` for mean)."""
+
+    rank: int
+    image: int
+    source: str | None
+    value: float
+    y: int | None
+    x: int | None
+    box: tuple[int, int, int, int] | None
+
+
+@dataclass(eq=False)
+class TopK(Pictured):
+    """The ``k`` images that most activate each chosen channel of ``layer``.
+
+    ``channels``: the channel numbers, one row each. ``values`` (R, K): responses, strongest first (in the
+    layer's own units: the map's maximum or mean). ``indices`` (R, K): positions of those images in the
+    inputs. ``positions`` (R, K, 2): (y, x) of the maximum in the layer's h x w grid (-1 for ``"mean"``).
+    K = min(k, images scored). ``sources``: the file of every input (``None`` for in-memory ones).
+    ``processed``: inputs done (skipped ones included), ``total``: inputs in all (``None`` if unknown),
+    ``skipped``: ``(position, reason)`` of unreadable files. ``input_size``: (H, W) fed to the network,
+    ``map_size``: the layer's (h, w). ``receptive_field``: the layer's (``None`` where undefined).
+    ``interrupted``: stopped by Ctrl-C before the end (rerun with the same state to continue).
+    """
+
+    layer: str
+    reduce: str
+    k: int
+    channels: list[int]
+    values: torch.Tensor
+    indices: torch.Tensor
+    positions: torch.Tensor
+    sources: list[str | None] | None
+    processed: int
+    total: int | None
+    skipped: list[tuple[int, str]]
+    input_size: tuple[int, int]
+    map_size: tuple[int, int]
+    receptive_field: ReceptiveField | None
+    interrupted: bool = False
+    seconds: float = 0.0
+    model: Any = field(default=None, repr=False)
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ data
+    @property
+    def complete(self) -> bool:
+        """Whether every input was processed."""
+        return self.total is not None and self.processed >= self.total
+
+    def row(self, channel: int) -> int:
+        """The row of ``channel`` in :attr:`values` (channels are numbers of the layer, rows their order here)."""
+        try:
+            return self.channels.index(int(channel))
+        except ValueError:
+            raise TopKError(f"channel {channel} was not part of this run (channels: {_ranges(self.channels)})") from None
+
+    def box(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """Input box (top, left, bottom, right) seen by unit (y, x), clipped to the input picture."""
+        rf = self.receptive_field
+        if rf is None:
+            raise TopKError(f"layer {self.layer!r} has no defined receptive field (a resampling op), so no patch")
+        return rf.box(int(y), int(x), clip=self.input_size)
+
+    def hits(self, channel: int) -> list[Hit]:
+        """The top images of ``channel``, strongest first."""
+        r = self.row(channel)
+        out = []
+        for rank, (v, i, (y, x)) in enumerate(zip(self.values[r].tolist(), self.indices[r].tolist(), self.positions[r].tolist()), 1):
+            if i < 0:
+                break
+            where = (None, None) if self.reduce == "mean" else (y, x)
+            box = None if self.reduce == "mean" or self.receptive_field is None else self.box(y, x)
+            source = self.sources[i] if self.sources is not None and i < len(self.sources) else None
+            out.append(Hit(rank, int(i), source, float(v), where[0], where[1], box))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON-ready data (files, values, positions, boxes per channel)."""
+        rf = self.receptive_field
+        return {
+            "layer": self.layer,
+            "reduce": self.reduce,
+            "k": self.k,
+            "processed": self.processed,
+            "total": self.total,
+            "complete": self.complete,
+            "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3),
+            "input_size": list(self.input_size),
+            "map_size": list(self.map_size),
+            "receptive_field": None if rf is None else {"size": None if rf.size is None else list(rf.size),
+                                                        "stride": list(rf.stride), "start": list(rf.start)},
+            "skipped": [{"image": i, "source": self._source(i), "reason": r} for i, r in self.skipped],
+            "channels": [
+                {"channel": c, "top": [{"rank": h.rank, "image": h.image, "source": h.source, "value": h.value,
+                                        "y": h.y, "x": h.x, "box": None if h.box is None else list(h.box)}
+                                       for h in self.hits(c)]}
+                for c in self.channels
+            ],
+        }
+
+    def _source(self, i: int) -> str | None:
+        return self.sources[i] if self.sources is not None and 0 <= i < len(self.sources) else None
+
+    # ------------------------------------------------------------------ pictures
+    def picture(self, image: int, images: Sequence[Any] | torch.Tensor | None = None) -> Image.Image:
+        """Input ``image`` as the network saw it (resized and cropped), read back from its file.
+
+        In-memory inputs are not kept (only their positions are): pass the same ``images`` again
+        (the list of PIL images, or the tensors) to draw them.
+        """
+        if images is not None:
+            item = images[image]
+            if isinstance(item, torch.Tensor):
+                return _tensor_picture(self.model, item)
+            return self._transform(item)
+        source = self._source(image)
+        if source is None:
+            raise TopKError(f"input {image} was an in-memory image, which is not kept; pass images=<the same inputs> to draw it")
+        return self._transform(source)
+
+    def _transform(self, item: Any) -> Image.Image:
+        if self.model is None or not hasattr(self.model, "transform_image"):
+            raise TopKError("reading images back needs the convscope Model (result.model) that made this result")
+        return self.model.transform_image(item)
+
+    def patches(self, channel: int, images: Sequence[Any] | torch.Tensor | None = None) -> list[Image.Image]:
+        """The input patches behind ``channel``'s top responses, strongest first (PIL crops).
+
+        For ``reduce="max"`` each patch is the receptive field of the maximal unit, clipped to the image;
+        for ``"mean"`` (or a layer without a defined receptive field) it is the whole picture. Files are
+        read again; in-memory inputs need ``images`` (see :meth:`picture`).
+        """
+        out = []
+        for h in self.hits(channel):
+            pic = self.picture(h.image, images)
+            out.append(pic.crop((h.box[1], h.box[0], h.box[3], h.box[2])) if h.box is not None else pic)
+        return out
+
+    def grid(self, channels: Sequence[int] | None = None, *, mode: str | None = None,
+             images: Sequence[Any] | torch.Tensor | None = None, cell: int | None = None, title: bool = True) -> Image.Image:
+        """Rows = channels, columns = their top-k images, strongest on the left.
+
+        ``mode="patch"`` (default for ``reduce="max"``): each tile is the unit's receptive field, the part
+        outside the image left grey so patches keep their place; ``mode="image"`` (default for ``"mean"``):
+        whole pictures, with the patch box drawn in red for ``"max"``. ``channels``: which rows (default: the
+        first :data:`DEFAULT_ROWS` of the run).
+        """
+        from ..render import matrix_grid
+
+        mode = mode or ("patch" if self.reduce == "max" and self.receptive_field is not None else "image")
+        if mode not in ("patch", "image"):
+            raise TopKError(f"unknown mode {mode!r}; choose patch or image")
+        if mode == "patch" and (self.reduce != "max" or self.receptive_field is None):
+            raise TopKError("patch mode needs reduce='max' and a layer with a receptive field; use mode='image'")
+        chosen = list(channels) if channels is not None else self.channels[:DEFAULT_ROWS]
+        if not chosen:
+            raise TopKError("no channels to draw")
+        cache: dict[int, Image.Image] = {}
+
+        def pic(i: int) -> Image.Image:
+            if i not in cache:
+                cache[i] = self.picture(i, images)
+            return cache[i]
+
+        rows = []
+        for c in chosen:
+            tiles = []
+            for h in self.hits(c):
+                p = pic(h.image)
+                tiles.append(_padded_patch(p, self._unclipped(h)) if mode == "patch" else _boxed(p, h.box))
+            rows.append(tiles or [Image.new("RGB", (1, 1), (255, 255, 255))])
+        if cell is None:
+            side = max(max(t.size) for r in rows for t in r)
+            cell = max(48, min(96, side))
+        text = None
+        if title:
+            text = f"{self.layer}: top {self.k} of {self.processed - len(self.skipped)} images by {self.reduce} response"
+            text += "" if self.complete or self.total is None else f" ({self.processed}/{self.total} done)"
+        return matrix_grid(rows, row_labels=[f"ch {c}" for c in chosen],
+                           column_labels=[str(j + 1) for j in range(max(len(r) for r in rows))],
+                           cell=cell, pad=2, title=text)
+
+    def _unclipped(self, h: Hit) -> tuple[int, int, int, int]:
+        rf = self.receptive_field
+        assert rf is not None and h.y is not None and h.x is not None
+        if rf.size is None:
+            return (0, 0, *self.input_size)
+        return rf.box(h.y, h.x)
+
+    def to_image(self) -> Image.Image:
+        """:meth:`grid` with its defaults."""
+        return self.grid()
+
+    def __str__(self) -> str:
+        state = "complete" if self.complete else (f"{self.processed}/{self.total}" if self.total else f"{self.processed} done")
+        return (f"{self.layer}: top {self.k} by {self.reduce} for {len(self.channels)} channels over "
+                f"{self.processed - len(self.skipped)} images ({state}, {len(self.skipped)} skipped)")
+
+
+def _tensor_picture(model: Any, t: torch.Tensor) -> Image.Image:
+    t = t.detach()
+    if t.ndim == 4:
+        t = t[0]
+    if model is not None and hasattr(model, "deprocess"):
+        return model.deprocess(t)
+    from ..render import normalize
+
+    a = normalize(t.float().cpu())  # plain module: no known normalisation, show min..max
+    return Image.fromarray((a.transpose(1, 2, 0) * 255 + 0.5).astype("uint8")).convert("RGB")
+
+
+def _padded_patch(picture: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The box (top, left, bottom, right), possibly reaching outside ``picture``; outside is grey."""
+    top, left, bottom, right = box
+    tile = Image.new("RGB", (right - left, bottom - top), (128, 128, 128))
+    w, h = picture.size
+    ct, cl, cb, cr = max(top, 0), max(left, 0), min(bottom, h), min(right, w)
+    if cb > ct and cr > cl:
+        tile.paste(picture.crop((cl, ct, cr, cb)), (cl - left, ct - top))
+    return tile
+
+
+def _boxed(picture: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Image:
+    if box is None:
+        return picture
+    out = picture.copy()
+    width = max(1, round(max(picture.size) / 100))
+    top, left, bottom, right = box
+    ImageDraw.Draw(out).rectangle((left, top, right - 1, bottom - 1), outline=(255, 0, 0), width=width)
+    return out
+
+
+def _ranges(channels: Sequence[int]) -> str:
+    parts, i = [], 0
+    while i < len(channels):
+        j = i
+        while j + 1 < len(channels) and channels[j + 1] == channels[j] + 1:
+            j += 1
+        parts.append(str(channels[i]) if i == j else f"{channels[i]}-{channels[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+# ============================================================================ running top-k
+
+
+class _Run(NamedTuple):
+    """The whole mutable state of a run, replaced in one assignment per batch (so Ctrl-C never tears it)."""
+
+    values: torch.Tensor | None  # (R, k) float32, -inf where empty
+    indices: torch.Tensor | None  # (R, k) int64, -1 where empty
+    positions: torch.Tensor | None  # (R, k) int64 flat index into the h x w map, -1 for mean or empty
+    processed: int
+    scored: int
+    skipped: tuple[tuple[int, str], ...]
+
+
+def batch_scores(act: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel: the response (B, C) and where it is (flat index into h x w; -1 for mean).
+
+    ``"max"`` takes the first maximal position; NaN responses count as ``-inf``.
+    """
+    flat = act.flatten(2).float()
+    flat = torch.where(torch.isnan(flat), torch.full_like(flat, -math.inf), flat)
+    if reduce == "max":
+        values, where = flat.max(dim=2)
+        return values, where
+    return flat.mean(dim=2), torch.full(flat.shape[:2], -1, dtype=torch.long, device=flat.device)
+
+
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor,
+               new_values: torch.Tensor, new_indices: torch.Tensor, new_positions: torch.Tensor, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge kept (R, m) with a batch (R, B) into the top ``k`` per row, largest first.
+
+    One stable descending sort over ``[kept; new]`` per row, all rows at once: kept entries come first
+    and both parts are in image order, so equal values keep the earlier image (the same order a stable
+    sort over all images would give).
+    """
+    v = torch.cat([values, new_values], dim=1)
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    return (v.gather(1, order), torch.cat([indices, new_indices], dim=1).gather(1, order),
+            torch.cat([positions, new_positions], dim=1).gather(1, order))
+
+
+# ============================================================================ inputs
+
+
+class _TensorSource:
+    """Preprocessed tensors: one (N, C, H, W) tensor, or an iterable of (C, H, W) / (n, C, H, W) tensors."""
+
+    def __init__(self, images: Any, device: torch.device):
+        self.images = images
+        self.device = device
+        self.root = None
+        self.skipped: list[tuple[int, str]] = []
+        if isinstance(images, torch.Tensor):
+            self.total: int | None = images.shape[0] if images.ndim == 4 else 1
+        elif isinstance(images, Sequence):
+            self.total = sum((t.shape[0] if isinstance(t, torch.Tensor) and t.ndim == 4 else 1) for t in images)
+        else:
+            self.total = None
+        self.names = None if self.total is None else [None] * self.total
+        self.paths = self.names
+
+    def fingerprint(self) -> str | None:
+        return None
+
+    def batches(self, model: Any, batch_size: int, *, start: int = 0) -> Iterator[Batch]:
+        from ..models.model import check_input
+
+        items: Iterable[Any] = [self.images] if isinstance(self.images, torch.Tensor) else self.images
+        pos = 0
+        for t in items:
+            if not isinstance(t, torch.Tensor):
+                raise TopKError(f"an iterable of tensors must hold only tensors, got a {type(t).__name__}; "
+                                "pass a folder or a list of images/paths instead")
+            t = check_input(t, device=None, channels=None)
+            n = t.shape[0]
+            if pos + n <= start:
+                pos += n
+                continue
+            for lo in range(max(0, start - pos), n, batch_size):
+                chunk = t[lo:lo + batch_size].to(self.device)
+                idx = torch.arange(pos + lo, pos + lo + chunk.shape[0])
+                yield Batch(x=chunk, index=idx, start=pos + lo, stop=pos + lo + chunk.shape[0])
+            pos += n
+
+
+def _open(images: Any, device: torch.device) -> Any:
+    if isinstance(images, torch.Tensor):
+        return _TensorSource(images, device)
+    if isinstance(images, (str, os.PathLike)):
+        return ImageSource(images)
+    if isinstance(images, Sequence) and len(images) and all(isinstance(t, torch.Tensor) for t in images):
+        return _TensorSource(images, device)
+    if isinstance(images, Sequence):
+        return ImageSource(images)
+    if isinstance(images, Iterable):
+        return _TensorSource(images, device)
+    raise TopKError(f"cannot read images from a {type(images).__name__}; pass a folder, a list of images or tensors")
+
+
+# ============================================================================ saved state
+
+
+def _model_fingerprint(module: nn.Module) -> dict[str, Any]:
+    tensors = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    with torch.no_grad():
+        sums = [t.detach().double().abs().sum().cpu() for t in tensors]
+    return {"class": type(module).__name__, "tensors": len(tensors), "numel": sum(t.numel() for t in tensors),
+            "abs_sum": float(torch.stack(sums).sum()) if sums else 0.0}
+
+
+def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if {k: a.get(k) for k in ("class", "tensors", "numel")} != {k: b.get(k) for k in ("class", "tensors", "numel")}:
+        return False
+    return math.isclose(float(a.get("abs_sum", 0)), float(b.get("abs_sum", 0)), rel_tol=1e-6, abs_tol=1e-9)
+
+
+def sidecar_path(state: str | os.PathLike) -> Path:
+    """The JSON manifest written next to a state file (``PATH.json``)."""
+    return Path(str(state) + ".json")
+
+
+def _save_state(path: Path, run: _Run, meta: dict[str, Any], names: list[str | None] | None) -> None:
+    """Tensors (and the run's description as a JSON string) with ``torch.save``, then a JSON manifest; both atomic."""
+    from ..render.core import write_text_atomic
+
+    progress = {"processed": run.processed, "scored": run.scored, "skipped": [list(s) for s in run.skipped]}
+    payload: dict[str, Any] = {"meta": json.dumps({**meta, **progress})}
+    if run.values is not None:
+        payload.update(values=run.values.cpu(), indices=run.indices.cpu(), positions=run.positions.cpu())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    manifest = {**meta, **progress, "state_file": path.name,
+                "files": None if names is None else [n if n is not None else "<memory>" for n in names]}
+    write_text_atomic(json.dumps(manifest, indent=1), str(sidecar_path(path)))
+
+
+def _load_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(payload["meta"])
+    except Exception as exc:  # unreadable, truncated, not ours
+        raise TopKError(f"{path}: not a readable top-k state file ({type(exc).__name__}: {exc}); delete it to start over") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise TopKError(f"{path}: state format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
+    return meta, {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_state(path: Path, saved: dict[str, Any], meta: dict[str, Any]) -> None:
+    for key, what in (("layer", "layer"), ("k", "k"), ("reduce", "reduce"), ("channels", "channels")):
+        if saved.get(key) != meta[key]:
+            raise StateMismatchError(f"{path}: saved for {what} {saved.get(key)!r}, this run asks for {meta[key]!r}; "
+                                     "use another --state file or delete this one")
+    if saved.get("count") != meta["count"] or saved.get("files_sha256") != meta["files_sha256"]:
+        raise StateMismatchError(f"{path}: saved for a different list of inputs ({_list_difference(path, saved, meta)}); "
+                                 "use another --state file or delete this one")
+    if not _same_model(saved.get("model", {}), meta["model"]):
+        raise StateMismatchError(f"{path}: saved for a different model ({saved.get('model')} vs {meta['model']})")
+
+
+def _list_difference(path: Path, saved: dict[str, Any], meta: dict[str, Any]) -> str:
+    text = f"{saved.get('count')} inputs then, {meta['count']} now"
+    names = meta.get("_names")
+    try:
+        old = json.loads(sidecar_path(path).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError):
+        old = None
+    if old is not None and names is not None:
+        now = [n if n is not None else "<memory>" for n in names]
+        for i, (a, b) in enumerate(zip(old, now)):
+            if a != b:
+                return f"{text}; input {i} was {a!r}, is now {b!r}"
+    return text
+
+
+# ============================================================================ the run
+
+
+def top_activations(
+    model: Any,
+    images: Any,
+    layer: str,
+    *,
+    k: int = 9,
+    channels: Sequence[int] | None = None,
+    reduce: str = "max",
+    batch_size: int = 32,
+    state: str | os.PathLike | None = None,
+    save_every: int = 20,
+    progress: bool | None | Callable[[int, int | None], None] = None,
+) -> TopK:
+    """The ``k`` inputs with the largest response of each channel of ``layer`` (Zeiler & Fergus 2014).
+
+    ``images``: a folder (listed recursively, sorted by relative path), a list of paths / ``sample:NAME``
+    / PIL images, a tensor (N, 3, H, W) or an iterable of preprocessed tensors. ``channels``: channel
+    numbers to rank (default: all). ``reduce``: ``"max"`` (spatial maximum, with its position) or
+    ``"mean"`` (spatial mean). ``batch_size``: images per forward pass; each pass stops right after
+    ``layer``. Unreadable files are skipped and counted (:attr:`TopK.skipped`).
+
+    ``state``: a file to save to (``torch.save`` of plain tensors, loaded with ``weights_only=True``, plus
+    a JSON manifest ``PATH.json`` with the list of inputs): written atomically every ``save_every``
+    batches, at the end, on Ctrl-C and on errors. If it exists, the run continues from it; a state saved
+    for other inputs, layer, k, channels, reduce or weights raises :class:`StateMismatchError`. In-memory
+    inputs can be checked only by their count. ``progress``: a tqdm bar (``None``: only on a terminal),
+    or a callable ``(processed, total)`` called after every batch.
+
+    Ctrl-C stops the run and returns what is done (``interrupted=True``). Returns a :class:`TopK`.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise TopKError(f"k must be a whole number >= 1, got {k!r}")
+    if reduce not in REDUCES:
+        raise TopKError(f"unknown reduce {reduce!r}; choose {' or '.join(REDUCES)}")
+    if batch_size < 1:
+        raise TopKError(f"batch_size must be at least 1, got {batch_size}")
+    if save_every < 1:
+        raise TopKError(f"save_every must be at least 1, got {save_every}")
+    wanted = None if channels is None else [int(c) for c in channels]
+    if wanted is not None:
+        if not wanted:
+            raise TopKError("channels is empty")
+        if len(set(wanted)) != len(wanted):
+            raise TopKError("channels holds duplicates")
+        if min(wanted) < 0:
+            raise TopKError(f"channel {min(wanted)} is negative")
+    module = module_of(model)
+    resolve_layer(module, layer)
+    device = module_device(module)
+    source = _open(images, device)
+    names = source.names
+    meta: dict[str, Any] = {
+        "format": STATE_FORMAT, "layer": layer, "k": k, "reduce": reduce, "channels": wanted,
+        "count": None if names is None else len(names), "files_sha256": source.fingerprint(),
+        "root": None if source.root is None else str(Path(source.root).resolve()), "model": _model_fingerprint(module),
+    }
+    total = meta["count"]
+    path = Path(state) if state is not None else None
+    run = _Run(None, None, None, 0, 0, ())
+    shape: dict[str, Any] = {}
+    if path is not None and path.exists():
+        saved, tensors = _load_state(path)
+        _check_state(path, saved, {**meta, "_names": names})
+        run = _Run(tensors.get("values"), tensors.get("indices"), tensors.get("positions"), int(saved["processed"]),
+                   int(saved["scored"]), tuple((int(i), str(r)) for i, r in saved.get("skipped", [])))
+        if run.values is not None:
+            run = run._replace(values=run.values.to(device), indices=run.indices.to(device), positions=run.positions.to(device))
+            shape = {"rows": saved["rows"], "input_size": tuple(saved["input_size"]), "map_size": tuple(saved["map_size"])}
+
+    def save() -> None:
+        if path is not None:
+            _save_state(path, run, {**meta, **{k_: (list(v) if isinstance(v, tuple) else v) for k_, v in shape.items()}}, names)
+
+    start = time.perf_counter()
+    interrupted = False
+    report = progress if callable(progress) else None
+    bar = tqdm(total=total, initial=run.processed, desc=f"top-k {layer}", unit="img",
+               disable=True if report else (None if progress is None else not progress), leave=False)
+    batches = source.batches(model, batch_size, start=run.processed)
+    try:
+        with torch.no_grad(), Capture(module, [layer], stop=True) as cap:
+            try:
+                for n, batch in enumerate(batches, 1):
+                    values, indices, positions, scored = run.values, run.indices, run.positions, run.scored
+                    if batch.x is not None:
+                        act = _activation(module, cap, batch.x, layer)
+                        if not shape:
+                            shape = _first_shapes(module, batch.x, act, wanted, layer)
+                            values, indices, positions = _empty(len(shape["rows"]), k, device)
+                        elif tuple(batch.x.shape[-2:]) != tuple(shape["input_size"]):
+                            raise TopKError(f"input {batch.start} is {tuple(batch.x.shape[-2:])}, earlier inputs were "
+                                            f"{tuple(shape['input_size'])}; every input must have the same size")
+                        rows = torch.as_tensor(shape["rows"], device=act.device)
+                        v, p = batch_scores(act.index_select(1, rows), reduce)
+                        idx = batch.index.to(device).unsqueeze(0).expand(v.shape[1], -1)
+                        values, indices, positions = merge_topk(values, indices, positions, v.T, idx, p.T, k)
+                        scored += int(batch.x.shape[0])
+                    run = _Run(values, indices, positions, batch.stop, scored, run.skipped + tuple(batch.skipped))
+                    bar.update(batch.stop - batch.start)
+                    if report:
+                        report(run.processed, total)
+                    if path is not None and n % save_every == 0:
+                        save()
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                batches.close()
+    except BaseException:
+        if run.processed:
+            save()  # keep what is done even when a batch fails
+        raise
+    finally:
+        bar.close()
+    if total is None and not interrupted:
+        total = run.processed  # an iterable of unknown length: its end is now known
+    save()
+    return _result(model, layer, reduce, k, source, run, shape, total, interrupted, time.perf_counter() - start)
+
+
+def _activation(module: nn.Module, cap: Capture, x: torch.Tensor, layer: str) -> torch.Tensor:
+    forward_fast(module, x, cap.forward)
+    act = cap.activations.get(layer)
+    if act is None:
+        raise LayerKindError(f"layer {layer!r} is never called in the model's forward pass")
+    if act.ndim != 4:
+        raise LayerKindError(f"layer {layer!r} outputs shape {tuple(act.shape)}, not feature maps (N, C, H, W); "
+                             "choose a convolutional layer (see `convscope summary`)")
+    return act
+
+
+def _first_shapes(module: nn.Module, x: torch.Tensor, act: torch.Tensor, wanted: list[int] | None, layer: str) -> dict[str, Any]:
+    c = int(act.shape[1])
+    if wanted is not None and max(wanted) >= c:
+        raise TopKError(f"channel {max(wanted)} out of range: layer {layer!r} has {c} channels (0..{c - 1})")
+    return {"rows": wanted if wanted is not None else list(range(c)), "input_size": tuple(int(s) for s in x.shape[-2:]),
+            "map_size": tuple(int(s) for s in act.shape[-2:])}
+
+
+def _empty(rows: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.full((rows, k), -math.inf, device=device), torch.full((rows, k), -1, dtype=torch.long, device=device),
+            torch.full((rows, k), -1, dtype=torch.long, device=device))
+
+
+def _receptive_field(model: Any, layer: str, input_size: tuple[int, int]) -> ReceptiveField | None:
+    if not isinstance(model, nn.Module) and hasattr(model, "layers") and tuple(getattr(model, "input_size", ())) == tuple(input_size):
+        rows = model.layers()
+    else:
+        rows = layer_table(model, (1, 3, *input_size))
+    return next((r.receptive_field for r in rows if r.name == layer), None)
+
+
+def _result(model: Any, layer: str, reduce: str, k: int, source: Any, run: _Run, shape: dict[str, Any],
+            total: int | None, interrupted: bool, seconds: float) -> TopK:
+    if not shape:  # nothing scored (every file skipped, or interrupted at once)
+        empty = torch.zeros((0, 0))
+        return TopK(layer, reduce, k, [], empty, empty.long(), empty.long().view(0, 0, 2), source.paths, run.processed, total,
+                    list(run.skipped), (0, 0), (0, 0), None, interrupted, seconds, model if not isinstance(model, nn.Module) else None)
+    kept = min(k, run.scored)
+    values = run.values[:, :kept].cpu()
+    indices = run.indices[:, :kept].cpu()
+    flat = run.positions[:, :kept].cpu()
+    w = int(shape["map_size"][1])
+    positions = torch.stack([torch.where(flat >= 0, flat // w, -1), torch.where(flat >= 0, flat % w, -1)], dim=-1)
+    input_size = tuple(int(s) for s in shape["input_size"])
+    rf = _receptive_field(model, layer, input_size) if reduce == "max" else None
+    return TopK(layer=layer, reduce=reduce, k=k, channels=[int(c) for c in shape["rows"]], values=values, indices=indices,
+                positions=positions, sources=source.paths, processed=run.processed, total=total, skipped=list(run.skipped),
+                input_size=input_size, map_size=tuple(int(s) for s in shape["map_size"]), receptive_field=rf,
+                interrupted=interrupted, seconds=seconds, model=None if isinstance(model, nn.Module) else model)
