@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from convscope.cli import cmd_inspect
-from convscope.cli.main import main
+from testkit import run_cli as run
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +30,6 @@ def fast_model(monkeypatch, builtin):
     monkeypatch.setattr(cmd_inspect, "load_model_from_args", load)
 
 
-def run(capsys, *argv):
-    """``convscope ARGV`` in-process: (exit code, stdout, stderr); argparse errors exit via SystemExit."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_summary_prints_the_table_and_totals(capsys, builtin):

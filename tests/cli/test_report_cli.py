@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from convscope.cli import cmd_report
-from convscope.cli.main import main
 from convscope.report import SECTIONS, Section
+from testkit import run_cli as run
 
 MINE = "prediction,model_summary,first_filters,features,channels"
 
@@ -21,13 +21,6 @@ def fast_model(monkeypatch, builtin):
     monkeypatch.setattr(cmd_report, "load_model_from_args", lambda args: builtin if args.model is None else real(args))
 
 
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_report_writes_a_self_contained_file_and_says_where(capsys, tmp_path):

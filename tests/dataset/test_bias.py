@@ -19,10 +19,10 @@ from torch import nn
 
 import convscope as cs
 from convscope.cli import cmd_bias
-from convscope.cli.main import main
 from convscope.dataset import bias as B
 from convscope.errors import ConvscopeError
 from statecheck import assert_untouched, snapshot, untouched
+from testkit import run_cli as _run
 
 CATS = B.load_categories()  # the copy shipped inside the package
 STEP = 20  # red value = STEP * row, so decoding survives any rounding of the resize
@@ -292,13 +292,6 @@ def test_builtin_shape_bias_on_the_sample(sample_bias, builtin, sample_dir, reco
 # ============================================================================ the command line
 
 
-def _run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_json_matches_the_library(capsys, monkeypatch, builtin, sample_bias, sample_dir, tmp_path):
