@@ -49,6 +49,8 @@ def run_topk(args: argparse.Namespace) -> int:
         raise ConvscopeError(f"{args.folder}: not a folder")
     if args.output:
         output_file(args.output, "")
+    if args.reduce != "max" and (args.project or args.dead):
+        raise ConvscopeError("--project and --dead need --reduce max (a unit position per image, the maximum over the dataset)")
     model = load_model_from_args(args)
     layer = args.layer or default_layer(model, "cam")
     with warnings.catch_warnings():
@@ -67,13 +69,22 @@ def run_topk(args: argparse.Namespace) -> int:
                 hit["source"] = _relative(hit["source"], args.folder)
         for item in data["skipped"]:
             item["source"] = _relative(item["source"], args.folder)
+        if args.dead:
+            data["dead"] = r.dead()
         print(json.dumps(data, indent=1))
     else:
         _print_table(r, args.folder)
+        if args.dead:
+            _print_dead(r)
     if r.channels:
         shown = args.channels if args.channels is not None else r.channels[: args.rows]
         out = output_file(args.output, f"topk-{slug(layer)}.png")
-        save(r.grid(shown, mode=args.mode), out, f"top-{args.k} grid ({len(shown)} channels)")
+        if args.project:
+            picture = r.grid(shown, mode="projection", method=args.project, scale=args.project_scale,
+                             batch_size=args.project_batch_size)
+            save(picture, out, f"top-{args.k} grid with {args.project} projections ({len(shown)} channels)")
+        else:
+            save(r.grid(shown, mode=args.mode), out, f"top-{args.k} grid ({len(shown)} channels)")
     else:
         info("no image could be scored; nothing to draw")
     info(f"{r.processed - len(r.skipped)} images in {r.seconds:.1f} s" + (f"; state in {args.state}" if args.state else ""))
@@ -103,6 +114,17 @@ def _print_table(r: Any, folder: str) -> None:
         print(f"{c:>7}  {h.value:>10.4g}  {where:>9}  {_relative(h.source, folder)}" + (f"  | {rest}" if rest else ""))
 
 
+def _print_dead(r: Any) -> None:
+    from ..dataset.topk import _ranges
+
+    dead = r.dead()
+    scored = r.processed - len(r.skipped)
+    if dead:
+        print(f"dead: {len(dead)} of {len(r.channels)} channels never above 0 on {scored} images: {_ranges(dead)}")
+    else:
+        print(f"dead: none of {len(r.channels)} channels (every one above 0 on some of {scored} images)")
+
+
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``topk`` parser."""
     p = subparsers.add_parser(
@@ -119,6 +141,14 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--reduce", choices=("max", "mean"), default="max", help="spatial max (with patch) or mean (default max)")
     p.add_argument("--mode", choices=("patch", "image"), default=None,
                    help="picture tiles: receptive-field patches or whole images with the box (default: patch for max)")
+    p.add_argument("--project", choices=("deconvnet", "guided", "gradient"), default=None,
+                   help="draw each patch next to the unit's projection to pixels (Zeiler & Fergus's DeconvNet, guided "
+                   "backprop or the plain gradient); needs --reduce max")
+    p.add_argument("--project-scale", choices=("signed", "abs"), default="signed",
+                   help="projection display: signed (grey = 0, Zeiler & Fergus) or abs (|x|, black = 0); default signed")
+    p.add_argument("--project-batch-size", type=positive_int, default=16, metavar="N",
+                   help="units per forward + backward pass of --project (default 16)")
+    p.add_argument("--dead", action="store_true", help="also list the channels that never fire (max response <= 0)")
     p.add_argument("--rows", type=positive_int, default=16, metavar="N", help="channels drawn without --channels (default 16)")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
     p.add_argument("--state", default=None, metavar="FILE", help="save progress to FILE (+ FILE.json); rerun to resume")

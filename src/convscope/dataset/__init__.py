@@ -3,7 +3,11 @@
 - :mod:`.bias`: shape-versus-texture bias on cue-conflict images (Geirhos et al., ICLR 2019) and
   shape-only accuracy on silhouettes and edge drawings.
 - :mod:`.topk`: the images and patches that most activate each channel of a layer, streamed with memory
-  bounded by channels x k, saved as it goes and resumable.
+  bounded by channels x k, saved as it goes and resumable; channels that never fire.
+- :mod:`.embed`: one pooled feature vector per image; nearest neighbours; PCA, t-SNE and UMAP maps.
+- :mod:`.folder`: streaming image folders, lists and tensors in batches.
+- :mod:`.projection`: DeconvNet (or guided / plain gradient) projections of single top units back to
+  pixels, batched (Zeiler & Fergus 2014, fig. 2).
 
 Each module's public names are re-exported here.
 """
@@ -25,15 +29,36 @@ from .bias import (
     shape_accuracy,
     shape_bias,
 )
-from .folder import DatasetError, ImageSource, SkippedImagesWarning, list_images
+from .embed import (
+    Embedding,
+    EmbeddingError,
+    Neighbour,
+    conditional_probabilities,
+    embed,
+    feature_distances,
+    load_embedding,
+    pca,
+    tsne,
+    umap_projection,
+)
+from .folder import DatasetError, ImageSource, SkippedImagesWarning, TensorSource, list_images, open_images
+from .projection import ProjectionError, Projections, UnitGradients, projection_picture, unit_gradients
 from .topk import Hit, StateMismatchError, TopK, TopKError, top_activations
 
 __all__ = [
     "PUBLISHED_SHAPE_ACCURACY",
     "PUBLISHED_SHAPE_BIAS",
+    "ProjectionError",
+    "Projections",
+    "UnitGradients",
+    "projection_picture",
+    "unit_gradients",
     "CategoryCounts",
     "DatasetError",
     "Decision",
+    "Embedding",
+    "EmbeddingError",
+    "Neighbour",
     "Hit",
     "ImageSource",
     "ShapeAccuracy",
@@ -43,7 +68,16 @@ __all__ = [
     "StimuliError",
     "TopK",
     "TopKError",
+    "TensorSource",
     "aggregation_matrix",
+    "conditional_probabilities",
+    "embed",
+    "feature_distances",
+    "load_embedding",
+    "open_images",
+    "pca",
+    "tsne",
+    "umap_projection",
     "category_scores",
     "find_stimuli",
     "list_images",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,3 +176,60 @@ def skipped_summary(skipped: Sequence[tuple[int, str]], show: int = 3) -> str:
     first = "; ".join(reason for _, reason in skipped[:show])
     more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
     return f"skipped {len(skipped)} unreadable image(s): {first}{more}"
+
+
+class TensorSource:
+    """Preprocessed tensors: one (N, C, H, W) tensor, or an iterable of (C, H, W) / (n, C, H, W) tensors."""
+
+    def __init__(self, images: Any, device: torch.device):
+        self.images = images
+        self.device = device
+        self.root = None
+        self.skipped: list[tuple[int, str]] = []
+        if isinstance(images, torch.Tensor):
+            self.total: int | None = images.shape[0] if images.ndim == 4 else 1
+        elif isinstance(images, Sequence):
+            self.total = sum((t.shape[0] if isinstance(t, torch.Tensor) and t.ndim == 4 else 1) for t in images)
+        else:
+            self.total = None
+        self.names = None if self.total is None else [None] * self.total
+        self.paths = self.names
+
+    def fingerprint(self) -> str | None:
+        return None
+
+    def batches(self, model: Any, batch_size: int, *, start: int = 0) -> Iterator[Batch]:
+        from ..models.model import check_input
+
+        items: Iterable[Any] = [self.images] if isinstance(self.images, torch.Tensor) else self.images
+        pos = 0
+        for t in items:
+            if not isinstance(t, torch.Tensor):
+                raise DatasetError(f"an iterable of tensors must hold only tensors, got a {type(t).__name__}; "
+                                "pass a folder or a list of images/paths instead")
+            t = check_input(t, device=None, channels=None)
+            n = t.shape[0]
+            if pos + n <= start:
+                pos += n
+                continue
+            for lo in range(max(0, start - pos), n, batch_size):
+                chunk = t[lo:lo + batch_size].to(self.device)
+                idx = torch.arange(pos + lo, pos + lo + chunk.shape[0])
+                yield Batch(x=chunk, index=idx, start=pos + lo, stop=pos + lo + chunk.shape[0])
+            pos += n
+
+
+def open_images(images: Any, device: torch.device) -> ImageSource | TensorSource:
+    """The source behind ``images``: a folder or a list of paths / PIL images (:class:`ImageSource`), or
+    preprocessed tensors (:class:`TensorSource`, moved to ``device`` batch by batch)."""
+    if isinstance(images, torch.Tensor):
+        return TensorSource(images, device)
+    if isinstance(images, (str, os.PathLike)):
+        return ImageSource(images)
+    if isinstance(images, Sequence) and len(images) and all(isinstance(t, torch.Tensor) for t in images):
+        return TensorSource(images, device)
+    if isinstance(images, Sequence):
+        return ImageSource(images)
+    if isinstance(images, Iterable):
+        return TensorSource(images, device)
+    raise DatasetError(f"cannot read images from a {type(images).__name__}; pass a folder, a list of images or tensors")

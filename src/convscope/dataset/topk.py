@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,7 +43,7 @@ from ..probe import (
     module_of,
     resolve_layer,
 )
-from .folder import Batch, DatasetError, ImageSource
+from .folder import DatasetError, open_images
 
 REDUCES = ("max", "mean")
 STATE_FORMAT = "convscope-topk/1"
@@ -208,24 +208,29 @@ class TopK(Pictured):
         return out
 
     def grid(self, channels: Sequence[int] | None = None, *, mode: str | None = None,
-             images: Sequence[Any] | torch.Tensor | None = None, cell: int | None = None, title: bool = True) -> Image.Image:
+             images: Sequence[Any] | torch.Tensor | None = None, cell: int | None = None, title: bool = True,
+             method: str = "deconvnet", scale: str = "signed", model: Any = None, batch_size: int = 16) -> Image.Image:
         """Rows = channels, columns = their top-k images, strongest on the left.
 
         ``mode="patch"`` (default for ``reduce="max"``): each tile is the unit's receptive field, the part
         outside the image left grey so patches keep their place; ``mode="image"`` (default for ``"mean"``):
-        whole pictures, with the patch box drawn in red for ``"max"``. ``channels``: which rows (default: the
-        first :data:`DEFAULT_ROWS` of the run).
+        whole pictures, with the patch box drawn in red for ``"max"``; ``mode="projection"``: each patch
+        followed by the unit's projection into it (:meth:`projected` with ``method``, drawn with ``scale``;
+        ``model`` is needed when the run was made with a plain module). ``channels``: which rows (default:
+        the first :data:`DEFAULT_ROWS` of the run).
         """
         from ..render import matrix_grid
 
         mode = mode or ("patch" if self.reduce == "max" and self.receptive_field is not None else "image")
-        if mode not in ("patch", "image"):
-            raise TopKError(f"unknown mode {mode!r}; choose patch or image")
-        if mode == "patch" and (self.reduce != "max" or self.receptive_field is None):
-            raise TopKError("patch mode needs reduce='max' and a layer with a receptive field; use mode='image'")
+        if mode not in ("patch", "image", "projection"):
+            raise TopKError(f"unknown mode {mode!r}; choose patch, image or projection")
+        if mode in ("patch", "projection") and (self.reduce != "max" or self.receptive_field is None):
+            raise TopKError(f"{mode} mode needs reduce='max' and a layer with a receptive field; use mode='image'")
         chosen = list(channels) if channels is not None else self.channels[:DEFAULT_ROWS]
         if not chosen:
             raise TopKError("no channels to draw")
+        if mode == "projection":
+            return self._projection_grid(chosen, images, cell, title, method, scale, model, batch_size)
         cache: dict[int, Image.Image] = {}
 
         def pic(i: int) -> Image.Image:
@@ -250,6 +255,121 @@ class TopK(Pictured):
         return matrix_grid(rows, row_labels=[f"ch {c}" for c in chosen],
                            column_labels=[str(j + 1) for j in range(max(len(r) for r in rows))],
                            cell=cell, pad=2, title=text)
+
+    def _projection_grid(self, chosen: list[int], images: Any, cell: int | None, title: bool, method: str, scale: str,
+                         model: Any, batch_size: int) -> Image.Image:
+        from ..render import matrix_grid
+        from .projection import SCALES
+
+        if scale not in SCALES:
+            raise TopKError(f"unknown projection scale {scale!r}; choose {' or '.join(SCALES)}")
+        proj = self.projected(model, chosen, method=method, images=images, batch_size=batch_size)
+        cache: dict[int, Image.Image] = {}
+        rows = []
+        for c in chosen:
+            tiles = []
+            for m, h in zip(proj.rows(c), self.hits(c)):
+                if h.image not in cache:
+                    cache[h.image] = self.picture(h.image, images)
+                tiles += [_padded_patch(cache[h.image], self._unclipped(h)), proj.picture(m, scale)]
+            rows.append(tiles or [Image.new("RGB", (1, 1), (255, 255, 255))])
+        if cell is None:
+            side = max(max(t.size) for r in rows for t in r)
+            cell = max(48, min(96, side))
+        text = None
+        if title:
+            text = (f"{self.layer}: top {self.k} patches, each followed by its {method} projection "
+                    f"({'grey = 0' if scale == 'signed' else '|x|, black = 0'})")
+            text += " (interrupted)" if proj.interrupted else ""
+        width = max(len(r) for r in rows)
+        labels = [str(j // 2 + 1) if j % 2 == 0 else "" for j in range(width)]
+        return matrix_grid(rows, row_labels=[f"ch {c}" for c in chosen], column_labels=labels, cell=cell, pad=2, title=text)
+
+    # ------------------------------------------------------------------ projections and dead units
+    def projected(self, model: Any = None, channels: Sequence[int] | None = None, *, method: str = "deconvnet",
+                  images: Sequence[Any] | torch.Tensor | None = None, batch_size: int = 16,
+                  progress: bool | None = None) -> Any:
+        """Every hit of ``channels`` projected back to pixel space (Zeiler & Fergus 2014, fig. 2), as data.
+
+        For hit (image i, unit (y, x) of channel c) the layer's gradient is a one-hot at (c, y, x) and is sent
+        down to the input with ``method``'s backward rule for ReLU/ReLU6: ``"deconvnet"`` (default),
+        ``"guided"`` (guided backpropagation) or ``"gradient"``. The result is cropped to the unit's
+        receptive-field box, the same box as the patch. All hits of all channels are batched: each batch of
+        ``batch_size`` hits costs one forward pass (stopped at the layer) and one backward pass.
+
+        ``model``: the convscope Model or module that made this run (default: :attr:`model`); ``images``:
+        the same in-memory inputs, when the run was not made from files (see :meth:`picture`). ``channels``
+        default to every channel of the run. Returns a :class:`~convscope.dataset.projection.Projections`.
+        """
+        from .projection import METHODS, Projections, project_hits
+
+        if method not in METHODS:
+            raise TopKError(f"unknown projection method {method!r}; choose {', '.join(METHODS)}")
+        if self.reduce != "max" or self.receptive_field is None:
+            raise TopKError("projections need reduce='max' (a unit position per hit) and a layer with a receptive field")
+        if batch_size < 1:
+            raise TopKError(f"batch_size must be at least 1, got {batch_size}")
+        model = model if model is not None else self.model
+        if model is None:
+            raise TopKError("projections need the model: pass the module this run was made with")
+        chosen = list(channels) if channels is not None else list(self.channels)
+        hits = [(c, h.image, h) for c in chosen for h in self.hits(c)]
+        start = time.perf_counter()
+        crops, values, batches, interrupted = project_hits(
+            model, self.layer, hits, lambda idx: self._inputs(model, idx, images),
+            lambda y, x: self.receptive_field.box(y, x), method=method, batch_size=batch_size, progress=progress)
+        std = tuple(model.std) if hasattr(model, "std") and not isinstance(model, nn.Module) else None
+        return Projections(layer=self.layer, method=method, channels=[h[0] for h in hits], ranks=[h[2].rank for h in hits],
+                           images=[h[1] for h in hits], units=[(h[2].y, h[2].x) for h in hits],
+                           boxes=[self.receptive_field.box(h[2].y, h[2].x) for h in hits], crops=crops, values=values,
+                           forward_passes=batches, backward_passes=batches, seconds=time.perf_counter() - start,
+                           interrupted=interrupted, std=std)
+
+    def projections(self, model: Any, channel: int, method: str = "deconvnet",
+                    images: Sequence[Any] | torch.Tensor | None = None, *, scale: str = "signed",
+                    batch_size: int = 16) -> list[Image.Image]:
+        """``channel``'s top-k projections as pictures, strongest first, each the size of its patch.
+
+        See :meth:`projected` for the method; ``scale="signed"`` shows 0.5 + x / (2 max|x|) per picture
+        (Zeiler & Fergus's grey = 0 display, in colour), ``"abs"`` the largest |x| over colours, black = 0.
+        """
+        from .projection import SCALES
+
+        if scale not in SCALES:
+            raise TopKError(f"unknown projection scale {scale!r}; choose {' or '.join(SCALES)}")
+        self.row(channel)
+        return self.projected(model, [channel], method=method, images=images, batch_size=batch_size).pictures(channel, scale)
+
+    def _inputs(self, model: Any, idx: list[int], images: Sequence[Any] | torch.Tensor | None) -> torch.Tensor:
+        """Preprocessed inputs (N, C, H, W) of positions ``idx``, on the model's device."""
+        device = module_device(module_of(model))
+        if images is not None:
+            items = [images[i] for i in idx]
+            if all(isinstance(t, torch.Tensor) for t in items):
+                return torch.stack([t[0] if t.ndim == 4 else t for t in items]).to(device)
+            if not hasattr(model, "preprocess") or isinstance(model, nn.Module):
+                raise TopKError("a plain module cannot preprocess pictures: pass the input tensors as images=")
+            return model.preprocess(list(items)).to(device)
+        missing = [i for i in idx if self._source(i) is None]
+        if missing:
+            raise TopKError(f"input {missing[0]} was an in-memory image, which is not kept; pass images=<the same inputs>")
+        if not hasattr(model, "preprocess") or isinstance(model, nn.Module):
+            raise TopKError("reading images back needs the convscope Model that made this result")
+        return model.preprocess([self._source(i) for i in idx]).to(device)
+
+    def dead(self, threshold: float = 0.0) -> list[int]:
+        """Channels whose largest response over every image scored is at most ``threshold`` (never fire).
+
+        Needs ``reduce="max"``: the strongest hit of a channel is then its maximum over the whole dataset,
+        so for a layer after a ReLU a channel listed here is exactly zero everywhere on these images. Only
+        the images processed so far count (see :attr:`complete`).
+        """
+        if self.reduce != "max":
+            raise TopKError("dead units need reduce='max' (the largest response over the dataset)")
+        if self.values.numel() == 0:
+            return []
+        top = self.values[:, 0]
+        return [c for c, v in zip(self.channels, top.tolist()) if not v > threshold]
 
     def _unclipped(self, h: Hit) -> tuple[int, int, int, int]:
         rf = self.receptive_field
@@ -355,61 +475,6 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Ten
 
 
 # ============================================================================ inputs
-
-
-class _TensorSource:
-    """Preprocessed tensors: one (N, C, H, W) tensor, or an iterable of (C, H, W) / (n, C, H, W) tensors."""
-
-    def __init__(self, images: Any, device: torch.device):
-        self.images = images
-        self.device = device
-        self.root = None
-        self.skipped: list[tuple[int, str]] = []
-        if isinstance(images, torch.Tensor):
-            self.total: int | None = images.shape[0] if images.ndim == 4 else 1
-        elif isinstance(images, Sequence):
-            self.total = sum((t.shape[0] if isinstance(t, torch.Tensor) and t.ndim == 4 else 1) for t in images)
-        else:
-            self.total = None
-        self.names = None if self.total is None else [None] * self.total
-        self.paths = self.names
-
-    def fingerprint(self) -> str | None:
-        return None
-
-    def batches(self, model: Any, batch_size: int, *, start: int = 0) -> Iterator[Batch]:
-        from ..models.model import check_input
-
-        items: Iterable[Any] = [self.images] if isinstance(self.images, torch.Tensor) else self.images
-        pos = 0
-        for t in items:
-            if not isinstance(t, torch.Tensor):
-                raise TopKError(f"an iterable of tensors must hold only tensors, got a {type(t).__name__}; "
-                                "pass a folder or a list of images/paths instead")
-            t = check_input(t, device=None, channels=None)
-            n = t.shape[0]
-            if pos + n <= start:
-                pos += n
-                continue
-            for lo in range(max(0, start - pos), n, batch_size):
-                chunk = t[lo:lo + batch_size].to(self.device)
-                idx = torch.arange(pos + lo, pos + lo + chunk.shape[0])
-                yield Batch(x=chunk, index=idx, start=pos + lo, stop=pos + lo + chunk.shape[0])
-            pos += n
-
-
-def _open(images: Any, device: torch.device) -> Any:
-    if isinstance(images, torch.Tensor):
-        return _TensorSource(images, device)
-    if isinstance(images, (str, os.PathLike)):
-        return ImageSource(images)
-    if isinstance(images, Sequence) and len(images) and all(isinstance(t, torch.Tensor) for t in images):
-        return _TensorSource(images, device)
-    if isinstance(images, Sequence):
-        return ImageSource(images)
-    if isinstance(images, Iterable):
-        return _TensorSource(images, device)
-    raise TopKError(f"cannot read images from a {type(images).__name__}; pass a folder, a list of images or tensors")
 
 
 # ============================================================================ saved state
@@ -548,7 +613,7 @@ def top_activations(
     module = module_of(model)
     resolve_layer(module, layer)
     device = module_device(module)
-    source = _open(images, device)
+    source = open_images(images, device)
     names = source.names
     meta: dict[str, Any] = {
         "format": STATE_FORMAT, "layer": layer, "k": k, "reduce": reduce, "channels": wanted,

@@ -4,11 +4,14 @@
 - :func:`filters` -> :class:`FilterSet`: a convolution's kernels, their norms, near-zero (dead) filters.
 - :func:`feature_maps` -> :class:`FeatureMaps`: one layer's output for one image, as a grid.
 - :func:`channel_means` -> :class:`ChannelResponse`: mean activation of every channel, per image.
+- :func:`filter_health` -> :class:`FilterHealth` / :class:`ModelHealth`: dead and aliased (high-frequency)
+  filters of one convolution or of every one.
 """
 
 from __future__ import annotations
 
 from .channels import ChannelResponse, channel_means
+from .diagnostics import FilterHealth, ModelHealth, aliasing_scores, filter_health
 from .errors import LayerKindError, ViewOptionError
 from .features import FeatureMaps, feature_maps, layer_output, stage_layers
 from .filters import FilterSet, conv_layers, filters
@@ -17,7 +20,11 @@ from .summary import Summary, summary
 __all__ = [
     "ChannelResponse",
     "FeatureMaps",
+    "FilterHealth",
     "FilterSet",
+    "ModelHealth",
+    "aliasing_scores",
+    "filter_health",
     "LayerKindError",
     "Summary",
     "ViewOptionError",

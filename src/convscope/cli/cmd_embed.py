@@ -1,0 +1,162 @@
+"""``convscope embed FOLDER``: a 2-D map of a dataset by a layer's features, and nearest neighbours.
+
+Parses options, calls :func:`convscope.dataset.embed.embed`, :meth:`~convscope.dataset.embed.Embedding.project`
+and :meth:`~convscope.dataset.embed.Embedding.neighbours`; prints the coordinates (or JSON) on stdout and
+writes the pictures atomically; progress and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from typing import Any
+
+from ..errors import ConvscopeError
+from .cmd_inspect import output_file, positive_int, save
+from .common import info, load_model_from_args
+
+ORDER = 46
+DEFAULT_PERPLEXITY = 30.0
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _inputs(items: list[str]) -> Any:
+    """One folder as itself; otherwise the list of image files / ``sample:NAME``."""
+    if len(items) == 1 and not items[0].startswith("sample:"):
+        if not os.path.exists(items[0]):
+            raise ConvscopeError(f"{items[0]}: no such folder or file")
+        if os.path.isdir(items[0]):
+            return items[0]
+    for item in items:
+        if os.path.isdir(item):
+            raise ConvscopeError(f"{item}: give one folder, or a list of image files")
+    return items
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """Embed the images, save the features, draw the map and the neighbours, print the data."""
+    from ..dataset.embed import embed
+    from ..dataset.folder import SkippedImagesWarning
+
+    images = _inputs(args.images)
+    root = images if isinstance(images, str) else None
+    out = output_file(args.output, "embedding-map.png")
+    nn_out = output_file(args.neighbours_out, "neighbours.png") if args.neighbours else None
+    if args.save and os.path.isdir(args.save):
+        raise ConvscopeError(f"{args.save}: is a directory; give a file name with --save")
+    model = load_model_from_args(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)  # reported below, in one line
+        e = embed(model, images, args.layer, pool=args.pool, batch_size=args.batch_size, predict=args.predict or None,
+                  progress=False if args.no_progress else None)
+    if e.skipped:
+        first = "; ".join(reason for _, reason in e.skipped[:3])
+        info(f"skipped {len(e.skipped)} unreadable file(s): {first}" + (" ..." if len(e.skipped) > 3 else ""))
+    info(f"{e} in {e.seconds:.1f} s")
+    if e.interrupted:
+        info(f"interrupted: continuing with the {len(e)} images done")
+    if args.save:  # before the projection: a long t-SNE that is interrupted keeps the features
+        _write_embedding(e, args.save)
+    perplexity = args.perplexity
+    if args.method == "tsne" and perplexity is None:
+        perplexity = DEFAULT_PERPLEXITY
+        if perplexity > (len(e) - 1) / 3:
+            perplexity = max(1.0, (len(e) - 1) / 3)
+            info(f"only {len(e)} images: t-SNE perplexity {perplexity:.3g} instead of {DEFAULT_PERPLEXITY:g} (set it with --perplexity)")
+    options: dict[str, Any] = {}
+    if args.method == "tsne":
+        options = {"perplexity": perplexity, "iterations": args.iterations}
+    e.project(args.method, seed=args.seed, progress=False if args.no_progress else None, **options)
+    if args.save:
+        _write_embedding(e, args.save)  # now with the map's coordinates
+    save(e.map_image(size=args.size, thumb=args.thumb), out, f"{args.method} map")
+    found = None
+    if args.neighbours:
+        found = e.neighbours(args.neighbours, k=min(args.k, len(e)), metric=args.metric)
+        save(e.neighbours_image(args.neighbours, k=min(args.k, len(e)), metric=args.metric), nn_out, "neighbours picture")
+    if args.json:
+        data = e.to_dict()
+        data["root"] = None if root is None else os.path.abspath(root)
+        data["perplexity"] = perplexity
+        for p in data["points"]:
+            p["source"] = _relative(p["source"], root)
+        if found is not None:
+            data["query"] = {"image": args.neighbours, "metric": args.metric, "k": len(found)}
+            data["neighbours"] = [{"rank": n.rank, "index": n.index, "source": _relative(n.source, root), "distance": n.distance}
+                                  for n in found]
+        print(json.dumps(data, indent=1))
+    else:
+        _print_table(e, root, found, args)
+    return 130 if e.interrupted else 0
+
+
+def _write_embedding(e: Any, path: str) -> None:
+    try:
+        e.save(path)
+    except OSError as exc:
+        raise ConvscopeError(f"{path}: cannot write the embedding ({exc.strerror or exc})") from None
+    info(f"features written to {os.path.abspath(path)} (+ .json)")
+
+
+def _relative(source: str | None, root: str | None) -> str | None:
+    if source is None or root is None or source.startswith("sample:"):
+        return source
+    return os.path.relpath(source, root)
+
+
+def _print_table(e: Any, root: str | None, found: list | None, args: argparse.Namespace) -> None:
+    print(f"{len(e)} images x {e.dims} features ({e.where}), {args.method} map")
+    print(f"{'index':>5}  {'x':>10}  {'y':>10}  {'prediction':<24}  source")
+    for i in range(len(e)):
+        x, y = (float(v) for v in e.coords[i][:2])
+        label = e.label(i)
+        pred = "" if label is None else f"{label[:17]} {float(e.probabilities[i]):.0%}"
+        print(f"{i:>5}  {x:>10.4g}  {y:>10.4g}  {pred:<24}  {_relative(e.sources[i], root) or '-'}")
+    if found is not None:
+        print(f"\nnearest to {args.neighbours} by {args.metric} distance:")
+        for n in found:
+            print(f"{n.rank:>5}  {n.distance:>10.4f}  {_relative(n.source, root) or n.index}")
+
+
+def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Add the ``embed`` parser."""
+    p = subparsers.add_parser(
+        "embed", parents=parents, help="a 2-D map (t-SNE, PCA, UMAP) of a folder by a layer's features; nearest neighbours",
+        description="Stream every image of FOLDER (recursively, sorted) through the model and keep one feature vector per "
+        "image: the penultimate features (input of the classifier) by default, or the global average/max pool of --layer. "
+        "Draw a 2-D map of the set with thumbnails framed in the colour of the predicted class, and optionally the "
+        "nearest neighbours of an image.",
+    )
+    p.add_argument("images", nargs="+", metavar="FOLDER", help="a folder of images (searched recursively), or image files / sample:NAME")
+    p.add_argument("--layer", default=None, metavar="L", help="layer to pool (default: the classifier's input)")
+    p.add_argument("--pool", choices=("avg", "max"), default="avg", help="global pooling of feature maps (default avg)")
+    p.add_argument("--predict", action="store_true", help="with --layer: run the whole network to colour the map by class")
+    p.add_argument("--method", choices=("tsne", "pca", "umap"), default="tsne", help="2-D projection (default tsne)")
+    p.add_argument("--perplexity", type=positive_float, default=None, metavar="P",
+                   help=f"t-SNE perplexity (default {DEFAULT_PERPLEXITY:g}, lowered to (N-1)/3 for small sets)")
+    p.add_argument("--iterations", type=positive_int, default=1000, metavar="N", help="t-SNE iterations (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the projection (default 0)")
+    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="map picture (default embedding-map.png)")
+    p.add_argument("--size", type=positive_int, default=1200, metavar="PX", help="map width in pixels (default 1200)")
+    p.add_argument("--thumb", type=positive_int, default=48, metavar="PX", help="thumbnail size in pixels (default 48)")
+    p.add_argument("--neighbours", default=None, metavar="IMAGE", help="also find the nearest neighbours of IMAGE")
+    p.add_argument("--k", type=positive_int, default=8, metavar="K", help="neighbours to show (default 8)")
+    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine", help="neighbour distance (default cosine)")
+    p.add_argument("--neighbours-out", default=None, metavar="FILE.png", help="neighbours picture (default neighbours.png)")
+    p.add_argument("--save", default=None, metavar="FILE.pt", help="save the features (+ FILE.pt.json with the sources)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
+    p.add_argument("--json", action="store_true", help="print every image's coordinates (and the neighbours) as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_embed)

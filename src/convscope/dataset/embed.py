@@ -1,0 +1,773 @@
+"""Feature embeddings: one pooled feature vector per image, nearest neighbours and 2-D maps of a dataset.
+
+:func:`embed` streams a folder (or a list of images, or tensors) through the model in batches and keeps
+one vector per image: the global average (or max) pool of a layer's feature maps, the layer's vector for
+a non-spatial layer, or, by default, the model's *penultimate* features (what its classifier sees). The
+result, an :class:`Embedding`, answers two questions about what the network "thinks is similar":
+
+- :meth:`Embedding.neighbours`: the images whose features are closest to a query (an image of the set,
+  a new image embedded the same way, or a vector), by cosine or euclidean distance;
+- :meth:`Embedding.project`: a 2-D map of the whole set by PCA, t-SNE (van der Maaten & Hinton, JMLR 2008,
+  "Visualizing Data using t-SNE", implemented here in torch) or UMAP (McInnes et al. 2018, through the
+  optional package ``umap-learn``); :meth:`Embedding.map_image` draws it with thumbnails.
+
+Memory: the features are N x C float32 (10,000 images x 1,280 channels = 51 MB), kept on the CPU; that
+is fine for the datasets people browse this way. Exact t-SNE needs several N x N matrices, so it is capped
+(:data:`TSNE_MAX_POINTS`); use PCA or UMAP beyond that.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from ..inspect.errors import LayerKindError
+from ..inspect.picture import Pictured
+from ..probe import Capture, forward_fast, guard, module_device, module_of, name_of, resolve_layer
+from .folder import DatasetError, open_images
+
+POOLS = ("avg", "max")
+METRICS = ("cosine", "euclidean")
+METHODS = ("tsne", "pca", "umap")
+FORMAT = "convscope-embedding/1"
+#: Largest set exact t-SNE accepts by default: it holds a few N x N float32 matrices (10,000 -> ~0.4 GB each).
+TSNE_MAX_POINTS = 10_000
+#: Early exaggeration factor and how long it lasts; momentum before and after the switch (van der Maaten 2008/2014).
+EXAGGERATION, EXAGGERATION_ITERS = 12.0, 250
+MOMENTUM_START, MOMENTUM_FINAL = 0.5, 0.8
+
+
+class EmbeddingError(DatasetError):
+    """An embedding option or query that cannot be used (unknown pool/metric/method, a bad index, k < 1...)."""
+
+
+# ============================================================================ result
+
+
+class Neighbour(NamedTuple):
+    """One nearest neighbour: ``rank`` (1 = closest), ``index`` (row of the embedding), ``source`` (its file,
+    ``None`` for in-memory inputs) and ``distance`` (cosine: 1 - cos, in [0, 2]; euclidean: feature units)."""
+
+    rank: int
+    index: int
+    source: str | None
+    distance: float
+
+
+@dataclass(eq=False)
+class Embedding(Pictured):
+    """One pooled feature vector per image of a dataset.
+
+    ``features`` (N, C) float32 on the CPU, one row per image that could be read. ``positions`` (N,): the
+    position of each row in the inputs (differs from the row when unreadable files were skipped).
+    ``sources``: the file of each row (``None`` for in-memory inputs). ``layer``: the layer whose output
+    was pooled, or ``None`` for the penultimate features, which are the input of ``head`` (the last
+    ``nn.Linear``). ``pool``: ``"avg"`` or ``"max"`` over the spatial positions (unused for vectors).
+    ``predictions`` (N,) / ``probabilities`` (N,): the top class and its softmax probability from the
+    same forward pass, ``None`` when the passes stopped at the layer. ``labels``: the model's class names.
+    ``total``: inputs in all; ``skipped``: ``(position, reason)`` of unreadable files; ``interrupted``:
+    stopped by Ctrl-C (the rows are those done). ``coords``/``method``: the last :meth:`project` result.
+    """
+
+    layer: str | None
+    head: str | None
+    pool: str
+    features: torch.Tensor
+    positions: torch.Tensor
+    sources: list[str | None]
+    predictions: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None
+    labels: list[str] | None = None
+    total: int | None = None
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+    coords: torch.Tensor | None = None
+    method: str | None = None
+    model: Any = field(default=None, repr=False)
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dims(self) -> int:
+        """C, the length of each feature vector."""
+        return int(self.features.shape[1])
+
+    @property
+    def where(self) -> str:
+        """Which features these are, in words (``"relu2 (avg pool)"``, ``"input of classifier"``)."""
+        if self.layer is None:
+            return f"input of {self.head}" if self.head else "penultimate features"
+        return f"{self.layer} ({self.pool} pool)"
+
+    def label(self, row: int) -> str | None:
+        """The predicted class name of row ``row`` (``None`` without predictions)."""
+        if self.predictions is None:
+            return None
+        c = int(self.predictions[row])
+        return self.labels[c] if self.labels and 0 <= c < len(self.labels) else f"class {c}"
+
+    # ------------------------------------------------------------------ neighbours
+    def vector(self, query: Any) -> torch.Tensor:
+        """The feature vector (C,) of ``query``: a row index, a vector, or an image embedded like the set.
+
+        Images (a path, ``sample:NAME``, a PIL image, an array or a preprocessed tensor (3, H, W) /
+        (1, 3, H, W)) go through the same model, layer and pooling, so they need :attr:`model`.
+        """
+        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            i = int(query)
+            if not -len(self) <= i < len(self):
+                raise EmbeddingError(f"index {i} out of range: the embedding has {len(self)} images (0..{len(self) - 1})")
+            return self.features[i]
+        if isinstance(query, (torch.Tensor, np.ndarray)) and np.ndim(query) == 1:
+            v = torch.as_tensor(np.asarray(query) if isinstance(query, np.ndarray) else query).detach().float().cpu()
+            if v.shape[0] != self.dims:
+                raise EmbeddingError(f"a query vector needs {self.dims} values (the feature size), got {v.shape[0]}")
+            return v
+        if self.model is None:
+            raise EmbeddingError("embedding an image needs the model that made this embedding "
+                                 "(embedding.model, or load_embedding(path, model=...))")
+        module = module_of(self.model)
+        if isinstance(query, torch.Tensor):
+            from ..models.model import check_input
+
+            x = check_input(query, device=module_device(module), channels=None)
+        elif hasattr(self.model, "preprocess"):
+            x = self.model.preprocess(query)
+        else:
+            raise EmbeddingError("a plain nn.Module can only embed preprocessed tensors; wrap it with cs.load_model(...)")
+        with torch.no_grad():
+            feats, _ = _run(module, x, self.layer, self.head, self.pool, predict=False)
+        return feats[0]
+
+    def distances(self, query: Any, metric: str = "cosine") -> torch.Tensor:
+        """Distance (N,) from ``query`` (see :meth:`vector`) to every row: cosine (1 - cos) or euclidean."""
+        return feature_distances(self.features, self.vector(query), metric)
+
+    def neighbours(self, query: Any, k: int = 8, metric: str = "cosine") -> list[Neighbour]:
+        """The ``k`` rows closest to ``query``, closest first (ties: lower row first).
+
+        ``query``: a row index (the row itself comes first, at distance 0), an image (embedded with the same
+        model, layer and pooling) or a feature vector (C,). ``metric``: ``"cosine"`` (1 - cosine similarity;
+        a zero vector is at distance 1 from everything) or ``"euclidean"``.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise EmbeddingError(f"k must be a whole number >= 1, got {k!r}")
+        d = self.distances(query, metric)
+        order = torch.sort(d, stable=True).indices[:k]
+        return [Neighbour(r, int(i), self.sources[int(i)], float(d[i])) for r, i in enumerate(order.tolist(), 1)]
+
+    # ------------------------------------------------------------------ 2-D maps
+    def project(self, method: str = "tsne", dims: int = 2, seed: int = 0, perplexity: float = 30.0, *,
+                iterations: int = 1000, learning_rate: float | str = "auto", init: str = "pca",
+                max_points: int = TSNE_MAX_POINTS, device: str | torch.device | None = None,
+                progress: bool | None = None, **umap_options: Any) -> torch.Tensor:
+        """Coordinates (N, dims) of every image on a map where near means similar features.
+
+        ``"pca"``: the first ``dims`` principal components (centred SVD, exact, no randomness).
+        ``"tsne"``: exact t-SNE (:func:`tsne`; ``perplexity``, ``iterations``, ``learning_rate``, ``init``,
+        ``seed``); O(N^2) memory, at most ``max_points`` images. ``"umap"``: UMAP through the optional
+        ``umap-learn`` package (``seed`` -> ``random_state``, extra keywords such as ``n_neighbors`` and
+        ``min_dist`` go to ``umap.UMAP``). t-SNE runs on ``device`` (default: the model's device). The
+        result is also kept in :attr:`coords` (for :meth:`map_image` and :meth:`save`).
+        """
+        if method not in METHODS:
+            raise EmbeddingError(f"unknown method {method!r}; choose {', '.join(METHODS)}")
+        if len(self) < 2:
+            raise EmbeddingError(f"a map needs at least 2 images, the embedding has {len(self)}")
+        if device is None:
+            device = module_device(module_of(self.model)) if self.model is not None else self.features.device
+        if method == "pca":
+            coords = pca(self.features, dims)
+        elif method == "tsne":
+            coords = tsne(self.features, dims, perplexity=perplexity, iterations=iterations, learning_rate=learning_rate,
+                          init=init, seed=seed, max_points=max_points, device=device, progress=progress)
+        else:
+            coords = umap_projection(self.features, dims, seed=seed, **umap_options)
+        self.coords, self.method, self._image = coords, method, None
+        return coords
+
+    # ------------------------------------------------------------------ pictures
+    def picture(self, row: int, images: Sequence[Any] | torch.Tensor | None = None) -> Image.Image:
+        """Row ``row``'s image as the network saw it (resized, cropped), read back from its file.
+
+        In-memory inputs are not kept: pass the same ``images`` as to :func:`embed` (indexed by input position).
+        """
+        pos = int(self.positions[row])
+        if images is not None:
+            item = images[pos]
+            return _tensor_picture(self.model, item) if isinstance(item, torch.Tensor) else self._transform(item)
+        source = self.sources[row]
+        if source is None:
+            raise EmbeddingError(f"image {row} was an in-memory input, which is not kept; pass images=<the same inputs>")
+        return self._transform(source)
+
+    def _transform(self, item: Any) -> Image.Image:
+        if self.model is not None and hasattr(self.model, "transform_image"):
+            return self.model.transform_image(item)
+        from ..images import load_image
+
+        return load_image(item)
+
+    def _thumbnails_available(self, images: Any) -> bool:
+        return images is not None or all(s is not None for s in self.sources)
+
+    def map_image(self, coords: torch.Tensor | None = None, size: int = 1200, thumb: int = 48, *,
+                  images: Sequence[Any] | torch.Tensor | None = None, thumbnails: bool | None = None,
+                  title: bool = True) -> Image.Image:
+        """The 2-D map as a picture: every image as a ``thumb``-pixel thumbnail at its place, framed in the
+        colour of its predicted class, or a coloured dot when thumbnails are unavailable (in-memory inputs
+        without ``images=``) or ``thumbnails=False``. ``coords``: (N, 2) (default: the last :meth:`project`,
+        else PCA). A legend names the most frequent predicted classes. ``size``: the square canvas in pixels.
+        """
+        if coords is None:
+            coords = self.coords if self.coords is not None and self.coords.shape[1] == 2 else self.project("pca")
+        coords = torch.as_tensor(coords).detach().float().cpu()
+        if coords.ndim != 2 or coords.shape != (len(self), 2):
+            raise EmbeddingError(f"coords must be ({len(self)}, 2), got {tuple(coords.shape)}")
+        if size < 64 or thumb < 2:
+            raise EmbeddingError("size must be at least 64 and thumb at least 2 pixels")
+        if thumbnails is None:
+            thumbnails = self._thumbnails_available(images)
+        elif thumbnails and not self._thumbnails_available(images):
+            raise EmbeddingError("thumbnails of in-memory inputs need images=<the same inputs>")
+        colours, legend = self._class_colours()
+        band = 26 if title else 0
+        legend_h = 16 * min(len(legend), 10) + (8 if legend else 0)
+        canvas = Image.new("RGB", (size, size + band + legend_h), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        margin = (thumb if thumbnails else 8) // 2 + 4
+        lo, hi = coords.min(0).values, coords.max(0).values
+        span = torch.clamp(hi - lo, min=1e-12)
+        scale = float((size - 2 * margin) / span.max())
+        offset = (size - 2 * margin - span * scale) / 2  # centre the shorter axis, keep the aspect ratio
+        xy = ((coords - lo) * scale + margin + offset).round().long()
+        xy[:, 1] = size - 1 - xy[:, 1] + band  # y up
+        from ..render.core import _font
+
+        if thumbnails:
+            for row in torch.argsort(-coords[:, 1], stable=True).tolist():  # top first, lower ones drawn over
+                tile = self.picture(row, images).copy()
+                tile.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
+                x, y = int(xy[row, 0]) - tile.size[0] // 2, int(xy[row, 1]) - tile.size[1] // 2
+                draw.rectangle((x - 2, y - 2, x + tile.size[0] + 1, y + tile.size[1] + 1), fill=colours[row])
+                canvas.paste(tile, (x, y))
+        else:
+            r = max(2, min(6, size // 200))
+            for (x, y), c in zip(xy.tolist(), colours):
+                draw.ellipse((x - r, y - r, x + r, y + r), fill=c, outline=(40, 40, 40))
+        if title:
+            what = f"{self.method or 'map'} of {len(self)} images, features: {self.where}"
+            draw.text((6, 5), what, fill=(0, 0, 0), font=_font(15))
+        font = _font(12)
+        for j, (name, count, c) in enumerate(legend[:10]):
+            y = size + band + 4 + 16 * j
+            draw.rectangle((8, y + 2, 20, y + 13), fill=c)
+            draw.text((26, y), f"{name} ({count})", fill=(0, 0, 0), font=font)
+        return canvas
+
+    def _class_colours(self) -> tuple[list[tuple[int, int, int]], list[tuple[str, int, tuple[int, int, int]]]]:
+        """A colour per row (by predicted class, the 20 most frequent classes get distinct colours) and the legend."""
+        grey = (150, 150, 150)
+        if self.predictions is None:
+            return [grey] * len(self), []
+        from matplotlib import colormaps
+
+        cmap = colormaps["tab20"]
+        classes, counts = torch.unique(self.predictions, return_counts=True)
+        order = torch.argsort(-counts, stable=True)
+        palette: dict[int, tuple[int, int, int]] = {}
+        legend = []
+        for j, i in enumerate(order.tolist()):
+            c = int(classes[i])
+            rgb = tuple(int(v * 255) for v in cmap(j % 20)[:3]) if j < 20 else grey
+            palette[c] = rgb  # type: ignore[assignment]
+            name = self.labels[c] if self.labels and 0 <= c < len(self.labels) else f"class {c}"
+            legend.append((name, int(counts[i]), rgb))
+        return [palette[int(p)] for p in self.predictions.tolist()], legend  # type: ignore[return-value]
+
+    def neighbours_image(self, query: Any, k: int = 8, metric: str = "cosine", *,
+                         images: Sequence[Any] | torch.Tensor | None = None, cell: int = 128) -> Image.Image:
+        """The query and its ``k`` nearest neighbours in a row, each labelled with its rank and distance."""
+        from ..render import grid
+
+        found = self.neighbours(query, k, metric)
+        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            first = self.picture(int(query), images)
+        elif isinstance(query, torch.Tensor) and query.ndim == 1 or isinstance(query, np.ndarray) and query.ndim == 1:
+            first = Image.new("RGB", (cell, cell), (235, 235, 235))  # a vector has no picture
+        elif isinstance(query, torch.Tensor):
+            first = _tensor_picture(self.model, query)
+        else:
+            first = self._transform(query)
+        tiles = [first] + [self.picture(n.index, images) for n in found]
+        names = ["query"] + [f"d={n.distance:.3f} {_short(n.source, n.index)}" for n in found]
+        return grid(tiles, labels=names, columns=len(tiles), cell=cell,
+                    title=f"{k} nearest by {metric} distance, features: {self.where}")
+
+    def to_image(self) -> Image.Image:
+        """:meth:`map_image` of the last projection (PCA when none was made)."""
+        return self.map_image()
+
+    # ------------------------------------------------------------------ data
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the features as plain JSON-ready data (one entry per image, with its map place)."""
+        points = []
+        for i in range(len(self)):
+            p: dict[str, Any] = {"index": i, "position": int(self.positions[i]), "source": self.sources[i]}
+            if self.predictions is not None:
+                p.update(prediction=int(self.predictions[i]), label=self.label(i), probability=float(self.probabilities[i]))
+            if self.coords is not None:
+                p["coords"] = [float(v) for v in self.coords[i]]
+            points.append(p)
+        return {"layer": self.layer, "head": self.head, "pool": self.pool, "features": self.where, "count": len(self),
+                "dims": self.dims, "total": self.total, "interrupted": self.interrupted, "seconds": round(self.seconds, 3),
+                "method": self.method, "skipped": [{"position": i, "reason": r} for i, r in self.skipped], "points": points}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the tensors with ``torch.save`` (plain tensors only) and a JSON sidecar ``PATH.json`` with the
+        sources and settings; both atomically. Read back with :func:`load_embedding`."""
+        from ..render.core import write_text_atomic
+
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {"features": self.features.cpu(), "positions": self.positions.cpu()}
+        if self.predictions is not None:
+            tensors.update(predictions=self.predictions.cpu(), probabilities=self.probabilities.cpu())
+        if self.coords is not None:
+            tensors["coords"] = self.coords.cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(tensors, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp.exists():
+                tmp.unlink()
+            raise
+        used = sorted({int(c) for c in self.predictions.tolist()}) if self.predictions is not None else []
+        meta = {"format": FORMAT, "tensors": path.name, "layer": self.layer, "head": self.head, "pool": self.pool,
+                "count": len(self), "dims": self.dims, "total": self.total, "interrupted": self.interrupted,
+                "seconds": self.seconds, "method": self.method, "skipped": [list(s) for s in self.skipped],
+                "model": getattr(self.model, "name", None),
+                "class_names": {str(c): (self.labels[c] if self.labels and c < len(self.labels) else f"class {c}") for c in used},
+                "sources": self.sources}
+        write_text_atomic(json.dumps(meta, indent=1), str(sidecar_path(path)))
+        return path
+
+    def __str__(self) -> str:
+        state = "" if not self.interrupted else f", interrupted at {len(self)}/{self.total}"
+        return f"embedding of {len(self)} images x {self.dims} features ({self.where}{state}, {len(self.skipped)} skipped)"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON file written next to a saved embedding (``PATH.json``)."""
+    return Path(str(path) + ".json")
+
+
+def load_embedding(path: str | os.PathLike, model: Any = None) -> Embedding:
+    """Read an :meth:`Embedding.save` file (``torch.load(weights_only=True)``) and its JSON sidecar.
+
+    ``model``: the model that made it, needed only to embed new query images and to draw thumbnails
+    exactly as the network saw them.
+    """
+    path = Path(path)
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise EmbeddingError(f"{exc.filename}: no such file (an embedding is PATH plus PATH.json)") from None
+    except Exception as exc:
+        raise EmbeddingError(f"{path}: not a readable embedding ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(tensors, dict) or "features" not in tensors:
+        raise EmbeddingError(f"{path}: not a convscope embedding (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    names = meta.get("class_names") or {}
+    labels = list(getattr(model, "labels", None) or [])
+    if not labels and names:
+        top = max(int(c) for c in names) + 1
+        labels = [names.get(str(c), f"class {c}") for c in range(top)]
+    return Embedding(layer=meta["layer"], head=meta["head"], pool=meta["pool"], features=tensors["features"],
+                     positions=tensors["positions"], sources=list(meta["sources"]), predictions=tensors.get("predictions"),
+                     probabilities=tensors.get("probabilities"), labels=labels or None, total=meta.get("total"),
+                     skipped=[(int(i), str(r)) for i, r in meta.get("skipped", [])], interrupted=bool(meta.get("interrupted")),
+                     seconds=float(meta.get("seconds", 0.0)), coords=tensors.get("coords"), method=meta.get("method"), model=model)
+
+
+def _short(source: str | None, index: int) -> str:
+    if not source:
+        return f"#{index}"
+    return source.split(":", 1)[1] if source.startswith("sample:") else os.path.basename(source)
+
+
+def _tensor_picture(model: Any, t: torch.Tensor) -> Image.Image:
+    t = t.detach()
+    if t.ndim == 4:
+        t = t[0]
+    if model is not None and hasattr(model, "deprocess"):
+        return model.deprocess(t)
+    from ..render import normalize
+
+    a = normalize(t.float().cpu())  # a plain module: no known normalisation, show min..max
+    return Image.fromarray((a.transpose(1, 2, 0) * 255 + 0.5).astype("uint8")).convert("RGB")
+
+
+# ============================================================================ distances
+
+
+def feature_distances(features: torch.Tensor, query: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
+    """Distances (N,) from ``query`` (C,) to every row of ``features`` (N, C), one batched matrix product.
+
+    ``"cosine"``: 1 - cos(angle), in [0, 2], zero vectors count as orthogonal (distance 1);
+    ``"euclidean"``: the L2 norm of the difference.
+    """
+    if metric not in METRICS:
+        raise EmbeddingError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}")
+    f = features.float()
+    q = query.to(f.device, torch.float32)
+    if metric == "euclidean":
+        return (f - q).norm(dim=1)
+    sims = (f @ q) / (f.norm(dim=1) * q.norm()).clamp_min(1e-12)
+    return (1 - sims).clamp(0, 2)
+
+
+# ============================================================================ projections
+
+
+def _check_points(x: Any) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise EmbeddingError(f"expected points (N, D) with N >= 2, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise EmbeddingError("the features hold NaN or infinite values")
+    return x
+
+
+def pca(x: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    """Scores (N, dims) on the first ``dims`` principal components: U S of the centred data's thin SVD.
+
+    Signs are fixed so the largest-magnitude loading of each component is positive (the SVD's own sign
+    is arbitrary), which makes the result reproducible across runs and devices.
+    """
+    x = _check_points(x).float()
+    if not 1 <= dims <= min(x.shape):
+        raise EmbeddingError(f"dims must be between 1 and {min(x.shape)} for {x.shape[0]} points in {x.shape[1]}-D, got {dims}")
+    xc = x - x.mean(0, keepdim=True)
+    u, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    u, s, vh = u[:, :dims], s[:dims], vh[:dims]
+    sign = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True))).squeeze(1)
+    sign[sign == 0] = 1
+    return u * (s * sign)
+
+
+def conditional_probabilities(x: torch.Tensor, perplexity: float = 30.0, *, tol: float = 1e-5, max_iter: int = 200,
+                              chunk: int | None = None) -> torch.Tensor:
+    """t-SNE's conditional probabilities p_{j|i} (N, N): Gaussian kernels whose widths give every row the
+    perplexity ``perplexity`` (van der Maaten & Hinton 2008, section 2).
+
+    For each point a precision beta_i = 1 / (2 sigma_i^2) is found by bisection (all rows at once, on
+    squared euclidean distances in float64) so that the row's Shannon entropy is log(perplexity) within
+    ``tol`` nats. Rows sum to 1, the diagonal is 0. Rows are done ``chunk`` at a time (memory chunk x N).
+    """
+    x = _check_points(x)
+    n = x.shape[0]
+    if not 1.0 <= perplexity < n - 1:
+        raise EmbeddingError(f"perplexity must be at least 1 and below N - 1 = {n - 1} (the effective number of "
+                             f"neighbours), got {perplexity}; typical values are 5-50 and about N/3 at most")
+    xd = x.to(torch.float64)
+    sq = (xd * xd).sum(1)
+    target = math.log(perplexity)
+    chunk = chunk or max(1, min(n, 4_000_000 // n))
+    out = torch.empty((n, n), dtype=torch.float32, device=x.device)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        d = (sq[lo:hi, None] + sq[None, :] - 2 * xd[lo:hi] @ xd.T).clamp_min(0)
+        rows = torch.arange(hi - lo, device=x.device)
+        d[rows, rows + lo] = math.inf  # no self-neighbour
+        d = d - d.min(1, keepdim=True).values  # shift: p and the entropy do not change, exp cannot underflow to 0/0
+        beta = torch.ones(hi - lo, dtype=torch.float64, device=x.device)
+        beta_lo = torch.zeros_like(beta)
+        beta_hi = torch.full_like(beta, math.inf)
+        for _ in range(max_iter):
+            p = torch.exp(-d * beta[:, None])
+            s = p.sum(1)
+            h = torch.log(s) + beta * (torch.nan_to_num(d, posinf=0.0) * p).sum(1) / s
+            diff = h - target
+            if bool((diff.abs() < tol).all()):
+                break
+            up = diff > 0  # entropy too high: narrow the kernel (larger beta)
+            beta_lo = torch.where(up, beta, beta_lo)
+            beta_hi = torch.where(up, beta_hi, beta)
+            beta = torch.where(torch.isinf(beta_hi), beta * 2, (beta_lo + beta_hi) / 2)
+        p = torch.exp(-d * beta[:, None])
+        out[lo:hi] = (p / p.sum(1, keepdim=True)).to(torch.float32)
+    return out
+
+
+def tsne(x: torch.Tensor, dims: int = 2, *, perplexity: float = 30.0, iterations: int = 1000,
+         learning_rate: float | str = "auto", init: str = "pca", seed: int = 0, pca_dims: int | None = 50,
+         max_points: int = TSNE_MAX_POINTS, device: str | torch.device | None = None,
+         progress: bool | None | Callable[[int, int], None] = None) -> torch.Tensor:
+    """Exact t-SNE (van der Maaten & Hinton, JMLR 2008) of points ``x`` (N, D) -> (N, dims).
+
+    Affinities: :func:`conditional_probabilities` for ``perplexity``, symmetrised p_ij = (p_j|i + p_i|j) / 2N.
+    Map: Student-t (one degree of freedom) similarities q_ij; gradient 4 sum_j (p_ij - q_ij)(y_i - y_j) /
+    (1 + |y_i - y_j|^2). Optimisation as in the reference implementation: gradient descent with momentum
+    0.5 for the first 250 iterations and 0.8 after, early exaggeration (P x 12) for the first 250, per-
+    coordinate adaptive gains (+0.2 when the gradient turns against the last step, else x0.8, at least
+    0.01); steps and gains restart when the exaggeration ends, as in scikit-learn (carried over, they
+    overshoot: the map then needs ~2x the iterations to settle). ``learning_rate="auto"``: max(N / 12 / 4, 50),
+    the rule of Belkina et al. (2019, N / exaggeration) as scikit-learn applies it to this gradient.
+    ``init="pca"``: the first ``dims`` principal components scaled to standard deviation 1e-4 in the first
+    coordinate (scikit-learn's choice: stable global layout, no randomness); ``"random"``: N(0, 1e-4^2)
+    from ``seed``. Inputs with more than ``pca_dims`` features are first reduced to ``pca_dims`` by PCA
+    (the paper's preprocessing; ``None`` keeps them). Memory O(N^2): at most ``max_points`` points. The
+    same inputs, seed and device give the same map.
+    """
+    from tqdm.auto import tqdm
+
+    x = _check_points(x)
+    n = x.shape[0]
+    if n > max_points:
+        raise EmbeddingError(f"exact t-SNE of {n} points needs several {n} x {n} matrices; at most {max_points} "
+                             "(raise max_points if you have the memory), or use method='pca' or 'umap'")
+    if n < 3:
+        raise EmbeddingError(f"t-SNE needs at least 3 points, got {n}")
+    if init not in ("pca", "random"):
+        raise EmbeddingError(f"unknown init {init!r}; choose pca or random")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise EmbeddingError(f"iterations must be a whole number >= 1, got {iterations!r}")
+    if learning_rate == "auto":
+        lr = max(n / EXAGGERATION / 4, 50.0)
+    elif isinstance(learning_rate, (int, float)) and learning_rate > 0:
+        lr = float(learning_rate)
+    else:
+        raise EmbeddingError(f"learning_rate must be 'auto' or a positive number, got {learning_rate!r}")
+    device = torch.device(device) if device is not None else x.device
+    x = x.to(device, torch.float32)
+    if pca_dims is not None and x.shape[1] > pca_dims:
+        x = pca(x, min(pca_dims, n))
+    p = conditional_probabilities(x, perplexity)
+    p = (p + p.T) / (2 * n)
+    p = p.clamp_min(1e-12)
+    p.fill_diagonal_(0)
+    if init == "pca":
+        y = pca(x, dims)
+        y = y / y[:, 0].std().clamp_min(1e-12) * 1e-4
+    else:
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        y = (torch.randn((n, dims), generator=g) * 1e-4).to(device)
+    update = torch.zeros_like(y)
+    pe = p * EXAGGERATION
+    w = torch.empty_like(p)
+    m = torch.empty_like(p)
+    gains = torch.ones_like(y)
+    report = progress if callable(progress) else None
+    bar = tqdm(total=iterations, desc="t-SNE", unit="it", leave=False,
+               disable=True if report else (None if progress is None else not progress))
+    try:
+        for it in range(iterations):
+            exaggerate = it < EXAGGERATION_ITERS
+            momentum = MOMENTUM_START if it < EXAGGERATION_ITERS else MOMENTUM_FINAL
+            if it == EXAGGERATION_ITERS:  # a new objective (P no longer exaggerated): start the steps afresh
+                pe = p  # frees the exaggerated copy
+                update.zero_()
+                gains.fill_(1.0)
+            # in place, two N x N buffers: w = 1 / (1 + |y_i - y_j|^2), m = (p - w / sum w) * w
+            sq = (y * y).sum(1)
+            torch.mm(y, y.T, out=w)
+            w.mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0).add_(1).reciprocal_().fill_diagonal_(0)
+            torch.mul(w, -1.0 / float(w.sum()), out=m)
+            m.add_(pe if exaggerate else p).mul_(w)
+            grad = 4 * (m.sum(1, keepdim=True) * y - m @ y)
+            flipped = update * grad < 0  # the gradient turned against the last step: speed this coordinate up
+            gains = torch.where(flipped, gains + 0.2, gains * 0.8).clamp_min(0.01)
+            update = momentum * update - lr * gains * grad
+            y = y + update
+            bar.update(1)
+            if report:
+                report(it + 1, iterations)
+    finally:
+        bar.close()
+    return (y - y.mean(0)).cpu()
+
+
+def umap_projection(x: torch.Tensor, dims: int = 2, *, seed: int = 0, **options: Any) -> torch.Tensor:
+    """UMAP (McInnes, Healy & Melville 2018) through the optional package ``umap-learn`` -> (N, dims).
+
+    ``seed`` becomes ``random_state`` (reproducible, single-threaded in umap-learn); other keywords
+    (``n_neighbors``, ``min_dist``, ``metric`` ...) go to ``umap.UMAP``.
+    """
+    try:
+        import umap  # type: ignore[import-not-found]
+    except ImportError:
+        raise EmbeddingError("UMAP needs the optional package umap-learn, which is not installed: "
+                             "pip install umap-learn (or use method='tsne' or 'pca')") from None
+    x = _check_points(x)
+    options.setdefault("n_neighbors", min(15, x.shape[0] - 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # umap-learn warns that a seed disables its parallelism
+        out = umap.UMAP(n_components=dims, random_state=seed, **options).fit_transform(x.detach().float().cpu().numpy())
+    return torch.as_tensor(np.asarray(out), dtype=torch.float32)
+
+
+# ============================================================================ streaming
+
+
+def _head(module: nn.Module) -> str:
+    """The name of the last ``nn.Linear`` (in ``named_modules`` order): the classifier whose input is the
+    penultimate feature vector."""
+    linears = [name for name, m in module.named_modules() if name and isinstance(m, nn.Linear)]
+    if not linears:
+        raise LayerKindError("the model has no nn.Linear classifier, so there are no penultimate features; "
+                             "name a layer (see `convscope summary`)")
+    return linears[-1]
+
+
+def _pooled(act: torch.Tensor, pool: str, where: str) -> torch.Tensor:
+    if act.ndim == 4:
+        flat = act.flatten(2).float()
+        return flat.mean(2) if pool == "avg" else flat.amax(2)
+    if act.ndim == 2:
+        return act.float()
+    raise LayerKindError(f"{where} outputs shape {tuple(act.shape)}; embeddings need feature maps (N, C, H, W) "
+                         "or vectors (N, C)")
+
+
+def _run(module: nn.Module, x: torch.Tensor, layer: str | None, head: str | None, pool: str, *,
+         predict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled features (B, C) and the logits (``None`` when the pass stopped at the layer) for one batch.
+
+    ``layer=None``: a forward pre-hook on ``head`` reads its input, inside :class:`~convscope.probe.guard`
+    (eval mode, no in-place activations, hook removed in ``finally``); the full pass gives the logits too.
+    Otherwise :class:`~convscope.probe.Capture` records the layer, stopping there unless ``predict``.
+    """
+    from ..models.model import output_logits
+
+    if layer is None:
+        assert head is not None
+        seen: dict[str, torch.Tensor] = {}
+
+        def pre_hook(_m: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                seen["x"] = args[0].detach()
+
+        target = resolve_layer(module, head)
+        with guard(module, eval=True, freeze=True, no_inplace=True):
+            handle = target.register_forward_pre_hook(pre_hook)
+            try:
+                out = forward_fast(module, x)
+            finally:
+                handle.remove()
+        if "x" not in seen:
+            raise LayerKindError(f"the classifier {head!r} is never called in the model's forward pass; name a layer")
+        v = seen["x"]
+        if v.ndim > 2:  # a Linear over tokens or positions: average them (the Linear acts on the last axis)
+            v = v.flatten(1, -2).mean(1)
+        return v.float(), output_logits(out)
+    with Capture(module, [layer], stop=not predict) as cap:
+        out = forward_fast(module, x, cap.forward)
+        act = cap.activations.get(layer)
+    if act is None:
+        raise LayerKindError(f"layer {layer!r} is never called in the model's forward pass")
+    return _pooled(act, pool, f"layer {layer!r}"), (output_logits(out) if predict else None)
+
+
+def embed(model: Any, images: Any, layer: str | None = None, *, pool: str = "avg", batch_size: int = 32,
+          predict: bool | None = None, progress: bool | None | Callable[[int, int | None], None] = None) -> Embedding:
+    """One feature vector per image of ``images``: the dataset's embedding at ``layer``.
+
+    ``images``: a folder (listed recursively, sorted by relative path), a list of paths / ``sample:NAME`` /
+    PIL images, a tensor (N, 3, H, W) or an iterable of preprocessed tensors. ``layer``: a layer name; its
+    feature maps are pooled over all positions (``pool="avg"``: global average, ``"max"``: global maximum),
+    a vector output is taken as it is. ``layer=None`` (default): the penultimate features, i.e. the input
+    of the model's last ``nn.Linear`` (the classifier), read with a forward pre-hook: that tensor is often
+    made by functional code (``torch.flatten``, a functional dropout) and is then no module's output,
+    which is all :class:`~convscope.probe.Capture` records; the hook runs inside
+    :class:`~convscope.probe.guard` and is removed in ``finally``.
+
+    ``predict``: also keep the top class of every image from the same forward pass. Default: yes for the
+    penultimate features (only the classifier is left to run), no for a named layer, whose passes then
+    stop right after it (:class:`~convscope.probe.Capture` ``stop=True``). ``batch_size``: images per pass.
+    Unreadable files are skipped and counted (:attr:`Embedding.skipped`).
+
+    Memory: N x C float32 on the CPU (1,280 features: 5 kB per image), fine for the datasets people
+    browse; only one batch of images is in memory at a time. ``progress``: a tqdm bar (``None``: only on
+    a terminal) or a callable ``(done, total)``. Ctrl-C stops and returns the rows done (``interrupted``).
+    """
+    from tqdm.auto import tqdm
+
+
+    if pool not in POOLS:
+        raise EmbeddingError(f"unknown pool {pool!r}; choose {' or '.join(POOLS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EmbeddingError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    module = module_of(model)
+    if layer is not None:
+        if isinstance(layer, nn.Module):
+            layer = name_of(module, layer)
+        resolve_layer(module, layer)
+        head = None
+    else:
+        head = _head(module)
+    predict = (layer is None) if predict is None else bool(predict)
+    device = module_device(module)
+    source = open_images(images, device)
+    total = None if source.names is None else len(source.names)
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    skipped: list[tuple[int, str]] = []
+    interrupted = False
+    start = time.perf_counter()
+    report = progress if callable(progress) else None
+    bar = tqdm(total=total, desc=f"embed {layer or 'penultimate'}", unit="img", leave=False,
+               disable=True if report else (None if progress is None else not progress))
+    batches = source.batches(model, batch_size)
+    done = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if batch.x is not None:
+                    f, logits = _run(module, batch.x, layer, head, pool, predict=predict)
+                    if kept and f.shape[1] != kept[0][0].shape[1]:
+                        raise EmbeddingError(f"input {batch.start} gives {f.shape[1]} features, earlier inputs gave "
+                                             f"{kept[0][0].shape[1]}; every input must have the same size")
+                    pr, cl = logits.float().softmax(1).max(1) if logits is not None else (None, None)
+                    # one append per batch: Ctrl-C can never leave the parts of a row out of step
+                    kept.append((f.cpu(), batch.index.cpu(), None if cl is None else cl.cpu(), None if pr is None else pr.cpu()))
+                skipped.extend(batch.skipped)
+                done = batch.stop
+                bar.update(batch.stop - batch.start)
+                if report:
+                    report(done, total)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        batches.close()
+        bar.close()
+    if total is None and not interrupted:
+        total = done
+    if not kept:
+        if interrupted:
+            raise KeyboardInterrupt
+        raise EmbeddingError(f"no image could be embedded ({len(skipped)} unreadable)")
+    positions = torch.cat([k[1] for k in kept])
+    paths = source.paths
+    return Embedding(layer=layer, head=head, pool=pool, features=torch.cat([k[0] for k in kept]), positions=positions,
+                     sources=[paths[i] for i in positions.tolist()] if paths is not None else [None] * len(positions),
+                     predictions=torch.cat([k[2] for k in kept]) if predict else None,
+                     probabilities=torch.cat([k[3] for k in kept]) if predict else None,
+                     labels=list(getattr(model, "labels", None) or []) or None, total=total, skipped=skipped,
+                     interrupted=interrupted, seconds=time.perf_counter() - start, model=model)
+

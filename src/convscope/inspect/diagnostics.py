@@ -1,0 +1,268 @@
+"""Filter health from the weights alone: dead filters and aliasing-prone (high-frequency) filters.
+
+Zeiler & Fergus (ECCV 2014, fig. 6) found two faults by looking at a network's first layer: filters that
+never learned anything (dead) and filters dominated by high frequencies, a symptom of aliasing in a
+layer with a large stride (11x11 stride 4, fixed by 7x7 stride 2). :func:`filter_health` measures both
+for every filter of a ``Conv2d``:
+
+- ``norms``: the L2 norm over (in, kh, kw). A filter is **dead** when it is all zero or its norm is at most
+  ``dead_fraction`` times the layer's median norm: it cannot respond to anything.
+- ``aliasing``: the share of the filter's spectral energy above half the Nyquist frequency. Each input
+  slice of the kernel is zero-padded to ``fft_size`` x ``fft_size`` and Fourier-transformed; the power
+  is summed over input slices; a frequency counts as high when |fy| > 1/4 or |fx| > 1/4 cycles per pixel
+  (either axis: a stride-2 subsampling folds back every component above 1/4 cycle along its axis). A
+  smooth (Gaussian) filter scores near 0 (0.02 for a 5x5 of sigma 1), a checkerboard near 1 (0.99);
+  random 3x3 or 5x5 noise about 0.69 (the high band is three quarters of the frequency plane, less the
+  leakage of the small window). 1x1 kernels have no spatial frequencies
+  and score NaN. A filter is **aliased** when its score exceeds ``alias_threshold`` and (by default) the
+  layer has a stride above 1, where subsampling can alias; stride-1 layers are scored but not flagged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import suggestion
+from ..probe import module_of, name_of, resolve_layer
+from .errors import LayerKindError, ViewOptionError
+from .filters import FilterSet, conv_layers
+from .picture import Pictured
+
+#: Layers drawn by :meth:`ModelHealth.to_image` (the first ones that have flagged filters).
+PICTURE_LAYERS = 4
+
+
+def aliasing_scores(weight: torch.Tensor, fft_size: int = 16, chunk: int = 1 << 16) -> torch.Tensor:
+    """Share of each filter's spectral energy with |fy| or |fx| above 1/4 cycle per pixel (O,).
+
+    ``weight`` (O, I, kh, kw); each (kh, kw) slice is zero-padded to ``fft_size`` x ``fft_size``; powers add
+    over the I slices. NaN for 1x1 kernels and all-zero filters. Vectorised, in chunks of about ``chunk``
+    slices to bound memory.
+    """
+    o, i, kh, kw = weight.shape
+    if kh == 1 and kw == 1:
+        return torch.full((o,), float("nan"))
+    if fft_size < max(kh, kw):
+        raise ViewOptionError(f"fft_size {fft_size} is smaller than the {kh}x{kw} kernel")
+    w = weight.detach().to(torch.float64).cpu()
+    fy = torch.fft.fftfreq(fft_size, dtype=torch.float64).abs().view(-1, 1)
+    fx = torch.fft.rfftfreq(fft_size, dtype=torch.float64).view(1, -1)
+    high = ((fy > 0.25) | (fx > 0.25)).to(torch.float64)
+    # rfft keeps one of each conjugate pair: columns strictly inside (0, Nyquist) stand for two frequencies
+    count = torch.full((1, fx.shape[1]), 2.0, dtype=torch.float64)
+    count[0, 0] = 1.0
+    if fft_size % 2 == 0:
+        count[0, -1] = 1.0
+    step = max(1, chunk // max(i, 1))
+    total = torch.empty(o, dtype=torch.float64)
+    upper = torch.empty(o, dtype=torch.float64)
+    for s in range(0, o, step):
+        spec = torch.fft.rfft2(w[s : s + step], s=(fft_size, fft_size))
+        power = (spec.real**2 + spec.imag**2).sum(1) * count  # (n, fft, fft//2+1)
+        total[s : s + step] = power.sum((1, 2))
+        upper[s : s + step] = (power * high).sum((1, 2))
+    score = upper / total
+    return torch.where(total > 0, score, torch.full_like(score, float("nan"))).float()
+
+
+@dataclass(eq=False)
+class FilterHealth(Pictured):
+    """Dead and aliasing-prone filters of one ``Conv2d`` (see the module docstring for the measures).
+
+    ``norms`` / ``aliasing`` (O,): per filter; ``dead`` / ``aliased``: flagged filter indices;
+    ``median_norm``: the layer's median L2 norm; ``stride``, ``kernel_size``, ``groups``: the layer's.
+    ``weight``: a CPU copy of the kernel (for the picture of the flagged filters).
+    """
+
+    layer: str
+    layer_type: str
+    weight: torch.Tensor
+    stride: tuple[int, int]
+    groups: int
+    norms: torch.Tensor
+    aliasing: torch.Tensor
+    dead: list[int]
+    aliased: list[int]
+    median_norm: float
+    dead_fraction: float
+    alias_threshold: float
+    strided_only: bool
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return int(self.weight.shape[2]), int(self.weight.shape[3])
+
+    @property
+    def flagged(self) -> list[int]:
+        """Dead or aliased filters, in index order."""
+        return sorted(set(self.dead) | set(self.aliased))
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per filter: index, L2 norm, aliasing score (None for 1x1), dead, aliased."""
+        dead, aliased = set(self.dead), set(self.aliased)
+        return [{"filter": j, "norm": float(n), "aliasing": None if math.isnan(a) else float(a),
+                 "dead": j in dead, "aliased": j in aliased}
+                for j, (n, a) in enumerate(zip(self.norms.tolist(), self.aliasing.tolist()))]
+
+    def summary(self) -> dict[str, Any]:
+        """The layer's one summary row (what :class:`ModelHealth` lists per layer)."""
+        a = self.aliasing[~torch.isnan(self.aliasing)]
+        kh, kw = self.kernel_size
+        return {"layer": self.layer, "type": self.layer_type, "filters": self.out_channels, "kernel": f"{kh}x{kw}",
+                "stride": f"{self.stride[0]}x{self.stride[1]}", "groups": self.groups, "dead": len(self.dead),
+                "aliased": len(self.aliased), "median_norm": self.median_norm,
+                "mean_aliasing": float(a.mean()) if len(a) else None, "max_aliasing": float(a.max()) if len(a) else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary, thresholds and the per-filter table as JSON-ready data."""
+        return {**self.summary(), "dead_fraction": self.dead_fraction, "alias_threshold": self.alias_threshold,
+                "strided_only": self.strided_only, "dead_filters": self.dead, "aliased_filters": self.aliased,
+                "table": self.table()}
+
+    def to_image(self, *, cell: int | None = None, title: bool = True) -> Image.Image:
+        """The flagged filters (grey = 0), labelled with their index and why (``dead``, or the aliasing score)."""
+        from ..render import grid, matrix_grid, titled
+
+        flagged = self.flagged
+        caption = (f"{self.layer}: {len(self.dead)} dead, {len(self.aliased)} aliased of {self.out_channels} filters "
+                   f"{self.kernel_size[0]}x{self.kernel_size[1]} stride {self.stride[0]}")
+        if not flagged:
+            picture = Image.new("RGB", (240, 24), (255, 255, 255))
+            return titled(picture, caption + ": none flagged") if title else picture
+        w = self.weight[flagged]
+        norms = self.norms[flagged]
+        fs = FilterSet(layer=self.layer, weight=w, groups=self.groups, in_channels=int(w.shape[1]) * self.groups,
+                       stride=self.stride, norms=norms, rms=norms / math.sqrt(max(w[0].numel(), 1)), dead=[],
+                       dead_tolerance=0.0, max_filters=None, max_channels=16, layer_type=self.layer_type)
+        labels = [f"{j} dead" if j in self.dead else f"{j} {float(self.aliasing[j]):.2f}" for j in flagged]
+        kh, kw = self.kernel_size
+        if fs.kind in ("rgb", "depthwise"):
+            picture = grid(fs.tiles(), labels=labels, cell=cell or max(40, min(64, 8 * max(kh, kw))), columns=min(len(flagged), 8))
+            return titled(picture, caption) if title else picture
+        return matrix_grid(fs.channel_tiles(), row_labels=labels, column_labels=[str(j) for j in range(fs.shown_channels)],
+                           cell=cell or max(12, min(48, 6 * max(kh, kw))), title=caption if title else None)
+
+    def __str__(self) -> str:
+        s = self.summary()
+        return (f"{self.layer} ({s['type']} {s['kernel']} stride {s['stride']}): {s['filters']} filters, "
+                f"{s['dead']} dead, {s['aliased']} aliased, median norm {self.median_norm:.4g}")
+
+
+@dataclass(eq=False)
+class ModelHealth(Pictured):
+    """:class:`FilterHealth` of every ``Conv2d`` of a model, in ``named_modules()`` order (``layers``)."""
+
+    layers: list[FilterHealth]
+    seconds: float
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One summary row per conv layer."""
+        return [h.summary() for h in self.layers]
+
+    def layer(self, name: str) -> FilterHealth:
+        for h in self.layers:
+            if h.layer == name:
+                return h
+        raise LayerKindError(f"no conv layer {name!r} in this result{suggestion(name, [h.layer for h in self.layers])}")
+
+    @property
+    def dead(self) -> int:
+        return sum(len(h.dead) for h in self.layers)
+
+    @property
+    def aliased(self) -> int:
+        return sum(len(h.aliased) for h in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.rows(), "dead": self.dead, "aliased": self.aliased, "seconds": round(self.seconds, 4)}
+
+    def to_image(self) -> Image.Image:
+        """The flagged filters of the first :data:`PICTURE_LAYERS` layers that have any, stacked."""
+        shown = [h.to_image() for h in self.layers if h.flagged][:PICTURE_LAYERS]
+        if not shown:
+            from ..render import titled
+
+            return titled(Image.new("RGB", (240, 24), (255, 255, 255)), f"no dead or aliased filters in {len(self.layers)} conv layers")
+        width = max(p.size[0] for p in shown)
+        canvas = Image.new("RGB", (width, sum(p.size[1] + 8 for p in shown)), (255, 255, 255))
+        top = 0
+        for p in shown:
+            canvas.paste(p, (0, top))
+            top += p.size[1] + 8
+        return canvas
+
+    def __str__(self) -> str:
+        return f"{len(self.layers)} conv layers: {self.dead} dead and {self.aliased} aliased filters"
+
+
+def filter_health(
+    model: Any,
+    layer: str | None = None,
+    *,
+    dead_fraction: float = 1e-3,
+    alias_threshold: float = 0.75,
+    strided_only: bool = True,
+    fft_size: int = 16,
+) -> FilterHealth | ModelHealth:
+    """Dead and aliasing-prone filters of one ``Conv2d`` (``layer``), or of every one (``layer=None``).
+
+    A filter is dead when all zero or its L2 norm is at most ``dead_fraction`` x the layer's median. The
+    aliasing score is the share of spectral energy above half Nyquist (module docstring); a filter is
+    aliased above ``alias_threshold`` (default 0.75: more high frequency than random
+    noise, which scores about 0.69), only in layers with stride > 1 unless ``strided_only=False``. Reads weights
+    only (no forward pass); the model is not changed. Returns :class:`FilterHealth` for one layer,
+    :class:`ModelHealth` (one summary row per conv layer) for ``layer=None``.
+    """
+    if not dead_fraction >= 0:
+        raise ViewOptionError(f"dead_fraction must be >= 0, got {dead_fraction}")
+    if not 0 <= alias_threshold <= 1:
+        raise ViewOptionError(f"alias_threshold is a share of energy in [0, 1], got {alias_threshold}")
+    if fft_size < 2:
+        raise ViewOptionError(f"fft_size must be at least 2, got {fft_size}")
+    module = module_of(model)
+    options = (dead_fraction, alias_threshold, strided_only, fft_size)
+    if layer is not None:
+        conv = resolve_layer(module, layer)
+        name = layer if isinstance(layer, str) else name_of(module, conv)
+        if not isinstance(conv, nn.Conv2d):
+            convs = conv_layers(module)
+            hint = suggestion(name, convs) or (f"; convolutions include {', '.join(convs[:5])}" if convs else "; the model has no Conv2d")
+            raise LayerKindError(f"layer {name!r} is a {type(conv).__name__}, not a Conv2d{hint}")
+        return _layer_health(name, conv, *options)
+    start = time.perf_counter()
+    named = dict(module.named_modules())
+    names = conv_layers(module)
+    if not names:
+        raise LayerKindError("the model has no Conv2d layer")
+    layers = [_layer_health(n, named[n], *options) for n in names]
+    return ModelHealth(layers, time.perf_counter() - start)
+
+
+def _layer_health(name: str, conv: nn.Conv2d, dead_fraction: float, alias_threshold: float, strided_only: bool,
+                  fft_size: int) -> FilterHealth:
+    w = conv.weight.detach().float().cpu().clone()
+    norms = w.flatten(1).norm(dim=1)
+    median = float(norms.median()) if len(norms) else 0.0
+    zero = w.flatten(1).abs().amax(1) == 0
+    dead_mask = zero | (norms <= dead_fraction * median)
+    scores = aliasing_scores(w, max(fft_size, *w.shape[2:]))
+    stride = (int(conv.stride[0]), int(conv.stride[1]))
+    may_alias = max(stride) > 1 or not strided_only
+    alias_mask = (scores > alias_threshold) & ~dead_mask if may_alias else torch.zeros_like(dead_mask)
+    return FilterHealth(layer=name, layer_type=type(conv).__name__, weight=w, stride=stride, groups=int(conv.groups),
+                        norms=norms, aliasing=scores, dead=torch.nonzero(dead_mask).flatten().tolist(),
+                        aliased=torch.nonzero(alias_mask).flatten().tolist(), median_norm=median,
+                        dead_fraction=dead_fraction, alias_threshold=alias_threshold, strided_only=strided_only)
