@@ -4,7 +4,10 @@
   shape-only accuracy on silhouettes and edge drawings.
 - :mod:`.topk`: the images and patches that most activate each channel of a layer, streamed with memory
   bounded by channels x k, saved as it goes and resumable; channels that never fire.
+- :mod:`.dissect`: Network Dissection (Bau et al. 2017) against a Broden-format concept dataset.
 - :mod:`.embed`: one pooled feature vector per image; nearest neighbours; PCA, t-SNE and UMAP maps.
+- :mod:`.evolution`: how filters and representations change across training checkpoints (weight drift,
+  filter cosine, linear CKA to the final checkpoint).
 - :mod:`.folder`: streaming image folders, lists and tensors in batches.
 - :mod:`.projection`: DeconvNet (or guided / plain gradient) projections of single top units back to
   pixels, batched (Zeiler & Fergus 2014, fig. 2).
@@ -29,6 +32,7 @@ from .bias import (
     shape_accuracy,
     shape_bias,
 )
+from .dissect import Broden, DissectError, Dissection, Unit, dissect, make_synthetic_broden, open_broden
 from .embed import (
     Embedding,
     EmbeddingError,
@@ -41,6 +45,7 @@ from .embed import (
     tsne,
     umap_projection,
 )
+from .evolution import Evolution, EvolutionError, centered_gram, evolution, gram_cka, linear_cka
 from .folder import DatasetError, ImageSource, SkippedImagesWarning, TensorSource, list_images, open_images
 from .projection import ProjectionError, Projections, UnitGradients, projection_picture, unit_gradients
 from .topk import Hit, StateMismatchError, TopK, TopKError, top_activations
@@ -53,11 +58,16 @@ __all__ = [
     "UnitGradients",
     "projection_picture",
     "unit_gradients",
+    "Broden",
     "CategoryCounts",
     "DatasetError",
     "Decision",
+    "DissectError",
+    "Dissection",
     "Embedding",
     "EmbeddingError",
+    "Evolution",
+    "EvolutionError",
     "Neighbour",
     "Hit",
     "ImageSource",
@@ -68,18 +78,26 @@ __all__ = [
     "StimuliError",
     "TopK",
     "TopKError",
+    "Unit",
     "TensorSource",
     "aggregation_matrix",
+    "centered_gram",
     "conditional_probabilities",
+    "dissect",
     "embed",
+    "evolution",
     "feature_distances",
     "load_embedding",
+    "make_synthetic_broden",
+    "open_broden",
     "open_images",
     "pca",
     "tsne",
     "umap_projection",
     "category_scores",
     "find_stimuli",
+    "gram_cka",
+    "linear_cka",
     "list_images",
     "load_categories",
     "shape_accuracy",

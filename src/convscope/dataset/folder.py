@@ -14,6 +14,7 @@ with ``.``) are left out. Nothing is kept in memory beyond one batch.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConvscopeError, ImageError
 
@@ -233,3 +235,23 @@ def open_images(images: Any, device: torch.device) -> ImageSource | TensorSource
     if isinstance(images, Iterable):
         return TensorSource(images, device)
     raise DatasetError(f"cannot read images from a {type(images).__name__}; pass a folder, a list of images or tensors")
+
+
+# ============================================================================ saved run states
+
+
+def model_fingerprint(module: nn.Module) -> dict[str, Any]:
+    """A cheap identity of a model's weights (class, tensor count and size, sum of |w|), stored with saved
+    run states so a resumed run refuses another model."""
+    tensors = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    with torch.no_grad():
+        sums = [t.detach().double().abs().sum().cpu() for t in tensors]
+    return {"class": type(module).__name__, "tensors": len(tensors), "numel": sum(t.numel() for t in tensors),
+            "abs_sum": float(torch.stack(sums).sum()) if sums else 0.0}
+
+
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`model_fingerprint` records name the same weights (sums equal to 1e-6)."""
+    if {k: a.get(k) for k in ("class", "tensors", "numel")} != {k: b.get(k) for k in ("class", "tensors", "numel")}:
+        return False
+    return math.isclose(float(a.get("abs_sum", 0)), float(b.get("abs_sum", 0)), rel_tol=1e-6, abs_tol=1e-9)

@@ -43,7 +43,7 @@ from ..probe import (
     module_of,
     resolve_layer,
 )
-from .folder import DatasetError, open_images
+from .folder import DatasetError, model_fingerprint, open_images, same_model
 
 REDUCES = ("max", "mean")
 STATE_FORMAT = "convscope-topk/1"
@@ -480,20 +480,6 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Ten
 # ============================================================================ saved state
 
 
-def _model_fingerprint(module: nn.Module) -> dict[str, Any]:
-    tensors = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    with torch.no_grad():
-        sums = [t.detach().double().abs().sum().cpu() for t in tensors]
-    return {"class": type(module).__name__, "tensors": len(tensors), "numel": sum(t.numel() for t in tensors),
-            "abs_sum": float(torch.stack(sums).sum()) if sums else 0.0}
-
-
-def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if {k: a.get(k) for k in ("class", "tensors", "numel")} != {k: b.get(k) for k in ("class", "tensors", "numel")}:
-        return False
-    return math.isclose(float(a.get("abs_sum", 0)), float(b.get("abs_sum", 0)), rel_tol=1e-6, abs_tol=1e-9)
-
-
 def sidecar_path(state: str | os.PathLike) -> Path:
     """The JSON manifest written next to a state file (``PATH.json``)."""
     return Path(str(state) + ".json")
@@ -540,7 +526,7 @@ def _check_state(path: Path, saved: dict[str, Any], meta: dict[str, Any]) -> Non
     if saved.get("count") != meta["count"] or saved.get("files_sha256") != meta["files_sha256"]:
         raise StateMismatchError(f"{path}: saved for a different list of inputs ({_list_difference(path, saved, meta)}); "
                                  "use another --state file or delete this one")
-    if not _same_model(saved.get("model", {}), meta["model"]):
+    if not same_model(saved.get("model", {}), meta["model"]):
         raise StateMismatchError(f"{path}: saved for a different model ({saved.get('model')} vs {meta['model']})")
 
 
@@ -618,7 +604,7 @@ def top_activations(
     meta: dict[str, Any] = {
         "format": STATE_FORMAT, "layer": layer, "k": k, "reduce": reduce, "channels": wanted,
         "count": None if names is None else len(names), "files_sha256": source.fingerprint(),
-        "root": None if source.root is None else str(Path(source.root).resolve()), "model": _model_fingerprint(module),
+        "root": None if source.root is None else str(Path(source.root).resolve()), "model": model_fingerprint(module),
     }
     total = meta["count"]
     path = Path(state) if state is not None else None

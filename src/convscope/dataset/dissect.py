@@ -1,0 +1,906 @@
+"""Network Dissection: which units of a layer detect which human-labelled concepts.
+
+Bau, Zhou, Khosla, Oliva and Torralba, "Network Dissection: Quantifying Interpretability of Deep Visual
+Representations" (CVPR 2017). :func:`dissect` runs a model over a Broden-format concept dataset in two
+streaming passes, stopping each forward pass right after the layer:
+
+1. per unit u, the threshold T_u = the ``quantile`` (0.995) of u's activations over every position of every
+   image, taken at the layer's own resolution (before upsampling);
+2. per unit, its mask in each image = its activation map upsampled bilinearly (``align_corners=False``) to the
+   mask resolution, strictly above T_u. For every (unit, concept) pair the run adds up
+
+   - the intersection |M_u ∩ L_c| over all images,
+   - the unit's mask area over the images that carry some label of c's category,
+   - the concept's area |L_c| over all images,
+
+   and IoU(u, c) = Σ intersection / Σ union, union = area_u(images with c's category) + area_c - intersection
+   (a total over the dataset, not a mean of per-image IoUs). Whole-image labels (scene, texture) are masks that
+   cover the whole image.
+
+A unit is a *detector* when its best IoU exceeds ``iou_threshold`` (0.04); its concept is the label of that best
+IoU. *Unique detectors*: per category, the distinct labels among units whose best IoU within that category
+exceeds the threshold, summed over categories (so one unit may count in two categories, as in the paper's
+published counts). Each label belongs to the one category where its coverage is largest (ties: the first listed).
+
+Memory is bounded by units x labels (the counters) plus, for the threshold, a per-unit "top tail": the linear
+interpolation quantile (``numpy.quantile``'s default, ``method="linear"``: position q (n - 1) in the sorted values)
+only reads the values at ascending ranks floor(q (n - 1)) and the next one, i.e. among the largest
+m = n - floor(q (n - 1)) ≈ 0.5 % of the n values. Keeping the m largest values per unit (float32) is therefore
+exact and costs units x m x 4 bytes, with n = images x h x w known from the index before the run: for Broden
+(63,305 images) at a 7 x 7 layer with 512 units that is 512 x 15,510 x 4 B ≈ 32 MB. When that exceeds
+``quantile_memory`` (default 256 MiB; e.g. 64 units at 56 x 56 need 254 MB) a per-unit histogram of
+:data:`HISTOGRAM_BINS` bins is used instead: its range starts at the first batch's min/max and doubles its bin
+width (merging neighbours) whenever a larger value arrives, so the estimate is off by at most one bin width,
+reported per unit in :attr:`Dissection.threshold_error` (0 in exact mode).
+
+Broden format (Bau et al.'s ``broden1_224``/``broden1_227``): ``index.csv`` with columns ``image, split, ih, iw,
+sh, sw, color, object, part, material, scene, texture``; images and mask PNGs live under ``images/`` (paths in the
+index are relative to it). The first four label columns name mask PNGs (several separated by ``;``: parts stack);
+each mask pixel holds a global label number R + 256 G at (sh, sw) resolution, 0 = unlabelled. ``scene`` and
+``texture`` hold whole-image label numbers (``;``-separated). ``label.csv`` (number, name, category, ...) names the
+labels; its category field reads like ``object(12);part(3)``; ``c_<category>.csv`` (code, number, name, frequency,
+coverage) gives each label's coverage in that category, used when present. :func:`make_synthetic_broden` writes a
+small dataset in this format (Broden itself is about 1 GB per resolution).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..inspect.picture import Pictured
+from ..probe import Capture, forward_fast, module_device, module_of, resolve_layer
+from .folder import DatasetError, ImageSource
+
+#: Label columns of ``index.csv``: the first four name mask PNGs, the last two whole-image labels.
+PIXEL_COLUMNS = ("color", "object", "part", "material")
+IMAGE_COLUMNS = ("scene", "texture")
+CATEGORIES = PIXEL_COLUMNS + IMAGE_COLUMNS
+#: Bins per unit of the histogram used when the exact top tail would not fit in ``quantile_memory``.
+HISTOGRAM_BINS = 4096
+STATE_FORMAT = "convscope-dissect/1"
+#: Elements of a (images x units x mask pixels) block processed at once in pass 2.
+CHUNK_ELEMENTS = 1 << 25
+
+
+class DissectError(DatasetError):
+    """A dissection that cannot run: a malformed Broden dataset, a bad option, a mismatched saved state."""
+
+
+# ============================================================================ the dataset
+
+
+@dataclass
+class Broden:
+    """A parsed Broden-format dataset (see the module docstring for the format).
+
+    ``rows``: the index entries kept (dicts of the CSV columns). ``names[number]``: each label's name (index =
+    global label number, ``names[0] = "-"``). ``category_of[number]``: index in ``categories`` of the label's
+    category (largest coverage), -1 for unused or dropped labels. ``mask_size``: (sh, sw) of the first row; masks
+    of other sizes are resized (nearest) to it.
+    """
+
+    root: Path
+    rows: list[dict[str, str]]
+    names: list[str]
+    categories: list[str]
+    category_of: list[int]
+    mask_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image_path(self, i: int) -> Path:
+        return self.root / "images" / self.rows[i]["image"]
+
+    def labels(self, i: int) -> tuple[list[np.ndarray], list[int]]:
+        """Row ``i``'s pixel label maps (each (sh, sw) int64, label numbers, 0 = none) and its whole-image labels."""
+        row = self.rows[i]
+        maps = []
+        for col in PIXEL_COLUMNS:
+            for name in _split(row.get(col, "")):
+                maps.append(_read_mask(self.root / "images" / name, self.mask_size))
+        whole = []
+        for col in IMAGE_COLUMNS:
+            for text in _split(row.get(col, "")):
+                try:
+                    whole.append(int(float(text)))
+                except ValueError:
+                    raise DissectError(f"index.csv row {i + 2}: {col} must hold label numbers, got {text!r}") from None
+        return maps, whole
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(";") if t.strip()]
+
+
+def _read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise DissectError(f"{path}: cannot read the mask ({exc})") from None
+    labels = a[..., 0].astype(np.int64) + 256 * a[..., 1].astype(np.int64)
+    if labels.shape != size:
+        rows = (np.arange(size[0]) * labels.shape[0]) // size[0]
+        cols = (np.arange(size[1]) * labels.shape[1]) // size[1]
+        labels = labels[rows][:, cols]
+    return labels
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DissectError(f"{path}: missing; a Broden dataset needs index.csv and label.csv")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()} for r in reader]
+            fields = [(k or "").strip() for k in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DissectError(f"{path}: not a readable CSV file ({exc})") from None
+    if not fields:
+        raise DissectError(f"{path}: empty file")
+    return rows
+
+
+_CATEGORY_ITEM = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\(\s*([-+0-9.eE]+)\s*\))?\s*$")
+
+
+def open_broden(root: str | os.PathLike, categories: Sequence[str] | None = None, *, max_images: int | None = None) -> Broden:
+    """Read and check a Broden dataset's ``index.csv``, ``label.csv`` and ``c_<category>.csv`` files.
+
+    ``categories``: keep only these (default: every category that has labels); labels whose primary
+    category is dropped are ignored. ``max_images``: keep the first N rows. Raises :class:`DissectError`
+    with the file and line for anything malformed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DissectError(f"{root}: no such folder (a Broden dataset folder holds index.csv, label.csv and images/)")
+    index = _read_csv(root / "index.csv")
+    need = ("image", "sh", "sw")
+    if index:
+        missing = [c for c in need if c not in index[0]]
+        if missing:
+            raise DissectError(f"{root / 'index.csv'}: missing column(s) {', '.join(missing)}")
+    if not index:
+        raise DissectError(f"{root / 'index.csv'}: no images listed")
+    if max_images is not None:
+        if max_images < 1:
+            raise DissectError(f"max_images must be at least 1, got {max_images}")
+        index = index[:max_images]
+    labels = _read_csv(root / "label.csv")
+    names: dict[int, str] = {}
+    coverage: dict[int, dict[str, float]] = {}
+    order: list[str] = []
+    for line, row in enumerate(labels, 2):
+        try:
+            number = int(float(row.get("number", "")))
+        except ValueError:
+            raise DissectError(f"{root / 'label.csv'} line {line}: label number {row.get('number')!r} is not a number") from None
+        if number < 0:
+            raise DissectError(f"{root / 'label.csv'} line {line}: negative label number {number}")
+        names[number] = row.get("name", "") or str(number)
+        cov: dict[str, float] = {}
+        for item in _split(row.get("category", "")):
+            m = _CATEGORY_ITEM.match(item)
+            if not m:
+                raise DissectError(f"{root / 'label.csv'} line {line}: cannot read category {item!r} "
+                                   "(expected e.g. object(12);part(3))")
+            cov[m.group(1)] = float(m.group(2)) if m.group(2) else 0.0
+            if m.group(1) not in order:
+                order.append(m.group(1))
+        coverage[number] = cov
+    if not names:
+        raise DissectError(f"{root / 'label.csv'}: no labels")
+    # c_<category>.csv coverage overrides the label.csv counts where present
+    for cat in list(order):
+        path = root / f"c_{cat}.csv"
+        if not path.is_file():
+            continue
+        for line, row in enumerate(_read_csv(path), 2):
+            try:
+                number = int(float(row.get("number", "")))
+                value = float(row.get("coverage") or row.get("frequency") or 0)
+            except ValueError:
+                raise DissectError(f"{path} line {line}: number and coverage must be numbers") from None
+            if number in coverage and cat in coverage[number]:
+                coverage[number][cat] = value
+    ordered = [c for c in CATEGORIES if c in order] + [c for c in order if c not in CATEGORIES]
+    if categories is not None:
+        unknown = [c for c in categories if c not in ordered]
+        if unknown:
+            raise DissectError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                               f"this dataset has {', '.join(ordered)}")
+        kept = [c for c in ordered if c in categories]
+    else:
+        kept = ordered
+    size = max(names) + 1
+    out_names = ["-"] * size
+    category_of = [-1] * size
+    for number, name in names.items():
+        out_names[number] = name
+        cov = coverage[number]
+        if number == 0 or not cov:
+            continue
+        best = max(cov, key=lambda c: (cov[c], -order.index(c)))
+        category_of[number] = kept.index(best) if best in kept else -1
+    try:
+        mask_size = (int(float(index[0]["sh"])), int(float(index[0]["sw"])))
+    except ValueError:
+        raise DissectError(f"{root / 'index.csv'} line 2: sh and sw must be numbers") from None
+    if min(mask_size) < 1:
+        raise DissectError(f"{root / 'index.csv'} line 2: mask size {mask_size} must be positive")
+    return Broden(root, index, out_names, kept, category_of, mask_size)
+
+
+# ============================================================================ synthetic data
+
+
+def make_synthetic_broden(path: str | os.PathLike, n_images: int = 40, *, size: int = 32, square_every: int = 5,
+                          seed: int = 0) -> Path:
+    """Write a small Broden-format dataset to ``path`` (a folder, created) and return it.
+
+    Every image (``size`` x ``size``, masks at half resolution like Broden) is dark noise (values <= 0.4) with a
+    blue disk; every ``square_every``-th image also holds a bright red square of side ``size // 8`` (even,
+    aligned to 2 pixels so it is exact at mask resolution). Labels: color ``black`` (background) and ``blue``
+    (the disk); object ``square``, ``disk``; two stacked part masks (``top`` and ``left`` halves of the square,
+    overlapping in one quarter); material ``metal`` (the disk; ``disk`` is also listed under material with less
+    coverage, so it belongs to object); scene ``indoor`` / ``outdoor`` (alternating, some images both);
+    texture ``striped`` (every third image). A unit that fires on red regions is a ``square`` detector.
+    """
+    root = Path(path)
+    if size < 16 or size % 16:
+        raise DissectError(f"size must be a multiple of 16 (>= 16), got {size}")
+    if n_images < 1 or square_every < 1:
+        raise DissectError("n_images and square_every must be at least 1")
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = [  # number, name, category field, coverage by category
+        (1, "black", "color(1)", {"color": 0.8}), (2, "blue", "color(1)", {"color": 0.1}),
+        (3, "square", "object(1)", {"object": 0.02}), (4, "disk", "object(1);material(1)", {"object": 0.1, "material": 0.05}),
+        (5, "top", "part(1)", {"part": 0.01}), (6, "left", "part(1)", {"part": 0.01}),
+        (7, "metal", "material(1)", {"material": 0.1}), (8, "indoor", "scene(1)", {"scene": 0.5}),
+        (9, "outdoor", "scene(1)", {"scene": 0.5}), (10, "striped", "texture(1)", {"texture": 0.3}),
+    ]
+    h = size // 2
+    side = max(2, (size // 8) // 2 * 2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    rows = []
+    for i in range(n_images):
+        img = rng.uniform(0, 0.4, (size, size, 3))
+        color = np.ones((size, size), np.int64)
+        obj = np.zeros((size, size), np.int64)
+        material = np.zeros((size, size), np.int64)
+        cy, cx, r = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [size // 8]
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img[disk] = np.stack([rng.uniform(0, 0.2, disk.sum()), rng.uniform(0, 0.2, disk.sum()), rng.uniform(0.7, 1, disk.sum())], 1)
+        color[disk], obj[disk], material[disk] = 2, 4, 7
+        parts = []
+        if i % square_every == 0:
+            top = int(rng.integers(0, (size - side) // 2)) * 2
+            left = int(rng.integers(0, (size - side) // 2)) * 2
+            sq = np.zeros((size, size), bool)
+            sq[top:top + side, left:left + side] = True
+            img[sq] = np.stack([rng.uniform(0.8, 1, sq.sum()), rng.uniform(0, 0.1, sq.sum()), rng.uniform(0, 0.1, sq.sum())], 1)
+            obj[sq], color[sq], material[sq] = 3, 0, 0
+            p1 = np.zeros((size, size), np.int64)
+            p1[top:top + side // 2, left:left + side] = 5
+            p2 = np.zeros((size, size), np.int64)
+            p2[top:top + side, left:left + side // 2] = 6
+            parts = [p1, p2]
+        Image.fromarray((img * 255).round().astype(np.uint8)).save(root / "images" / f"syn_{i:05d}.png")
+        cols = {}
+        for col, maps in (("color", [color]), ("object", [obj]), ("part", parts), ("material", [material])):
+            files = []
+            for j, m in enumerate(maps):
+                if not m.any():
+                    continue
+                name = f"syn_{i:05d}_{col}_{j}.png"
+                small = m[::2, ::2]
+                rgb = np.stack([small % 256, small // 256, np.zeros_like(small)], -1).astype(np.uint8)
+                Image.fromarray(rgb).save(root / "images" / name)
+                files.append(name)
+            cols[col] = ";".join(files)
+        scene = "8" if i % 2 == 0 else "9"
+        if i % 7 == 3:
+            scene = "8;9"
+        rows.append({"image": f"syn_{i:05d}.png", "split": "train", "ih": size, "iw": size, "sh": h, "sw": h, **cols,
+                     "scene": scene, "texture": "10" if i % 3 == 0 else ""})
+    with open(root / "index.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "split", "ih", "iw", "sh", "sw", *CATEGORIES])
+        w.writeheader()
+        w.writerows(rows)
+    with open(root / "label.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["number", "name", "category", "frequency", "coverage", "syns"])
+        w.writerow([0, "-", "", 0, 0, ""])
+        for number, name, cat, cov in labels:
+            w.writerow([number, name, cat, 1, max(cov.values()), ""])
+    with open(root / "category.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "first", "last", "count", "frequency"])
+        for cat in CATEGORIES:
+            nums = [n for n, _, _, cov in labels if cat in cov]
+            w.writerow([cat, min(nums), max(nums), len(nums), n_images])
+    for cat in CATEGORIES:
+        with open(root / f"c_{cat}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["code", "number", "name", "frequency", "coverage"])
+            for code, (number, name, _, cov) in enumerate([item for item in labels if cat in item[3]], 1):
+                w.writerow([code, number, name, 1, cov[cat]])
+    return root
+
+
+# ============================================================================ result
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit's verdict: its best ``label`` (number) and ``name``, that label's ``category``, the ``iou`` and
+    whether it is a ``detector`` (iou > the run's threshold); ``threshold`` is its activation threshold T_u."""
+
+    unit: int
+    label: int
+    name: str
+    category: str | None
+    iou: float
+    detector: bool
+    threshold: float
+
+
+@dataclass(eq=False)
+class Dissection(Pictured):
+    """Network Dissection of ``layer`` (Bau et al. 2017).
+
+    ``iou`` (U, L) float64: IoU of every unit with every label (column = global label number; unused numbers
+    and label 0 hold 0). ``intersection``, ``unit_area`` (U, K: the unit's mask area over images carrying a
+    label of category k) and ``label_area`` (L,) are the raw totals (mask pixels). ``thresholds`` (U,): T_u;
+    ``threshold_error`` (U,): bound on |T_u - exact quantile| (0 in exact mode). ``names``/``label_category``:
+    per label number, its name and category (``None``: unused or dropped). ``top_images`` (U, k): dataset
+    positions of each unit's images with the largest maximum activation (-1 = none). ``processed``: index rows
+    done in pass 2; ``interrupted``: stopped by Ctrl-C (``stage`` says in which pass).
+    """
+
+    layer: str
+    quantile: float
+    iou_threshold: float
+    categories: list[str]
+    names: list[str]
+    label_category: list[str | None]
+    thresholds: torch.Tensor
+    threshold_error: torch.Tensor
+    exact_threshold: bool
+    iou: torch.Tensor
+    intersection: torch.Tensor
+    unit_area: torch.Tensor
+    label_area: torch.Tensor
+    top_images: torch.Tensor
+    sources: list[str]
+    mask_size: tuple[int, int]
+    map_size: tuple[int, int]
+    processed: int
+    total: int
+    skipped: list[tuple[int, str]]
+    interrupted: bool = False
+    stage: str = "done"
+    seconds: float = 0.0
+    root: str | None = None
+    model: Any = field(default=None, repr=False)
+    _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def num_units(self) -> int:
+        return int(self.thresholds.shape[0])
+
+    def units(self) -> list[Unit]:
+        """Every unit's best label, in unit order."""
+        best, arg = self.iou.max(dim=1) if self.iou.numel() else (torch.zeros(self.num_units), torch.zeros(self.num_units, dtype=torch.long))
+        out = []
+        for u, (v, lab) in enumerate(zip(best.tolist(), arg.tolist())):
+            out.append(Unit(u, int(lab), self.names[lab] if lab < len(self.names) else str(lab),
+                            self.label_category[lab] if lab < len(self.label_category) else None, float(v),
+                            float(v) > self.iou_threshold, float(self.thresholds[u])))
+        return out
+
+    def detectors(self) -> dict[str, int]:
+        """Per category: how many units are detectors whose best label is in that category."""
+        out = {c: 0 for c in self.categories}
+        for u in self.units():
+            if u.detector and u.category is not None:
+                out[u.category] += 1
+        return out
+
+    def unique_detectors(self) -> dict[str, list[str]]:
+        """Per category: the distinct labels among units whose best IoU within that category exceeds the threshold."""
+        out: dict[str, list[str]] = {}
+        for cat in self.categories:
+            cols = [i for i, c in enumerate(self.label_category) if c == cat]
+            if not cols or not self.num_units:
+                out[cat] = []
+                continue
+            sub = self.iou[:, cols]
+            v, a = sub.max(dim=1)
+            found = sorted({cols[j] for j, x in zip(a.tolist(), v.tolist()) if x > self.iou_threshold})
+            out[cat] = [self.names[i] for i in found]
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Counts: units, detectors (all and per category), unique detectors (total and per category)."""
+        det = self.detectors()
+        uniq = self.unique_detectors()
+        return {"units": self.num_units, "detectors": sum(det.values()), "unique_detectors": sum(len(v) for v in uniq.values()),
+                "per_category": {c: {"detectors": det[c], "unique": len(uniq[c]), "labels": uniq[c]} for c in self.categories}}
+
+    def table(self, top: int | None = None) -> str:
+        """Plain-text table, units sorted by IoU (best first); ``top`` limits the rows."""
+        units = sorted(self.units(), key=lambda u: (-u.iou, u.unit))[:top]
+        s = self.summary()
+        lines = [f"{self.layer}: {s['detectors']} detectors of {s['units']} units (IoU > {self.iou_threshold:g}), "
+                 f"{s['unique_detectors']} unique concepts; {self.processed - len(self.skipped)} images"
+                 + ("" if self.stage == "done" else f" (interrupted in {self.stage})"),
+                 "  ".join(f"{c}: {v['detectors']}/{v['unique']}" for c, v in s["per_category"].items()) + "  (detectors/unique)",
+                 f"{'unit':>5}  {'iou':>7}  {'threshold':>10}  {'category':<9} label"]
+        for u in units:
+            lines.append(f"{u.unit:>5}  {u.iou:>7.4f}  {u.threshold:>10.4g}  {u.category or '-':<9} {u.name}"
+                         + ("" if u.detector else "  (not a detector)"))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the full IoU matrix as JSON-ready data (per unit: best label, IoU, detector, threshold)."""
+        return {
+            "layer": self.layer, "quantile": self.quantile, "iou_threshold": self.iou_threshold,
+            "exact_threshold": self.exact_threshold, "mask_size": list(self.mask_size), "map_size": list(self.map_size),
+            "processed": self.processed, "total": self.total, "stage": self.stage, "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3), "root": self.root,
+            "skipped": [{"image": i, "reason": r} for i, r in self.skipped],
+            **self.summary(),
+            "unit_results": [{"unit": u.unit, "label": u.name, "label_number": u.label, "category": u.category,
+                              "iou": round(u.iou, 6), "detector": u.detector, "threshold": u.threshold,
+                              "threshold_error": float(self.threshold_error[u.unit]),
+                              "top_images": [self.sources[i] for i in self.top_images[u.unit].tolist() if i >= 0]}
+                             for u in self.units()],
+        }
+
+    # ------------------------------------------------------------------ picture
+    def to_image(self) -> Image.Image:
+        return self.grid()
+
+    def grid(self, units: Sequence[int] | None = None, *, rows: int = 8, model: Any = None, cell: int = 96) -> Image.Image:
+        """Rows = units (default: the ``rows`` best by IoU), columns = their top images, each with the unit's
+        mask (activation upsampled, > T_u) tinted and outlined; row label = unit, concept and IoU.
+
+        Runs one forward pass (stopped at the layer) over the images shown; ``model`` is needed if the run was
+        made with a plain module.
+        """
+        from ..render import matrix_grid
+
+        model = model if model is not None else self.model
+        if model is None:
+            raise DissectError("drawing needs the model (pass model=...)")
+        all_units = self.units()
+        chosen = list(units) if units is not None else [u.unit for u in sorted(all_units, key=lambda u: (-u.iou, u.unit))[:rows]]
+        if not chosen:
+            raise DissectError("no units to draw")
+        wanted = sorted({i for u in chosen for i in self.top_images[u].tolist() if i >= 0})
+        if not wanted:
+            raise DissectError("no images were scored; nothing to draw")
+        module = module_of(model)
+        prep = _Preprocessor(model, module_device(module))
+        pictures = {i: _load_rgb(Path(self.sources[i])) for i in wanted}
+        with torch.no_grad(), Capture(module, [self.layer], stop=True) as cap:
+            x = prep.preprocess([pictures[i] for i in wanted])
+            forward_fast(module, x, cap.forward)
+            act = cap.activations[self.layer].float()
+        position = {i: j for j, i in enumerate(wanted)}
+        table = []
+        for u in chosen:
+            tiles = []
+            for i in self.top_images[u].tolist():
+                if i < 0:
+                    continue
+                a = act[position[i], u][None, None]
+                pic = pictures[i].resize((cell, cell), Image.Resampling.BILINEAR)
+                up = F.interpolate(a, size=self.mask_size, mode="bilinear", align_corners=False)[0, 0]
+                mask = (up > float(self.thresholds[u])).cpu().numpy()
+                tiles.append(_outlined(pic, mask))
+            table.append(tiles or [Image.new("RGB", (cell, cell), (255, 255, 255))])
+        labels = [f"unit {u.unit}: {u.name} ({u.category or '-'}) IoU {u.iou:.3f}" for u in (all_units[c] for c in chosen)]
+        return matrix_grid(table, row_labels=labels, column_labels=[str(j + 1) for j in range(max(len(t) for t in table))],
+                           cell=cell, pad=2, title=f"Network Dissection of {self.layer}: unit masks (activation above its {100 * self.quantile:g}th percentile)")
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    from ..images import load_image
+
+    return load_image(str(path))
+
+
+def _outlined(pic: Image.Image, mask: np.ndarray) -> Image.Image:
+    """``pic`` with ``mask`` (any resolution, resized nearest) tinted yellow inside and outlined in red."""
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(pic.size, Image.Resampling.NEAREST)) > 0
+    a = np.asarray(pic.convert("RGB"), dtype=np.float32)
+    a = np.where(m[..., None], 0.6 * a + 0.4 * np.array([255, 230, 0], np.float32), 0.55 * a)
+    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+    a[edge] = (255, 0, 0)
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+# ============================================================================ the run
+
+
+class _Preprocessor:
+    """Broden images fed whole (resized to the model's input size, never cropped, so masks stay aligned)."""
+
+    def __init__(self, model: Any, device: torch.device):
+        self.device = device
+        self.size = tuple(model.input_size) if hasattr(model, "input_size") and not isinstance(model, nn.Module) else None
+        self.mean = getattr(model, "mean", (0.0, 0.0, 0.0)) if not isinstance(model, nn.Module) else (0.0, 0.0, 0.0)
+        self.std = getattr(model, "std", (1.0, 1.0, 1.0)) if not isinstance(model, nn.Module) else (1.0, 1.0, 1.0)
+
+    def preprocess(self, pictures: list[Image.Image]) -> torch.Tensor:
+        arrays = []
+        for p in pictures:
+            if self.size is not None and p.size != (self.size[1], self.size[0]):
+                p = p.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+            arrays.append(np.asarray(p, dtype=np.float32) / 255.0)
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise DissectError(f"images of different sizes {sorted(shapes)} in one batch; a plain module needs equal sizes "
+                               "(wrap it with cs.load_model(module, input_size=...))")
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous().to(self.device)
+
+
+def tail_size(n: int, quantile: float) -> int:
+    """How many of the largest of ``n`` values the linear-interpolation ``quantile`` reads: n - floor(q (n - 1))."""
+    return int(n - math.floor(quantile * (n - 1))) if n > 0 else 0
+
+
+def quantile_from_tail(tail: torch.Tensor, n: int, quantile: float) -> torch.Tensor:
+    """Per row, ``numpy.quantile(values, quantile)`` (method "linear") from the row's largest values.
+
+    ``tail`` (U, m): the m >= :func:`tail_size` largest of each row's ``n`` values, any order.
+    """
+    t = torch.sort(tail.double(), dim=1).values
+    m = t.shape[1]
+    pos = quantile * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    a, b = t[:, lo - (n - m)], t[:, hi - (n - m)]
+    return a + frac * (b - a)
+
+
+class _Histogram:
+    """Per-unit fixed-size histograms whose range grows by doubling the bin width (merging neighbours)."""
+
+    def __init__(self, values: torch.Tensor, bins: int = HISTOGRAM_BINS):
+        self.bins = bins
+        lo = values.amin(dim=1).double()
+        hi = values.amax(dim=1).double()
+        self.lo = lo
+        self.width = ((hi - lo) / (bins / 2)).clamp_min(1e-12)
+        self.counts = torch.zeros(values.shape[0], bins, dtype=torch.float64, device=values.device)
+        self.add(values)
+
+    def add(self, values: torch.Tensor) -> None:
+        v = values.double()
+        top = v.amax(dim=1)
+        need = torch.ceil(torch.log2(((top - self.lo) / (self.width * self.bins)).clamp_min(1e-300))).clamp_min(0)
+        need = torch.where(top >= self.lo + self.width * self.bins, need.clamp_min(1), need * 0)
+        for d in torch.unique(need[need > 0]).tolist():
+            rows = (need == d).nonzero().flatten()
+            f = 2 ** int(d)
+            if f >= self.bins:
+                merged = self.counts[rows].sum(dim=1, keepdim=True)
+                self.counts[rows] = F.pad(merged, (0, self.bins - 1))
+            else:
+                merged = self.counts[rows].view(len(rows), self.bins // f, f).sum(dim=2)
+                self.counts[rows] = F.pad(merged, (0, self.bins - self.bins // f))
+            self.width[rows] *= f
+        idx = ((v - self.lo[:, None]) / self.width[:, None]).floor().clamp(0, self.bins - 1).long()
+        self.counts.scatter_add_(1, idx, torch.ones_like(v))
+
+    def quantile(self, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linear-interpolation quantile per unit and its error bound (one bin width).
+
+        The values at the two integer ranks around q (n - 1) are each placed inside their bin (ranks spread
+        evenly through it), so each is off by less than a bin width, and so is their interpolation.
+        """
+        n = self.counts.sum(dim=1)
+        pos = quantile * (n - 1)
+        lo = pos.floor()
+        cum = self.counts.cumsum(dim=1)
+
+        def at(rank: torch.Tensor) -> torch.Tensor:
+            b = torch.searchsorted(cum, rank[:, None], right=True).clamp_max(self.bins - 1).flatten()
+            before = torch.where(b > 0, cum.gather(1, (b - 1).clamp_min(0)[:, None]).flatten(), torch.zeros_like(rank))
+            inside = self.counts.gather(1, b[:, None]).flatten().clamp_min(1)
+            return self.lo + self.width * (b.double() + ((rank - before + 0.5) / inside).clamp(0, 1))
+
+        a, b = at(lo), at(torch.minimum(lo + 1, n - 1))
+        return a + (pos - lo) * (b - a), self.width.clone()
+
+
+def dissect(
+    model: Any,
+    broden_root: str | os.PathLike,
+    layer: str,
+    *,
+    batch_size: int = 32,
+    categories: Sequence[str] | None = None,
+    quantile: float = 0.995,
+    iou_threshold: float = 0.04,
+    max_images: int | None = None,
+    top_k: int = 4,
+    quantile_memory: int = 256 * 2**20,
+    state: str | os.PathLike | None = None,
+    save_every: int = 20,
+    progress: bool | None | Callable[[str, int, int], None] = None,
+) -> Dissection:
+    """Network Dissection (Bau et al., CVPR 2017) of ``layer`` over the Broden dataset at ``broden_root``.
+
+    ``model``: a :class:`~convscope.Model` (images are resized whole to its input size and normalised with its
+    mean/std, no crop, so the masks stay aligned) or a plain module (images fed as [0, 1] RGB at their own size).
+    ``categories``: which concept categories to score (default all). ``quantile``: per-unit activation threshold
+    (0.995). ``iou_threshold``: a detector's best IoU must exceed it (0.04). ``max_images``: the first N index rows.
+    ``top_k``: images kept per unit for the picture. ``quantile_memory``: bytes allowed for the exact per-unit
+    top tail; above that a histogram sketch is used (see the module docstring). ``state``: a file saved after
+    pass 1, every ``save_every`` batches and on Ctrl-C (``torch.save`` of plain tensors, read back with
+    ``weights_only=True``); the same call continues from it. ``progress``: tqdm bars (``None``: only on a
+    terminal) or a callable ``(stage, done, total)``.
+
+    Cost: two forward passes per image (each stopped at ``layer``). Memory: units x labels float64 counters
+    plus the threshold tail. Returns a :class:`Dissection`; Ctrl-C returns what is done (``interrupted``).
+    """
+    from tqdm.auto import tqdm
+
+    if not 0 < quantile < 1:
+        raise DissectError(f"quantile must be between 0 and 1, got {quantile}")
+    if batch_size < 1 or save_every < 1 or top_k < 1:
+        raise DissectError("batch_size, save_every and top_k must be at least 1")
+    module = module_of(model)
+    resolve_layer(module, layer)
+    device = module_device(module)
+    ds = open_broden(broden_root, categories, max_images=max_images)
+    paths = [str(ds.image_path(i)) for i in range(len(ds))]
+    source = ImageSource(paths)
+    prep = _Preprocessor(model, device)
+    total = len(ds)
+    K = len(ds.categories)
+    L = len(ds.names)
+    cat_of = torch.tensor(ds.category_of, dtype=torch.long)
+    cat_matrix = torch.zeros(L, max(K, 1), dtype=torch.float32)
+    used = (cat_of >= 0).nonzero().flatten()
+    cat_matrix[used, cat_of[used]] = 1
+    cat_matrix = cat_matrix.to(device)
+    keep = torch.where(cat_of >= 0, torch.arange(L), torch.zeros(L, dtype=torch.long))
+    from .folder import model_fingerprint, same_model
+
+    meta = {"format": STATE_FORMAT, "layer": layer, "quantile": quantile, "categories": ds.categories, "count": total,
+            "root": str(Path(broden_root).resolve()), "model": model_fingerprint(module)}
+    st: dict[str, Any] = {"stage": "thresholds", "processed": 0, "scored": 0, "skipped": []}
+    t: dict[str, torch.Tensor] = {}
+    path = Path(state) if state is not None else None
+    if path is not None and path.exists():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            saved = json.loads(payload.pop("meta"))
+        except Exception as exc:
+            raise DissectError(f"{path}: not a readable dissection state ({type(exc).__name__}: {exc}); delete it to start over") from None
+        for key in ("format", "layer", "quantile", "categories", "count", "root"):
+            if saved.get(key) != meta[key]:
+                raise DissectError(f"{path}: saved for {key} {saved.get(key)!r}, this run has {meta[key]!r}; use another state file")
+        if not same_model(saved.get("model", {}), meta["model"]):
+            raise DissectError(f"{path}: saved for a different model; use another state file")
+        st = saved["progress"]
+        t = {k: v.to(device) for k, v in payload.items()}
+
+    def save() -> None:
+        if path is None:
+            return
+        from ..render.core import write_text_atomic
+
+        payload = {"meta": json.dumps({**meta, "progress": st}), **{k: v.cpu() for k, v in t.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        write_text_atomic(json.dumps({**meta, "progress": st}, indent=1), str(path) + ".json")
+
+    report = progress if callable(progress) else None
+    disable = True if report else (None if progress is None else not progress)
+    start = time.perf_counter()
+    interrupted = False
+    hist: _Histogram | None = None
+    with torch.no_grad(), Capture(module, [layer], stop=True) as cap:
+        def activations(x: torch.Tensor) -> torch.Tensor:
+            forward_fast(module, x, cap.forward)
+            act = cap.activations.get(layer)
+            if act is None or act.ndim != 4:
+                raise DissectError(f"layer {layer!r} gives no feature maps (N, C, H, W); choose a convolutional layer")
+            return act.float()
+
+        try:
+            # ---------------------------------------------------------------- pass 1: thresholds
+            if st["stage"] == "thresholds":
+                bar = tqdm(total=total, initial=st["processed"], desc=f"dissect {layer}: thresholds", unit="img", leave=False, disable=disable)
+                if "hist_counts" in t:
+                    hist = _Histogram.__new__(_Histogram)
+                    hist.bins, hist.counts, hist.lo, hist.width = HISTOGRAM_BINS, t["hist_counts"], t["hist_lo"], t["hist_width"]
+                batches = source.batches(prep, batch_size, start=st["processed"])
+                try:
+                    for n_batch, batch in enumerate(batches, 1):
+                        if batch.x is not None:
+                            act = activations(batch.x)
+                            U, h, w = act.shape[1:]
+                            if "map_size" not in st:
+                                st["map_size"] = [int(h), int(w)]
+                                m = tail_size(total * h * w, quantile)
+                                st["exact"] = U * m * 4 <= quantile_memory
+                                st["tail"] = m
+                            vals = act.permute(1, 0, 2, 3).reshape(U, -1)
+                            if st["exact"]:
+                                kept = torch.cat([t["tail"], vals], dim=1) if "tail" in t else vals
+                                t["tail"] = torch.topk(kept, min(st["tail"], kept.shape[1]), dim=1, sorted=False).values
+                            else:
+                                if hist is None:
+                                    hist = _Histogram(vals)
+                                else:
+                                    hist.add(vals)
+                                t.update(hist_counts=hist.counts, hist_lo=hist.lo, hist_width=hist.width)
+                            st["scored"] += int(act.shape[0])
+                        st["processed"] = batch.stop
+                        st["skipped"] += [list(s) for s in batch.skipped]
+                        bar.update(batch.stop - batch.start)
+                        if report:
+                            report("thresholds", st["processed"], total)
+                        if n_batch % save_every == 0:
+                            save()
+                finally:
+                    batches.close()
+                    bar.close()
+                if not st["scored"]:
+                    raise DissectError("no image of the dataset could be read")
+                h, w = st["map_size"]
+                n = st["scored"] * h * w
+                if st["exact"]:
+                    thr = quantile_from_tail(t.pop("tail"), n, quantile)
+                    err = torch.zeros_like(thr)
+                else:
+                    thr, err = hist.quantile(quantile)
+                    for k in ("hist_counts", "hist_lo", "hist_width"):
+                        t.pop(k, None)
+                U = thr.shape[0]
+                t.update(thresholds=thr, threshold_error=err,
+                         inter=torch.zeros(U, L, dtype=torch.float64, device=device),
+                         unit_area=torch.zeros(U, max(K, 1), dtype=torch.float64, device=device),
+                         label_area=torch.zeros(L, dtype=torch.float64, device=device),
+                         top_values=torch.full((U, top_k), -math.inf, device=device),
+                         top_index=torch.full((U, top_k), -1, dtype=torch.long, device=device))
+                st.update(stage="iou", processed=0, skipped=[])
+                save()
+            # ---------------------------------------------------------------- pass 2: IoU tallies
+            if st["stage"] == "iou":
+                thr32 = t["thresholds"].float().view(1, -1, 1, 1)
+                P = ds.mask_size[0] * ds.mask_size[1]
+                bar = tqdm(total=total, initial=st["processed"], desc=f"dissect {layer}: IoU", unit="img", leave=False, disable=disable)
+                batches = source.batches(prep, batch_size, start=st["processed"])
+                try:
+                    for n_batch, batch in enumerate(batches, 1):
+                        if batch.x is not None:
+                            act = activations(batch.x)
+                            U = act.shape[1]
+                            idx = batch.index.tolist()
+                            _tally(act, thr32, [ds.labels(i) for i in idx], ds.mask_size, keep, cat_matrix, t, P)
+                            score = act.amax(dim=(2, 3)).T
+                            v = torch.cat([t["top_values"], score], 1)
+                            ii = torch.cat([t["top_index"], batch.index.to(device).unsqueeze(0).expand(U, -1)], 1)
+                            order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :top_k]
+                            t["top_values"], t["top_index"] = v.gather(1, order), ii.gather(1, order)
+                        st["processed"] = batch.stop
+                        st["skipped"] += [list(s) for s in batch.skipped]
+                        bar.update(batch.stop - batch.start)
+                        if report:
+                            report("iou", st["processed"], total)
+                        if n_batch % save_every == 0:
+                            save()
+                finally:
+                    batches.close()
+                    bar.close()
+                st["stage"] = "done"
+        except KeyboardInterrupt:
+            interrupted = True
+        except BaseException:
+            save()
+            raise
+    save()
+    return _result(model, layer, ds, st, t, quantile, iou_threshold, interrupted, time.perf_counter() - start, paths, top_k)
+
+
+def _tally(act: torch.Tensor, thr: torch.Tensor, labels: list[tuple[list[np.ndarray], list[int]]], mask_size: tuple[int, int],
+           keep: torch.Tensor, cat_matrix: torch.Tensor, t: dict[str, torch.Tensor], P: int) -> None:
+    """Add one batch's intersections, unit areas per category and label areas to the counters in ``t``."""
+    device = act.device
+    n, U = act.shape[:2]
+    # compact label ids of this batch: column 0 = no label
+    layers = max([len(m) for m, _ in labels] + [1])
+    pix = np.zeros((n, layers, P), np.int64)
+    whole: list[list[int]] = []
+    for j, (maps, img_labels) in enumerate(labels):
+        for k, m in enumerate(maps):
+            pix[j, k] = m.reshape(-1)
+        whole.append(img_labels)
+    pix_t = torch.from_numpy(pix)
+    if pix_t.numel() and int(pix_t.max()) >= len(keep) or any(lab >= len(keep) or lab < 0 for w in whole for lab in w):
+        raise DissectError(f"a mask or whole-image label uses a label number not in label.csv (largest known {len(keep) - 1})")
+    pix_t = keep[pix_t]
+    whole = [[int(keep[lab]) for lab in w if int(keep[lab]) > 0] for w in whole]
+    present = torch.unique(torch.cat([pix_t.flatten(), torch.tensor([lab for w in whole for lab in w] + [0], dtype=torch.long)]))
+    lookup = torch.zeros(len(keep), dtype=torch.long)
+    lookup[present] = torch.arange(len(present))
+    Lb = len(present)
+    compact = lookup[pix_t].to(device)
+    present_d = present.to(device)
+    step = max(1, CHUNK_ELEMENTS // max(1, P * max(U, Lb)))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        onehot = torch.zeros(hi - lo, P, Lb, device=device)
+        for k in range(layers):
+            onehot.scatter_add_(2, compact[lo:hi, k].unsqueeze(-1), torch.ones(hi - lo, P, 1, device=device))
+        for j in range(lo, hi):
+            if whole[j]:
+                onehot[j - lo, :, lookup[torch.tensor(whole[j])].to(device)] = 1
+        onehot[..., 0] = 0
+        onehot.clamp_(max=1)
+        up = F.interpolate(act[lo:hi], size=mask_size, mode="bilinear", align_corners=False)
+        masks = (up > thr).reshape(hi - lo, U, P).float()
+        inter = torch.bmm(masks, onehot).sum(0).double()                 # (U, Lb)
+        t["inter"].index_add_(1, present_d, inter)
+        t["label_area"].index_add_(0, present_d, onehot.sum(dim=(0, 1)).double())
+        has = (onehot.amax(dim=1) @ cat_matrix[present_d] > 0).float()   # (n, K): image carries a label of category k
+        t["unit_area"] += (masks.sum(dim=2).T @ has).double()
+
+
+def _result(model: Any, layer: str, ds: Broden, st: dict[str, Any], t: dict[str, torch.Tensor], quantile: float,
+            iou_threshold: float, interrupted: bool, seconds: float, paths: list[str], top_k: int) -> Dissection:
+    L = len(ds.names)
+    label_category = [ds.categories[c] if c >= 0 else None for c in ds.category_of]
+    if "inter" not in t:  # stopped during pass 1: no thresholds yet
+        z = torch.zeros(0)
+        return Dissection(layer, quantile, iou_threshold, ds.categories, ds.names, label_category, z, z, True,
+                          torch.zeros(0, L, dtype=torch.float64), torch.zeros(0, L, dtype=torch.float64), torch.zeros(0, len(ds.categories)),
+                          torch.zeros(L), torch.zeros(0, top_k, dtype=torch.long), paths, ds.mask_size,
+                          tuple(st.get("map_size", (0, 0))), 0, len(ds), [], interrupted, st["stage"], seconds,
+                          str(ds.root), None if isinstance(model, nn.Module) else model)
+    inter = t["inter"].cpu()
+    cat_of = torch.tensor(ds.category_of)
+    unit_area = t["unit_area"].cpu()
+    area_u = torch.zeros_like(inter)
+    used = (cat_of >= 0).nonzero().flatten()
+    area_u[:, used] = unit_area[:, cat_of[used]]
+    union = area_u + t["label_area"].cpu()[None] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1e-300), torch.zeros_like(inter))
+    iou[:, 0] = 0
+    top = torch.where(torch.isfinite(t["top_values"]), t["top_index"], -1).cpu()
+    return Dissection(layer, quantile, iou_threshold, ds.categories, ds.names, label_category, t["thresholds"].cpu(),
+                      t["threshold_error"].cpu(), bool(st.get("exact", True)), iou, inter, unit_area[:, :len(ds.categories)],
+                      t["label_area"].cpu(), top, paths, ds.mask_size, tuple(st["map_size"]), int(st["processed"]), len(ds),
+                      [(int(i), str(r)) for i, r in st["skipped"]], interrupted, st["stage"], seconds, str(ds.root),
+                      None if isinstance(model, nn.Module) else model)

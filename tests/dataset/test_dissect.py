@@ -1,0 +1,221 @@
+"""Network Dissection: IoU equal to a brute-force computation, category-restricted unions, exact thresholds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import convscope as cs
+import statecheck
+from convscope.cli.main import main
+from convscope.dataset.dissect import DissectError, dissect, make_synthetic_broden, open_broden
+
+SIZE = 32
+
+
+def planted_module() -> nn.Sequential:
+    """conv (2x2 stride 2) - relu: unit 0 = relu(mean over 2x2 of (R - G - B) - 0.5) fires only on the red square;
+    units 1-3 random. ReLU in place, module left in train mode (the run must restore both)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 2, stride=2), relu=nn.ReLU(inplace=True),
+                                  pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten()))
+    with torch.no_grad():
+        m.conv.weight[0] = torch.tensor([0.25, -0.25, -0.25]).view(3, 1, 1)
+        m.conv.bias[0] = -0.5
+    return m.train()
+
+
+def planted_model() -> cs.Model:
+    return cs.Model(planted_module(), input_size=SIZE, mean=(0, 0, 0), std=(1, 1, 1), labels=list("abcd"), resize_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def broden(tmp_path_factory):
+    return make_synthetic_broden(tmp_path_factory.mktemp("broden"), 30, size=SIZE)
+
+
+def read_rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def brute_force(module: nn.Module, root, layer: str = "relu", quantile: float = 0.995):
+    """All activations in memory, numpy.quantile, per-label loops: the IoU matrix and thresholds."""
+    rows = read_rows(root / "index.csv")
+    labels = read_rows(root / "label.csv")
+    cov = {}
+    for cat in ("color", "object", "part", "material", "scene", "texture"):
+        for r in read_rows(root / f"c_{cat}.csv"):
+            cov.setdefault(int(r["number"]), {})[cat] = float(r["coverage"])
+    category = {n: max(c, key=c.get) for n, c in cov.items()}
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(root / "images" / r["image"]).convert("RGB"), np.float32) / 255)
+                     for r in rows]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        act = dict(module.named_children())["conv"](x).relu() if layer == "relu" else None
+    thr = np.quantile(act.permute(1, 0, 2, 3).reshape(act.shape[1], -1).numpy(), quantile, axis=1)
+    sh, sw = int(rows[0]["sh"]), int(rows[0]["sw"])
+    up = F.interpolate(act, size=(sh, sw), mode="bilinear", align_corners=False).numpy()
+    masks = up > thr[None, :, None, None]                                     # (N, U, sh, sw)
+    L = max(int(r["number"]) for r in labels) + 1
+    label_masks = np.zeros((len(rows), L, sh, sw), bool)
+    for i, r in enumerate(rows):
+        for col in ("color", "object", "part", "material"):
+            for name in filter(None, r[col].split(";")):
+                a = np.asarray(Image.open(root / "images" / name).convert("RGB")).astype(np.int64)
+                lab = a[..., 0] + 256 * a[..., 1]
+                for v in np.unique(lab[lab > 0]):
+                    label_masks[i, v] |= lab == v
+        for col in ("scene", "texture"):
+            for v in filter(None, r[col].split(";")):
+                label_masks[i, int(v)] = True
+    iou = np.zeros((act.shape[1], L))
+    for c in range(1, L):
+        if c not in category:
+            continue
+        with_cat = np.array([any(label_masks[i, d].any() for d in category if category[d] == category[c]) for i in range(len(rows))])
+        for u in range(act.shape[1]):
+            inter = (masks[:, u] & label_masks[:, c]).sum()
+            union = (masks[with_cat, u] | label_masks[with_cat, c]).sum()
+            iou[u, c] = inter / union if union else 0
+    return iou, thr, label_masks
+
+
+def test_planted_square_detector_and_iou_equal_brute_force(broden):
+    model = planted_model()
+    d = dissect(model, broden, "relu", batch_size=7, progress=False)
+    unit0 = d.units()[0]
+    assert (unit0.name, unit0.category) == ("square", "object")
+    assert unit0.iou > 0.5 and unit0.detector
+    iou, thr, _ = brute_force(model.module, broden)
+    np.testing.assert_allclose(d.thresholds.numpy(), thr, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(d.iou.numpy(), iou, rtol=0, atol=1e-6)
+    assert d.summary()["per_category"]["object"]["labels"][0] == "square"
+    assert "square" in d.table()
+
+
+def test_union_restricted_to_images_of_the_category_and_coverage_assignment(tmp_path):
+    """3 images 4x4, unit = red channel; hand-computed IoUs (quantile 0.5 gives threshold 0: mask = red pixels)."""
+    (tmp_path / "images").mkdir()
+    red = [np.zeros((4, 4), bool) for _ in range(3)]
+    red[0][0] = True          # image 0: unit on row 0 = object label a
+    red[1][0:2] = True        # image 1: unit on rows 0-1; part label b on row 1
+    red[2][0, :2] = True      # image 2: 2 pixels; only a scene label
+    for i, r in enumerate(red):
+        Image.fromarray(np.stack([r * 255, r * 0, r * 0], -1).astype(np.uint8)).save(tmp_path / "images" / f"{i}.png")
+
+    def mask(name, value, row):
+        m = np.zeros((4, 4, 3), np.uint8)
+        m[row, :, 0] = value
+        Image.fromarray(m).save(tmp_path / "images" / name)
+    mask("0_o.png", 1, 0)
+    mask("1_p.png", 2, 1)
+    (tmp_path / "index.csv").write_text("image,split,ih,iw,sh,sw,color,object,part,material,scene,texture\n"
+                                        "0.png,train,4,4,4,4,,0_o.png,,,,\n1.png,train,4,4,4,4,,,1_p.png,,,\n"
+                                        "2.png,train,4,4,4,4,,,,,3,\n")
+    # b is listed under object first but has more coverage in part: it belongs to part
+    (tmp_path / "label.csv").write_text("number,name,category,frequency\n0,-,,0\n1,a,object(5);part(1),1\n"
+                                        "2,b,object(2);part(3),1\n3,s,scene(1),1\n")
+    unit = nn.Conv2d(3, 1, 1, bias=False)
+    with torch.no_grad():
+        unit.weight.copy_(torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1))
+    module = nn.Sequential(OrderedDict(conv=unit))
+    d = dissect(module, tmp_path, "conv", quantile=0.5, progress=False)
+    assert d.label_category[1:] == ["object", "part", "scene"]
+    assert d.thresholds.tolist() == [0.0]
+    # a: only image 0 carries an object label -> union 4 + 4 - 4; b: image 1 -> 8 + 4 - 4; s: image 2 -> 2 + 16 - 2
+    assert d.iou[0, 1:].tolist() == pytest.approx([1.0, 0.5, 2 / 16])
+    assert d.unit_area[0].tolist() == [4, 8, 2]
+    assert d.label_area[1:].tolist() == [4, 4, 16]
+    assert d.summary()["unique_detectors"] == 3      # a (object), b (part), s (scene): best IoU per category > 0.04
+    assert d.summary()["detectors"] == 1             # the unit itself: best label a
+
+
+def test_stacked_part_masks_and_whole_image_labels(broden):
+    d = dissect(planted_model(), broden, "relu", progress=False)
+    _, _, label_masks = brute_force(planted_model().module, broden)
+    rows = read_rows(broden / "index.csv")
+    assert any(";" in r["part"] for r in rows) and any(";" in r["scene"] for r in rows)
+    number = {n: i for i, n in enumerate(d.names)}
+    p = d.mask_size[0] * d.mask_size[1]
+    indoor = sum("8" in r["scene"].split(";") for r in rows)
+    assert d.label_area[number["indoor"]] == indoor * p
+    assert d.label_area[number["striped"]] == sum(r["texture"] == "10" for r in rows) * p
+    top, left = label_masks[:, number["top"]], label_masks[:, number["left"]]
+    assert (top & left).any()    # the two stacked part masks overlap; each pixel counts for both labels
+    assert d.label_area[number["top"]] == top.sum() and d.label_area[number["left"]] == left.sum()
+    assert d.label_category[number["disk"]] == "object"     # listed in object and material, more coverage in object
+
+
+def test_streaming_threshold_equals_numpy_quantile_and_histogram_bound(broden):
+    model = planted_model()
+    _, thr, _ = brute_force(model.module, broden)
+    for q in (0.995, 0.9):
+        exact = dissect(model, broden, "relu", batch_size=4, quantile=q, progress=False)
+        assert exact.exact_threshold and exact.threshold_error.abs().max() == 0
+        want = brute_force(model.module, broden, quantile=q)[1]
+        np.testing.assert_allclose(exact.thresholds.numpy(), want, rtol=0, atol=1e-6)
+    sketch = dissect(model, broden, "relu", batch_size=4, quantile_memory=16, progress=False)
+    assert not sketch.exact_threshold
+    assert np.all(np.abs(sketch.thresholds.numpy() - thr) <= sketch.threshold_error.numpy() + 1e-9)
+
+
+def test_bad_datasets_give_clear_errors(tmp_path, broden):
+    with pytest.raises(DissectError, match="index.csv"):
+        open_broden(tmp_path)
+    (tmp_path / "index.csv").write_text((broden / "index.csv").read_text())
+    (tmp_path / "label.csv").write_text("number,name,category\n0,-,\nx,red,color(1)\n")
+    with pytest.raises(DissectError, match="line 3.*not a number"):
+        open_broden(tmp_path)
+    (tmp_path / "label.csv").write_text("number,name,category\n1,red,color(1\n")
+    with pytest.raises(DissectError, match="cannot read category"):
+        open_broden(tmp_path)
+    with pytest.raises(DissectError, match="unknown category"):
+        open_broden(broden, ["objects"])
+    (tmp_path / "label.csv").write_text("number,name,category\n1,red,color(1)\n")   # masks use numbers up to 10
+    (tmp_path / "images").symlink_to(broden / "images")
+    with pytest.raises(DissectError, match="label number not in label.csv"):
+        dissect(planted_model(), tmp_path, "relu", progress=False)
+
+
+def test_model_untouched_and_resume_after_interrupt(broden, tmp_path):
+    model = planted_model()
+    with statecheck.untouched(model.module):
+        full = dissect(model, broden, "relu", batch_size=8, progress=False)
+
+    def stop(stage, done, total):
+        if stage == "iou" and done >= 8:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "run.pt"
+    with statecheck.untouched(model.module):
+        part = dissect(model, broden, "relu", batch_size=8, state=state, progress=stop)
+    assert part.interrupted and part.stage == "iou" and part.processed == 8
+    again = dissect(model, broden, "relu", batch_size=8, state=state, progress=False)
+    assert not again.interrupted and again.processed == full.total
+    assert torch.equal(again.iou, full.iou) and torch.equal(again.thresholds, full.thresholds)
+    with pytest.raises(DissectError, match="quantile"):
+        dissect(model, broden, "relu", quantile=0.9, state=state, progress=False)
+
+
+def test_cli_json_and_synthetic(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "syn"
+    assert main(["dissect", "--synthetic", str(root), "--synthetic-images", "10"]) == 0
+    model = planted_model()
+    monkeypatch.setattr("convscope.cli.cmd_dissect.load_model_from_args", lambda args: model)
+    capsys.readouterr()
+    out = tmp_path / "units.png"
+    assert main(["dissect", str(root), "--layer", "relu", "--json", "--no-progress", "-o", str(out),
+                 "--categories", "object,part"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["units"] == 4 and set(data["per_category"]) == {"object", "part"}
+    assert data["unit_results"][0]["label"] == "square" and data["unit_results"][0]["detector"]
+    assert Image.open(out).size[0] > 100
+    assert main(["dissect", str(tmp_path / "nothing"), "--layer", "relu"]) == 2
