@@ -64,7 +64,7 @@ from torch import nn
 
 from ..inspect.picture import Pictured
 from ..probe import Capture, forward_fast, module_device, module_of, resolve_layer
-from .folder import DatasetError, ImageSource
+from .folder import DatasetError, ImageSource, save_tensors
 
 #: Label columns of ``index.csv``: the first four name mask PNGs, the last two whole-image labels.
 PIXEL_COLUMNS = ("color", "object", "part", "material")
@@ -718,10 +718,7 @@ def dissect(
         from ..render.core import write_text_atomic
 
         payload = {"meta": json.dumps({**meta, "progress": st}), **{k: v.cpu() for k, v in t.items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        save_tensors(payload, path)
         write_text_atomic(json.dumps({**meta, "progress": st}, indent=1), str(path) + ".json")
 
     report = progress if callable(progress) else None

@@ -36,7 +36,7 @@ from torch import nn
 from ..inspect.errors import LayerKindError
 from ..inspect.picture import Pictured
 from ..probe import Capture, forward_fast, guard, module_device, module_of, name_of, resolve_layer
-from .folder import DatasetError, open_images
+from .folder import DatasetError, open_images, save_tensors
 
 POOLS = ("avg", "max")
 METRICS = ("cosine", "euclidean")
@@ -349,15 +349,7 @@ class Embedding(Pictured):
             tensors.update(predictions=self.predictions.cpu(), probabilities=self.probabilities.cpu())
         if self.coords is not None:
             tensors["coords"] = self.coords.cpu()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(tensors, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if tmp.exists():
-                tmp.unlink()
-            raise
+        save_tensors(tensors, path)
         used = sorted({int(c) for c in self.predictions.tolist()}) if self.predictions is not None else []
         meta = {"format": FORMAT, "tensors": path.name, "layer": self.layer, "head": self.head, "pool": self.pool,
                 "count": len(self), "dims": self.dims, "total": self.total, "interrupted": self.interrupted,

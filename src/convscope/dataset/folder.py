@@ -255,3 +255,20 @@ def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if {k: a.get(k) for k in ("class", "tensors", "numel")} != {k: b.get(k) for k in ("class", "tensors", "numel")}:
         return False
     return math.isclose(float(a.get("abs_sum", 0)), float(b.get("abs_sum", 0)), rel_tol=1e-6, abs_tol=1e-9)
+
+
+def save_tensors(tensors: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save`` of plain tensors (and strings) to ``path`` atomically: written to a temporary file
+    in the same folder, then moved into place, so an interrupted save never leaves a broken state file.
+    Read back with ``torch.load(path, weights_only=True)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return path

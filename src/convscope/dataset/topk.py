@@ -43,7 +43,7 @@ from ..probe import (
     module_of,
     resolve_layer,
 )
-from .folder import DatasetError, model_fingerprint, open_images, same_model
+from .folder import DatasetError, model_fingerprint, open_images, same_model, save_tensors
 
 REDUCES = ("max", "mean")
 STATE_FORMAT = "convscope-topk/1"
@@ -493,15 +493,7 @@ def _save_state(path: Path, run: _Run, meta: dict[str, Any], names: list[str | N
     payload: dict[str, Any] = {"meta": json.dumps({**meta, **progress})}
     if run.values is not None:
         payload.update(values=run.values.cpu(), indices=run.indices.cpu(), positions=run.positions.cpu())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+    save_tensors(payload, path)
     manifest = {**meta, **progress, "state_file": path.name,
                 "files": None if names is None else [n if n is not None else "<memory>" for n in names]}
     write_text_atomic(json.dumps(manifest, indent=1), str(sidecar_path(path)))
