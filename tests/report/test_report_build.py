@@ -99,3 +99,15 @@ def test_every_registered_section_succeeds_on_the_builtin_model(builtin):
     """All sections, including those other features add, build without an error box on the built-in model."""
     rep = render_report(builtin, "sample:chelsea", progress=False)
     assert [s.key for s in rep.failures] == []
+
+
+def test_filter_health_section_reports_the_counts_of_every_convolution(builtin):
+    from convscope.inspect import filter_health
+
+    page = render_report(builtin, "sample:chelsea", sections=["health"], progress=False)
+    assert page.failures == []
+    h = filter_health(builtin)
+    text = page.html.split('id="sec-health"')[1]
+    assert f"Across the {len(h.layers)} convolutions, <b>{h.dead}</b> filters are dead" in text
+    assert f"<b>{h.aliased}</b> are aliased" in text
+    assert "<code>conv_stem</code></td><td>3x3 / 2x2</td><td>32</td><td>4</td><td>7</td>" in text
