@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import suggestion
 from ..probe import module_of, name_of, resolve_layer
 from .errors import LayerKindError, ViewOptionError
-from .filters import FilterSet, conv_layers
+from .filters import ConvWeights, FilterSet, conv_layers
 from .picture import Pictured
 
 #: Layers drawn by :meth:`ModelHealth.to_image` (the first ones that have flagged filters).
@@ -73,7 +73,7 @@ def aliasing_scores(weight: torch.Tensor, fft_size: int = 16, chunk: int = 1 << 
 
 
 @dataclass(eq=False)
-class FilterHealth(Pictured):
+class FilterHealth(ConvWeights, Pictured):
     """Dead and aliasing-prone filters of one ``Conv2d`` (see the module docstring for the measures).
 
     ``norms`` / ``aliasing`` (O,): per filter; ``dead`` / ``aliased``: flagged filter indices;
@@ -95,14 +95,6 @@ class FilterHealth(Pictured):
     alias_threshold: float
     strided_only: bool
     _image: Image.Image | None = field(default=None, repr=False)
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        return int(self.weight.shape[2]), int(self.weight.shape[3])
 
     @property
     def flagged(self) -> list[int]:

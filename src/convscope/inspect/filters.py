@@ -19,8 +19,24 @@ from .picture import Pictured
 SCALES = ("symmetric", "minmax")
 
 
+class ConvWeights:
+    """Shape facts of a result that holds a convolution's ``weight`` (out, in / groups, kh, kw)."""
+
+    weight: torch.Tensor
+
+    @property
+    def out_channels(self) -> int:
+        """Number of filters (output channels) of the layer."""
+        return int(self.weight.shape[0])
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        """(kh, kw) in input pixels of this layer."""
+        return int(self.weight.shape[2]), int(self.weight.shape[3])
+
+
 @dataclass(eq=False)
-class FilterSet(Pictured):
+class FilterSet(ConvWeights, Pictured):
     """The weights of one ``Conv2d`` layer and how to look at them.
 
     ``weight``: a CPU float copy of the kernel, shape (out_channels, in_channels / groups, kh, kw).
@@ -51,16 +67,6 @@ class FilterSet(Pictured):
     max_channels: int | None = 16
     layer_type: str = "Conv2d"
     _image: Image.Image | None = field(default=None, repr=False)
-
-    @property
-    def out_channels(self) -> int:
-        """Number of filters (output channels) of the layer."""
-        return int(self.weight.shape[0])
-
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        """(kh, kw) in input pixels of this layer."""
-        return int(self.weight.shape[2]), int(self.weight.shape[3])
 
     @property
     def kind(self) -> str:
