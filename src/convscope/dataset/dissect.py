@@ -65,6 +65,7 @@ from torch import nn
 from ..inspect.picture import Pictured
 from ..probe import Capture, forward_fast, module_device, module_of, resolve_layer
 from .folder import DatasetError, ImageSource, save_tensors
+from .topk import merge_topk
 
 #: Label columns of ``index.csv``: the first four name mask PNGs, the last two whole-image labels.
 PIXEL_COLUMNS = ("color", "object", "part", "material")
@@ -807,10 +808,9 @@ def dissect(
                             idx = batch.index.tolist()
                             _tally(act, thr32, [ds.labels(i) for i in idx], ds.mask_size, keep, cat_matrix, t, P)
                             score = act.amax(dim=(2, 3)).T
-                            v = torch.cat([t["top_values"], score], 1)
-                            ii = torch.cat([t["top_index"], batch.index.to(device).unsqueeze(0).expand(U, -1)], 1)
-                            order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :top_k]
-                            t["top_values"], t["top_index"] = v.gather(1, order), ii.gather(1, order)
+                            t["top_values"], t["top_index"], _ = merge_topk(
+                                t["top_values"], t["top_index"], None,
+                                score, batch.index.to(device).unsqueeze(0).expand(U, -1), None, top_k)
                         st["processed"] = batch.stop
                         st["skipped"] += [list(s) for s in batch.skipped]
                         bar.update(batch.stop - batch.start)

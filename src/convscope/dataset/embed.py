@@ -36,7 +36,7 @@ from torch import nn
 from ..inspect.errors import LayerKindError
 from ..inspect.picture import Pictured
 from ..probe import Capture, forward_fast, guard, module_device, module_of, name_of, resolve_layer
-from .folder import DatasetError, open_images, save_tensors
+from .folder import DatasetError, open_images, save_tensors, tensor_picture
 
 POOLS = ("avg", "max")
 METRICS = ("cosine", "euclidean")
@@ -210,7 +210,7 @@ class Embedding(Pictured):
         pos = int(self.positions[row])
         if images is not None:
             item = images[pos]
-            return _tensor_picture(self.model, item) if isinstance(item, torch.Tensor) else self._transform(item)
+            return tensor_picture(self.model, item) if isinstance(item, torch.Tensor) else self._transform(item)
         source = self.sources[row]
         if source is None:
             raise EmbeddingError(f"image {row} was an in-memory input, which is not kept; pass images=<the same inputs>")
@@ -311,7 +311,7 @@ class Embedding(Pictured):
         elif isinstance(query, torch.Tensor) and query.ndim == 1 or isinstance(query, np.ndarray) and query.ndim == 1:
             first = Image.new("RGB", (cell, cell), (235, 235, 235))  # a vector has no picture
         elif isinstance(query, torch.Tensor):
-            first = _tensor_picture(self.model, query)
+            first = tensor_picture(self.model, query)
         else:
             first = self._transform(query)
         tiles = [first] + [self.picture(n.index, images) for n in found]
@@ -402,18 +402,6 @@ def _short(source: str | None, index: int) -> str:
     if not source:
         return f"#{index}"
     return source.split(":", 1)[1] if source.startswith("sample:") else os.path.basename(source)
-
-
-def _tensor_picture(model: Any, t: torch.Tensor) -> Image.Image:
-    t = t.detach()
-    if t.ndim == 4:
-        t = t[0]
-    if model is not None and hasattr(model, "deprocess"):
-        return model.deprocess(t)
-    from ..render import normalize
-
-    a = normalize(t.float().cpu())  # a plain module: no known normalisation, show min..max
-    return Image.fromarray((a.transpose(1, 2, 0) * 255 + 0.5).astype("uint8")).convert("RGB")
 
 
 # ============================================================================ distances

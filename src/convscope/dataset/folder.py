@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from ..errors import ConvscopeError, ImageError
@@ -272,3 +273,16 @@ def save_tensors(tensors: dict[str, Any], path: str | os.PathLike) -> Path:
             tmp.unlink()
         raise
     return path
+
+
+def tensor_picture(model: Any, t: torch.Tensor) -> Image.Image:
+    """A preprocessed input (C, H, W) or (1, C, H, W) as a picture: the model's ``deprocess`` when it has one."""
+    t = t.detach()
+    if t.ndim == 4:
+        t = t[0]
+    if model is not None and hasattr(model, "deprocess"):
+        return model.deprocess(t)
+    from ..render import normalize
+
+    a = normalize(t.float().cpu())  # plain module: no known normalisation, show min..max
+    return Image.fromarray((a.transpose(1, 2, 0) * 255 + 0.5).astype("uint8")).convert("RGB")

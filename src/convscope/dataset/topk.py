@@ -43,7 +43,7 @@ from ..probe import (
     module_of,
     resolve_layer,
 )
-from .folder import DatasetError, model_fingerprint, open_images, same_model, save_tensors
+from .folder import DatasetError, model_fingerprint, open_images, same_model, save_tensors, tensor_picture
 
 REDUCES = ("max", "mean")
 STATE_FORMAT = "convscope-topk/1"
@@ -182,7 +182,7 @@ class TopK(Pictured):
         if images is not None:
             item = images[image]
             if isinstance(item, torch.Tensor):
-                return _tensor_picture(self.model, item)
+                return tensor_picture(self.model, item)
             return self._transform(item)
         source = self._source(image)
         if source is None:
@@ -388,18 +388,6 @@ class TopK(Pictured):
                 f"{self.processed - len(self.skipped)} images ({state}, {len(self.skipped)} skipped)")
 
 
-def _tensor_picture(model: Any, t: torch.Tensor) -> Image.Image:
-    t = t.detach()
-    if t.ndim == 4:
-        t = t[0]
-    if model is not None and hasattr(model, "deprocess"):
-        return model.deprocess(t)
-    from ..render import normalize
-
-    a = normalize(t.float().cpu())  # plain module: no known normalisation, show min..max
-    return Image.fromarray((a.transpose(1, 2, 0) * 255 + 0.5).astype("uint8")).convert("RGB")
-
-
 def _padded_patch(picture: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
     """The box (top, left, bottom, right), possibly reaching outside ``picture``; outside is grey."""
     top, left, bottom, right = box
@@ -459,10 +447,11 @@ def batch_scores(act: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Te
     return flat.mean(dim=2), torch.full(flat.shape[:2], -1, dtype=torch.long, device=flat.device)
 
 
-def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor,
-               new_values: torch.Tensor, new_indices: torch.Tensor, new_positions: torch.Tensor, k: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge kept (R, m) with a batch (R, B) into the top ``k`` per row, largest first.
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor | None,
+               new_values: torch.Tensor, new_indices: torch.Tensor, new_positions: torch.Tensor | None, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Merge kept (R, m) with a batch (R, B) into the top ``k`` per row, largest first (``positions``
+    None: none are tracked, and None comes back).
 
     One stable descending sort over ``[kept; new]`` per row, all rows at once: kept entries come first
     and both parts are in image order, so equal values keep the earlier image (the same order a stable
@@ -470,8 +459,8 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Ten
     """
     v = torch.cat([values, new_values], dim=1)
     order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
-    return (v.gather(1, order), torch.cat([indices, new_indices], dim=1).gather(1, order),
-            torch.cat([positions, new_positions], dim=1).gather(1, order))
+    kept_positions = None if positions is None else torch.cat([positions, new_positions], dim=1).gather(1, order)
+    return v.gather(1, order), torch.cat([indices, new_indices], dim=1).gather(1, order), kept_positions
 
 
 # ============================================================================ inputs
