@@ -28,7 +28,7 @@ from .inspect import (
     filters,
     summary,
 )
-from .models import Model, Prediction, load_model
+from .models import Model, Prediction, as_model, load_model
 from .probe import Capture, LayerInfo, ReceptiveField, default_layer, guard, layer_table, resolve_layer
 from .synthesis import adversarial, visualize
 
@@ -47,6 +47,7 @@ __all__ = [
     "adversarial",
     "visualize",
     "Attribution",
+    "as_model",
     "attribute",
     "Capture",
     "ConvscopeError",

@@ -9,6 +9,7 @@ composited on white), and refuses unreadable, truncated, gigantic or non-image f
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -35,13 +36,42 @@ SAMPLES: dict[str, str] = {
     "gravel": "gravel (grayscale texture)",
 }
 
-ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor
+#: File suffixes read as images when a folder is listed (compared case-insensitively): every one of them
+#: opens with :func:`load_image`. The one list convscope uses everywhere.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+ImageLike = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (recursively by default), sorted by their path relative to it, as text.
+
+    Files are chosen by suffix (:data:`IMAGE_SUFFIXES`, any case); hidden files and folders (names
+    starting with ``.``) are left out and symbolic links to folders are not followed. The order depends
+    only on the names, so it is the same across runs and machines (which is what lets a run resume).
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise ImageError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise ImageError(f"{root}: not a folder")
+    found: list[tuple[str, Path]] = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")] if recursive else []
+        for name in files:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(directory) / name
+            found.append((path.relative_to(root).as_posix(), path))
+    found.sort(key=lambda item: item[0])
+    return [p for _, p in found]
 
 
 def load_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Read ``source`` into a validated 8-bit RGB PIL image.
 
-    ``source`` may be a file path, ``"sample:NAME"`` for a bundled sample, a PIL image, a NumPy array
+    ``source`` may be a file path, ``"sample:NAME"`` for a bundled sample, the bytes of an image file
+    (an upload), a PIL image, a NumPy array
     (H, W), (H, W, 3) or (H, W, 4) of uint8, uint16, bool or floats in [0, 1], or a tensor (3, H, W) /
     (1, 3, H, W) with values in [0, 1]. Raises :class:`ImageError` with the file's name when it cannot
     be used.
@@ -54,6 +84,8 @@ def load_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS) -> Image.Imag
         return _from_tensor(source)
     if isinstance(source, str) and source.startswith("sample:"):
         return sample_image(source.split(":", 1)[1])
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _open(io.BytesIO(bytes(source)), "uploaded image", max_pixels)
     if not isinstance(source, (str, os.PathLike)):
         raise ImageError(f"cannot read an image from a {type(source).__name__}")
     return _from_file(Path(source), max_pixels)
@@ -76,10 +108,15 @@ def _from_file(path: Path, max_pixels: int) -> Image.Image:
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
+    return _open(path, str(path), max_pixels)
+
+
+def _open(fp: Path | io.BytesIO, path: str, max_pixels: int) -> Image.Image:
+    """Open, check the size before decoding, and convert; every failure is an :class:`ImageError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fp) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageError(f"{path}: {w}x{h} is too large ({w * h:,} pixels, limit {max_pixels:,})")
@@ -138,8 +175,6 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     profile = img.info.get("icc_profile")
     if profile:
         try:
-            import io
-
             from PIL import ImageCms
 
             src = ImageCms.ImageCmsProfile(io.BytesIO(profile))

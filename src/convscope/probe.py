@@ -172,6 +172,48 @@ BackwardRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 """``rule(input, output, grad_output) -> grad_input`` for an elementwise module."""
 
 
+def guided_relu(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Guided backprop through ReLU (Springenberg et al. 2015): pass the gradient where the input was
+    positive AND the gradient is."""
+    return grad.clamp(min=0) * (inp > 0)
+
+
+def guided_relu6(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Guided backprop through ReLU6: pass the gradient where 0 < input < 6 and the gradient is positive."""
+    return grad.clamp(min=0) * ((inp > 0) & (inp < 6))
+
+
+def deconv_relu(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """DeconvNet (Zeiler & Fergus 2014): ReLU applied to the backward signal, ignoring the forward mask."""
+    return grad.clamp(min=0)
+
+
+#: Backward rules of guided backpropagation: ReLU and ReLU6 modules and their functional calls
+#: (``F.relu``, ``torch.relu``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``). Both rules are idempotent, so an
+#: ``nn.ReLU`` whose forward calls ``F.relu`` is unaffected by getting the rule twice.
+GUIDED_RULES: dict[type | str, BackwardRule] = {nn.ReLU: guided_relu, nn.ReLU6: guided_relu6, "relu": guided_relu, "relu6": guided_relu6}
+#: Backward rules of the DeconvNet, for the same modules and functional calls.
+DECONV_RULES: dict[type | str, BackwardRule] = {nn.ReLU: deconv_relu, nn.ReLU6: deconv_relu, "relu": deconv_relu, "relu6": deconv_relu}
+
+#: Names of the backward-rule sets: the one place that says how each gradient variant treats ReLUs.
+RULE_SETS: dict[str, dict[type | str, BackwardRule] | None] = {
+    "gradient": None,
+    "guided": GUIDED_RULES,
+    "deconvnet": DECONV_RULES,
+}
+
+
+def backward_rules(kind: str) -> dict[type | str, BackwardRule] | None:
+    """The backward rules of ``kind`` (``"gradient"``: none, ``"guided"``, ``"deconvnet"``) for :class:`Capture`.
+
+    Attribution methods and dataset projections both take their rules from here, so ``explain --method
+    guided_backprop`` and ``topk --project guided`` treat a model the same way.
+    """
+    if kind not in RULE_SETS:
+        raise ValueError(f"unknown backward rule set {kind!r}; choose {', '.join(RULE_SETS)}")
+    return RULE_SETS[kind]
+
+
 class _RewiredBackward(torch.autograd.Function):
     """Identity on the module's output in the forward pass; the rule's gradient to its input in backward."""
 

@@ -24,41 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from ...progress import tqdm
 
 from ..errors import ConvscopeError, InputShapeError
-from ..probe import BackwardRule, Capture
+from ..probe import DECONV_RULES, GUIDED_RULES, BackwardRule, Capture, backward_rules, deconv_relu, guided_relu, guided_relu6
 from .api import Context
 from .registry import MethodOutput, Option, register_method
 
-# ============================================================================ backward rules
-
-
-def guided_relu(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Guided backprop through ReLU: pass the gradient where the input was positive AND the gradient is."""
-    return grad.clamp(min=0) * (inp > 0)
-
-
-def guided_relu6(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Guided backprop through ReLU6: pass the gradient where 0 < input < 6 and the gradient is positive."""
-    return grad.clamp(min=0) * ((inp > 0) & (inp < 6))
-
-
-def deconv_relu(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """DeconvNet (Zeiler & Fergus): ReLU applied to the backward signal, ignoring the forward mask."""
-    return grad.clamp(min=0)
-
-
-#: Backward rules of guided backpropagation, by module type.
-GUIDED_RULES: dict[type, BackwardRule] = {nn.ReLU: guided_relu, nn.ReLU6: guided_relu6}
-#: Backward rules of the DeconvNet, by module type.
-DECONV_RULES: dict[type, BackwardRule] = {nn.ReLU: deconv_relu, nn.ReLU6: deconv_relu}
-
-_RULES: dict[str, dict[type, BackwardRule] | None] = {
-    "saliency": None,
-    "gradient_x_input": None,
-    "guided_backprop": GUIDED_RULES,
-    "deconvnet": DECONV_RULES,
+_RULES: dict[str, dict[type | str, BackwardRule] | None] = {
+    "saliency": backward_rules("gradient"),
+    "gradient_x_input": backward_rules("gradient"),
+    "guided_backprop": backward_rules("guided"),
+    "deconvnet": backward_rules("deconvnet"),
 }
 
 
@@ -346,7 +323,7 @@ def smoothgrad(ctx: Context, samples: int, noise: float, base: str, square: bool
     return MethodOutput(raw=raw, forward_passes=samples, backward_passes=samples)
 
 
-def gradient_rules(name: str) -> dict[type, BackwardRule] | None:
+def gradient_rules(name: str) -> dict[type | str, BackwardRule] | None:
     """Backward rules used by the gradient method ``name`` (``None``: the plain gradient)."""
     return _RULES[name]
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConvscopeError, suggestion
+from ..options import Option, OptionError
 
 #: Families and the shape of ``raw`` each returns.
 FAMILIES = {
@@ -27,16 +28,6 @@ FAMILIES = {
     "cam": "(N, h, w) at the layer's resolution",
     "perturbation": "(N, H, W) at input size",
 }
-
-
-@dataclass(frozen=True)
-class Option:
-    """One method option: its type, default and a line of help (the CLI shows it)."""
-
-    type: type | tuple[type, ...]
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
 
 
 @dataclass
@@ -103,63 +94,26 @@ def method_names() -> list[str]:
 
 
 def check_options(spec: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults and check names, types and choices of a method's options."""
+    """Fill defaults and check names, types, choices and bounds of a method's options."""
     unknown = [k for k in options if k not in spec.options]
     if unknown:
         valid = ", ".join(spec.options) or "none"
-        raise ConvscopeError(f"method {spec.name!r} has no option {unknown[0]!r} (its options: {valid})")
+        raise OptionError(f"method {spec.name!r} has no option {unknown[0]!r} (its options: {valid})")
     values = spec.defaults()
     for key, value in options.items():
-        opt = spec.options[key]
-        if value is not None and not _fits(value, opt.type):
-            raise ConvscopeError(f"option {key!r} of {spec.name!r} must be {_type_name(opt.type)}, got {value!r}")
-        if opt.choices is not None and not isinstance(value, torch.Tensor) and value not in opt.choices:
-            raise ConvscopeError(f"option {key!r} of {spec.name!r} must be one of {', '.join(map(str, opt.choices))}")
-        values[key] = value
+        values[key] = spec.options[key].check(key, value, spec.name)
     return values
 
 
-def _fits(value: Any, t: type | tuple[type, ...]) -> bool:
-    types = t if isinstance(t, tuple) else (t,)
-    if isinstance(value, bool) and bool not in types:
-        return False
-    if isinstance(value, int) and float in types:
-        return True
-    return isinstance(value, types)
-
-
 def parse_option(spec: MethodSpec, text: str) -> tuple[str, Any]:
-    """Parse ``key=value`` (command line) into the option's type: int, float, bool (true/false/1/0/yes/no)
-    or str; for options taking several types the first that parses wins (bool, int, float, then str)."""
+    """Parse ``key=value`` (command line, web form) into the option's type and check its bounds."""
     if "=" not in text:
-        raise ConvscopeError(f"option {text!r} must look like key=value")
+        raise OptionError(f"option {text!r} must look like key=value")
     key, raw = (part.strip() for part in text.split("=", 1))
     if key not in spec.options:
         valid = ", ".join(spec.options) or "none"
-        raise ConvscopeError(f"method {spec.name!r} has no option {key!r} (its options: {valid})")
-    opt = spec.options[key]
-    types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
-    order = {bool: 0, int: 1, float: 2, str: 3}
-    for t in sorted(types, key=lambda t: order.get(t, 4)):
-        if t is bool:
-            low = raw.lower()
-            if low in ("1", "true", "yes", "on"):
-                return key, True
-            if low in ("0", "false", "no", "off"):
-                return key, False
-            continue
-        if t in (int, float, str):
-            try:
-                return key, t(raw)
-            except ValueError:
-                continue
-    raise ConvscopeError(f"option {key!r} of {spec.name!r} must be {_type_name(opt.type)}, got {raw!r}")
-
-
-def _type_name(t: type | tuple[type, ...]) -> str:
-    if isinstance(t, tuple):
-        return " or ".join(x.__name__ for x in t)
-    return t.__name__
+        raise OptionError(f"method {spec.name!r} has no option {key!r} (its options: {valid})")
+    return key, spec.options[key].parse(key, raw, spec.name)
 
 
 def _load_all() -> None:

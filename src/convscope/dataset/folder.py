@@ -27,10 +27,8 @@ from PIL import Image
 from torch import nn
 
 from ..errors import ConvscopeError, ImageError
-
-#: File suffixes taken as images when a folder is listed (compared case-insensitively).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
-
+from ..images import IMAGE_SUFFIXES, list_images
+from ..files import atomic_write
 
 class SkippedImagesWarning(UserWarning):
     """Some files of a stream could not be read and were skipped (see :attr:`ImageSource.skipped`)."""
@@ -38,29 +36,6 @@ class SkippedImagesWarning(UserWarning):
 
 class DatasetError(ConvscopeError, ValueError):
     """A dataset that cannot be streamed: a missing folder, a folder without images, a bad option."""
-
-
-def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (recursively by default), sorted by their relative path as text.
-
-    The order is stable across runs and machines (it depends only on the names), which is what lets an
-    interrupted run resume. Hidden files and folders are skipped; symbolic links to folders are not followed.
-    """
-    root = Path(folder)
-    if not root.exists():
-        raise DatasetError(f"{root}: no such folder")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder")
-    found: list[tuple[str, Path]] = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")] if recursive else []
-        for name in files:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-                continue
-            path = Path(directory) / name
-            found.append((path.relative_to(root).as_posix(), path))
-    found.sort(key=lambda item: item[0])
-    return [p for _, p in found]
 
 
 @dataclass
@@ -262,17 +237,7 @@ def save_tensors(tensors: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` of plain tensors (and strings) to ``path`` atomically: written to a temporary file
     in the same folder, then moved into place, so an interrupted save never leaves a broken state file.
     Read back with ``torch.load(path, weights_only=True)``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def tensor_picture(model: Any, t: torch.Tensor) -> Image.Image:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConvscopeError
-from ..probe import BackwardRule, Capture, forward_fast, module_of, resolve_layer
+from ..probe import BackwardRule, Capture, backward_rules, forward_fast, module_of, resolve_layer
 
 #: Backward rules a projection can use (see the module docstring).
 METHODS = ("deconvnet", "guided", "gradient")
@@ -43,21 +43,11 @@ class ProjectionError(ConvscopeError, ValueError):
 
 
 def projection_rules(method: str) -> dict[Any, BackwardRule] | None:
-    """The backward rules of ``method`` for :class:`~convscope.probe.Capture` (``None`` for the plain gradient).
-
-    Module types (``nn.ReLU``, ``nn.ReLU6``) and functional calls (``"relu"``, ``"relu6"``) both get the
-    rule, so models that call ``F.relu`` are covered too. Both rules are idempotent, so a module whose
-    forward calls the functional form is unaffected by getting the rule twice.
-    """
-    from ..attribution.gradients import DECONV_RULES, GUIDED_RULES, deconv_relu, guided_relu, guided_relu6
-
-    if method == "deconvnet":
-        return {**DECONV_RULES, "relu": deconv_relu, "relu6": deconv_relu}
-    if method == "guided":
-        return {**GUIDED_RULES, "relu": guided_relu, "relu6": guided_relu6}
-    if method == "gradient":
-        return None
-    raise ProjectionError(f"unknown projection method {method!r}; choose {', '.join(METHODS)}")
+    """The backward rules of ``method`` for :class:`~convscope.probe.Capture` (``None`` for the plain gradient):
+    the probe's one rule set (:func:`convscope.probe.backward_rules`), shared with the attribution methods."""
+    if method not in METHODS:
+        raise ProjectionError(f"unknown projection method {method!r}; choose {', '.join(METHODS)}")
+    return backward_rules(method)
 
 
 @dataclass
@@ -100,7 +90,7 @@ def unit_gradients(
     set to zero"). ``method``: one of :data:`METHODS`. Parameters get no gradients; the model is
     restored on exit. Ctrl-C stops between batches and returns the rows done (``interrupted=True``).
     """
-    from tqdm.auto import tqdm
+    from ...progress import tqdm
 
     rules = projection_rules(method)
     if batch_size < 1:
@@ -262,7 +252,7 @@ def project_hits(
     values: list[torch.Tensor] = []
     batches = 0
     interrupted = False
-    from tqdm.auto import tqdm
+    from ...progress import tqdm
 
     starts = range(0, len(hits), batch_size)
     bar = tqdm(starts, desc=f"{method} {layer}", unit="batch",

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsafeModelFileError, suggestion
 from .labels import default_labels, imagenet_labels
-from .model import Model
+from .model import PLAIN_MODULE_DEFAULTS, Model, count_classes
 
 BUILTIN = "efficientnet_lite0"
 _NETWORK_ERRORS = (OSError, ConnectionError, TimeoutError)
@@ -94,18 +94,18 @@ def wrap_module(
     num_classes: int | None = None,
     name: str | None = None,
 ) -> Model:
-    """Wrap any classifier module. Defaults: 224 px, ImageNet mean/std, ImageNet or numbered labels."""
+    """Wrap any classifier module (put in eval mode). Defaults: :data:`~convscope.models.model.PLAIN_MODULE_DEFAULTS`
+    (224 px, ImageNet mean/std), ImageNet names for 1000 classes or numbered labels."""
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"expected an nn.Module, got {type(module).__name__}")
-    size = input_size or 224
+    size = input_size or PLAIN_MODULE_DEFAULTS["input_size"]
     if labels is None:
-        n = num_classes or _count_outputs(module, size) or _guess_num_classes(module) or 1000
-        labels = default_labels(n)
+        labels = default_labels(num_classes or count_classes(module, size) or 1000)
     return Model(
         module=module,
         input_size=size,
-        mean=tuple(mean) if mean is not None else (0.485, 0.456, 0.406),
-        std=tuple(std) if std is not None else (0.229, 0.224, 0.225),
+        mean=tuple(mean) if mean is not None else PLAIN_MODULE_DEFAULTS["mean"],
+        std=tuple(std) if std is not None else PLAIN_MODULE_DEFAULTS["std"],
         labels=list(labels),
         name=name or type(module).__name__,
         source="module",
@@ -125,36 +125,6 @@ def _apply(model: Model, overrides: Mapping[str, Any]) -> Model:
         model.labels = list(overrides["labels"])
     model.__post_init__()
     return model
-
-
-def _count_outputs(module: nn.Module, size: int | tuple[int, int]) -> int | None:
-    """Number of class scores, from one dry run on a black image (None when that fails)."""
-    from .model import output_logits
-
-    h, w = (size, size) if isinstance(size, int) else size
-    try:
-        param = next(iter(module.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                out = output_logits(module(torch.zeros(1, 3, h, w, device=device)))
-        finally:
-            module.train(was_training)
-        return int(out.shape[-1]) if out.ndim == 2 else None
-    except Exception:
-        return None
-
-
-def _guess_num_classes(module: nn.Module) -> int | None:
-    last = None
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            last = m.out_features
-        elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
-            last = m.out_channels if last is None else last
-    return last
 
 
 def _looks_like_path(source: str | os.PathLike) -> bool:

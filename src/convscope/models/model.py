@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import InputShapeError, TargetError
+from ..errors import InputShapeError, TargetError, suggestion
 from ..images import ImageLike, load_image
+from ..probe import guard, layer_table, module_device, resolve_layer
+from .labels import default_labels
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -45,15 +47,20 @@ class Model:
     normalise with ``mean``/``std``) and come back through :meth:`deprocess`.
     """
 
-    module: nn.Module
-    input_size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    labels: list[str]
+    module: nn.Module = field(repr=False)
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    labels: list[str] | None = field(default=None, repr=False)  # None: counted by one dry run when first read
     name: str = "model"
     resize_size: int | None = None
     interpolation: str = "bilinear"
     source: str = ""
+    #: Channels an input tensor must have (``None``: any; plain modules wrapped by :func:`as_model`).
+    channels: int | None = 3
+    #: Put the module in eval mode now (``load_model``); ``False`` leaves the user's module as it is
+    #: (:func:`as_model`: every capability runs it under :class:`~convscope.probe.guard`, which restores it).
+    set_eval: bool = field(default=True, repr=False)
     _layer_cache: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,19 +75,26 @@ class Model:
             self.resize_size = round(min(self.input_size) / 0.875)
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {', '.join(_RESAMPLE)}")
-        self.module.eval()
+        if self.set_eval:
+            self.module.eval()
 
     # ------------------------------------------------------------------ facts
     @property
     def device(self) -> torch.device:
         """Where the module's parameters (or buffers) live."""
-        from ..probe import module_device
-
         return module_device(self.module)
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    def _get_labels(self) -> list[str]:
+        if self._labels is None:
+            self._labels = default_labels(count_classes(self.module, self.input_size, self.channels or 3) or 1000)
+        return self._labels
+
+    def _set_labels(self, value: Any) -> None:
+        self._labels = None if value is None else list(value)
 
     def to(self, device: str | torch.device) -> Model:
         """Move the module to ``device`` (in place) and return ``self``."""
@@ -137,7 +151,7 @@ class Model:
         """Accept an image or a tensor; return a validated (N, 3, H, W) float tensor on the device."""
         if not isinstance(x, torch.Tensor):
             return self.preprocess(x)
-        return check_input(x, device=self.device)
+        return check_input(x, device=self.device, channels=self.channels)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor | ImageLike) -> torch.Tensor:
@@ -165,21 +179,21 @@ class Model:
         return resolve_class(target, self.labels)
 
     # ------------------------------------------------------------------ layers
-    def layers(self):
+    def layers(self, input_size: tuple[int, int] | None = None):
         """Every named layer in forward order, with output shape, parameters and receptive field.
 
-        Returns a list of :class:`convscope.probe.LayerInfo`; computed with one dry run and cached.
+        Returns a list of :class:`convscope.probe.LayerInfo`; computed with one dry run at ``input_size``
+        (default: the model's) and cached for the model's own size.
         """
+        size = tuple(input_size) if input_size is not None else self.input_size
+        if size != self.input_size:
+            return layer_table(self.module, (1, self.channels or 3, *size))
         if self._layer_cache is None:
-            from ..probe import layer_table
-
-            self._layer_cache = layer_table(self.module, (1, 3, *self.input_size))
+            self._layer_cache = layer_table(self.module, (1, self.channels or 3, *self.input_size))
         return self._layer_cache
 
     def layer(self, name: str) -> nn.Module:
         """The submodule called ``name``; unknown names raise an error suggesting close ones."""
-        from ..probe import resolve_layer
-
         return resolve_layer(self.module, name)
 
     def _repr_html_(self) -> str:
@@ -188,6 +202,51 @@ class Model:
             f"<b>{self.name}</b>: {n:,} parameters, input {self.input_size[0]}x{self.input_size[1]}, "
             f"{len(self.labels)} classes, on {self.device}"
         )
+
+
+Model.labels = property(Model._get_labels, Model._set_labels, doc="Class names, index = class id.")  # type: ignore[assignment]
+
+#: Preprocessing assumed for a plain ``nn.Module`` (wrapped by :func:`as_model` or ``load_model(module)``)
+#: unless the caller says otherwise: ImageNet's mean and std, 224 px inputs (shorter side resized to 256).
+PLAIN_MODULE_DEFAULTS: dict[str, Any] = {"input_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def as_model(model: Model | nn.Module, *, input_size: int | tuple[int, int] | None = None) -> Model:
+    """The one answer to "Model or plain module?": every public entry point calls this first.
+
+    A :class:`Model` comes back as it is. A plain ``nn.Module`` is wrapped with
+    :data:`PLAIN_MODULE_DEFAULTS` (ImageNet mean/std, 224 px or ``input_size``), numbered or ImageNet
+    labels counted lazily by one dry run when first needed, any input channel count, and its train/eval
+    mode, device and parameters left untouched. To give a module other preprocessing or labels, wrap it
+    yourself with ``cs.load_model(module, input_size=..., mean=..., std=..., labels=...)``.
+    """
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        size = input_size if input_size is not None else PLAIN_MODULE_DEFAULTS["input_size"]
+        return Model(module=model, input_size=size, mean=PLAIN_MODULE_DEFAULTS["mean"], std=PLAIN_MODULE_DEFAULTS["std"],
+                     labels=None, name=type(model).__name__, source="module", channels=None, set_eval=False)
+    raise TypeError(f"expected a convscope Model or an nn.Module, got {type(model).__name__}")
+
+
+def count_classes(module: nn.Module, size: int | tuple[int, int], channels: int = 3) -> int | None:
+    """Number of class scores, from one dry run on a black image under :class:`~convscope.probe.guard`
+    (the module is left as it was); falls back to the last linear layer's width; ``None`` if both fail."""
+    h, w = (size, size) if isinstance(size, int) else size
+    try:
+        with guard(module, eval=True, freeze=True, no_inplace=False), torch.no_grad():
+            out = output_logits(module(torch.zeros(1, channels, h, w, device=module_device(module))))
+        if out.ndim == 2:
+            return int(out.shape[-1])
+    except Exception:  # a module that cannot take this input: fall back to its layers
+        pass
+    last = None
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            last = m.out_features
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
+            last = m.out_channels if last is None else last
+    return last
 
 
 def check_input(x: torch.Tensor, *, device: torch.device | None = None, channels: int | None = 3) -> torch.Tensor:
@@ -241,8 +300,6 @@ def resolve_class(target: int | str, labels: list[str]) -> int:
             if partial:
                 shown = ", ".join(f"{i} ({labels[i]})" for i in partial[:6])
                 raise TargetError(f"class {target!r} is ambiguous: {shown}")
-            from ..errors import suggestion
-
             raise TargetError(f"unknown class {target!r}{suggestion(t, labels)}")
     if isinstance(target, torch.Tensor):
         target = int(target.item())

@@ -9,12 +9,15 @@ from __future__ import annotations
 import base64
 import io
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ..files import atomic_write, write_text
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -141,51 +144,13 @@ def data_uri(image: Image.Image) -> str:
 
 def save_image(image: Image.Image, path: str) -> str:
     """Write ``image`` atomically (temporary name, then rename); the format follows the suffix."""
-    import os
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix, prefix=".convscope-")
-    os.close(fd)
-    try:
-        image.save(tmp)
-        _usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, image.save, suffix=os.path.splitext(path)[1] or ".png")
     return path
-
-
-def _usual_permissions(path: str) -> None:
-    """Temporary files are private (0600); give the result the permissions a normal file would get."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def write_text_atomic(text: str, path: str) -> str:
     """Write a text file atomically (temporary name in the same folder, then rename)."""
-    import os
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".convscope-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(text, path)
     return path
 
 
