@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError, InputShapeError
 from ..probe import Capture, forward_fast

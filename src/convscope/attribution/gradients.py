@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError, InputShapeError
 from ..probe import DECONV_RULES, GUIDED_RULES, BackwardRule, Capture, backward_rules, deconv_relu, guided_relu, guided_relu6

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError, InputShapeError
 from ..models.model import check_input, output_logits

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError
 from ..probe import Capture, guard

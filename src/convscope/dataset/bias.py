@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError
 from ..inspect.picture import Pictured

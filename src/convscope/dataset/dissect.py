@@ -670,7 +670,7 @@ def dissect(
     Cost: two forward passes per image (each stopped at ``layer``). Memory: units x labels float64 counters
     plus the threshold tail. Returns a :class:`Dissection`; Ctrl-C returns what is done (``interrupted``).
     """
-    from ...progress import tqdm
+    from ..progress import tqdm
 
     if not 0 < quantile < 1:
         raise DissectError(f"quantile must be between 0 and 1, got {quantile}")

@@ -516,7 +516,7 @@ def tsne(x: torch.Tensor, dims: int = 2, *, perplexity: float = 30.0, iterations
     (the paper's preprocessing; ``None`` keeps them). Memory O(N^2): at most ``max_points`` points. The
     same inputs, seed and device give the same map.
     """
-    from ...progress import tqdm
+    from ..progress import tqdm
 
     x = _check_points(x)
     n = x.shape[0]
@@ -687,7 +687,7 @@ def embed(model: Any, images: Any, layer: str | None = None, *, pool: str = "avg
     browse; only one batch of images is in memory at a time. ``progress``: a tqdm bar (``None``: only on
     a terminal) or a callable ``(done, total)``. Ctrl-C stops and returns the rows done (``interrupted``).
     """
-    from ...progress import tqdm
+    from ..progress import tqdm
 
 
     if pool not in POOLS:

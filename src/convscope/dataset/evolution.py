@@ -372,7 +372,7 @@ def evolution(
     keeps the checkpoints done (``interrupted``). Returns an :class:`Evolution`; see the module docstring
     for the formulas.
     """
-    from ...progress import tqdm
+    from ..progress import tqdm
 
     from ..models.model import output_logits
 

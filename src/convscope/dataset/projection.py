@@ -90,7 +90,7 @@ def unit_gradients(
     set to zero"). ``method``: one of :data:`METHODS`. Parameters get no gradients; the model is
     restored on exit. Ctrl-C stops between batches and returns the rows done (``interrupted=True``).
     """
-    from ...progress import tqdm
+    from ..progress import tqdm
 
     rules = projection_rules(method)
     if batch_size < 1:
@@ -252,7 +252,7 @@ def project_hits(
     values: list[torch.Tensor] = []
     batches = 0
     interrupted = False
-    from ...progress import tqdm
+    from ..progress import tqdm
 
     starts = range(0, len(hits), batch_size)
     bar = tqdm(starts, desc=f"{method} {layer}", unit="batch",

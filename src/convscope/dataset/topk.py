@@ -559,7 +559,7 @@ def top_activations(
 
     Ctrl-C stops the run and returns what is done (``interrupted=True``). Returns a :class:`TopK`.
     """
-    from ...progress import tqdm
+    from ..progress import tqdm
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise TopKError(f"k must be a whole number >= 1, got {k!r}")

@@ -153,7 +153,7 @@ def render_report(
     (default: all registered). ``progress``: a tqdm bar over sections (``None``: only on a terminal).
     ``KeyboardInterrupt`` is never swallowed.
     """
-    from ...progress import tqdm
+    from ..progress import tqdm
 
     from .. import __version__
     from ..images import load_image

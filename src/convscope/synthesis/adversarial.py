@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError, TargetError
 from ..models.model import Prediction, check_input, output_logits

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError
 from ..images import ImageLike, load_image

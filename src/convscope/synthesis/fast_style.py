@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError, ImageError
 from ..images import ImageLike, load_image

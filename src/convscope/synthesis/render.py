@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from ...progress import tqdm
+from ..progress import tqdm
 
 from ..errors import ConvscopeError
 from ..models.model import output_logits
