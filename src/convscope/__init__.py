@@ -28,8 +28,8 @@ from .inspect import (
     filters,
     summary,
 )
-from .models import Model, Prediction, as_model, load_model
-from .probe import Capture, LayerInfo, ReceptiveField, default_layer, guard, layer_table, resolve_layer
+from .models import Model, Prediction, as_model, default_layer, load_model
+from .probe import Capture, LayerInfo, ReceptiveField, guard, layer_table, resolve_layer
 from .synthesis import adversarial, visualize
 
 __version__ = "0.1.0"

@@ -74,7 +74,7 @@ def check_output_path(path: str | os.PathLike, suffixes: Iterable[str] | None = 
     if suffixes is not None:
         allowed = tuple(s.lower() for s in suffixes)
         if p.suffix.lower() not in allowed:
-            raise OutputPathError(f"{p}: unknown {what} suffix {p.suffix or '(none)'!r}; use one of {', '.join(allowed)}")
+            raise OutputPathError(f"{p}: unsupported {what} type {p.suffix or '(no suffix)'!r}; use one of {', '.join(allowed)}")
     if p.is_dir():
         raise OutputPathError(f"{p}: is a directory; give a file name for the {what}")
     folder = p.parent if str(p.parent) else Path(".")

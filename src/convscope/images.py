@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, suggestion
 
 #: Largest image accepted, in pixels (PIL's own decompression-bomb limit is about 89 million).
 MAX_PIXELS = 89_478_485
@@ -80,7 +81,7 @@ def load_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS) -> Image.Imag
         return to_rgb(source, name="image")
     if isinstance(source, np.ndarray):
         return _from_array(source, "array")
-    if _is_tensor(source):
+    if isinstance(source, torch.Tensor):
         return _from_tensor(source)
     if isinstance(source, str) and source.startswith("sample:"):
         return sample_image(source.split(":", 1)[1])
@@ -94,10 +95,8 @@ def load_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS) -> Image.Imag
 def sample_image(name: str) -> Image.Image:
     """A bundled sample picture by name (see :data:`SAMPLES`); ships with scikit-image, no download."""
     if name not in SAMPLES:
-        from .errors import suggestion
-
         raise ImageError(f"unknown sample image {name!r}{suggestion(name, SAMPLES)} (samples: {', '.join(SAMPLES)})")
-    from skimage import data
+    from skimage import data  # heavy (scikit-image): imported only when a sample is asked for
 
     array = data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
     return _from_array(np.asarray(array), f"sample:{name}")
@@ -175,6 +174,7 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     profile = img.info.get("icc_profile")
     if profile:
         try:
+            # optional part of Pillow (needs LittleCMS): only for CMYK with a profile
             from PIL import ImageCms
 
             src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
@@ -213,15 +213,7 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     return to_rgb(img, name=name) if img.mode != "RGB" else img
 
 
-def _is_tensor(obj: Any) -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, torch.Tensor)
-
-
-def _from_tensor(t: Any) -> Image.Image:
+def _from_tensor(t: torch.Tensor) -> Image.Image:
     t = t.detach().float().cpu()
     if t.ndim == 4:
         if t.shape[0] != 1:

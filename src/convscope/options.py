@@ -115,6 +115,7 @@ class Option:
                 raise argparse.ArgumentTypeError(str(exc)) from None
 
         parse.__name__ = type_name(self.type)
+        parse.option = self  # type: ignore[attr-defined]  # lets tests and help texts read the bounds
         return parse
 
     def to_json(self) -> dict[str, Any]:

@@ -678,14 +678,19 @@ def layer_table(model: Any, input_shape: Sequence[int] = (1, 3, 224, 224)) -> li
     return rows
 
 
-def default_layer(model: Any, kind: str = "cam") -> str:
-    """A sensible layer for a method family.
+#: Layer kinds :func:`choose_layer` knows: the last spatial layer (CAM methods, feature maps) and the first convolution.
+LAYER_KINDS = ("cam", "first_conv")
+
+
+def choose_layer(rows: Sequence[LayerInfo], kind: str = "cam") -> str:
+    """A sensible layer for a method family, from a layer table (``Model.layers()``).
 
     ``kind="cam"``: the last layer whose output is spatial (more than 1x1) and has the most channels at
     that resolution, preferring a top-level module, e.g. ``bn2`` on EfficientNet-Lite0, ``layer4`` on
     ResNet, ``features`` on VGG. ``kind="first_conv"``: the first ``Conv2d``.
     """
-    rows = model.layers() if hasattr(model, "layers") and callable(model.layers) and not isinstance(model, nn.Module) else layer_table(model)
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"unknown layer kind {kind!r}; choose {', '.join(LAYER_KINDS)}")
     if kind == "first_conv":
         for r in rows:
             if r.type in ("Conv2d", "Conv2dSame"):
@@ -700,3 +705,11 @@ def default_layer(model: Any, kind: str = "cam") -> str:
     same = [r for r in same if "Pool" not in r.type] or same
     top = [r for r in same if r.depth == min(s.depth for s in same)]
     return top[-1].name
+
+
+def default_layer(model: Any, kind: str = "cam") -> str:
+    """Moved to :func:`convscope.models.default_layer` (which takes a Model or a plain module); this
+    forwarder stays until every caller imports it from there."""
+    from .models import default_layer as models_default_layer  # import cycle: models imports the probe
+
+    return models_default_layer(model, kind)

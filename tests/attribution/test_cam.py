@@ -19,8 +19,10 @@ from pytorch_grad_cam import (
     XGradCAM,
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
 import convscope as cs
+from convscope.attribution import get_method
 from convscope.attribution.cam import first_component_projection
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -167,3 +169,51 @@ def test_guided_gradcam_is_guided_backprop_times_upsampled_gradcam(builtin, chel
     assert gg.raw.shape == (1, 3, 224, 224)
     assert torch.allclose(gg.raw, gb * gc.unsqueeze(1), rtol=1e-4, atol=1e-7)
     assert (gg.forward_passes, gg.backward_passes) == (2, 2)
+
+
+class _ViewHead(nn.Module):
+    """conv -> relu -> conv -> a head that flattens with ``view(1, -1)``: a batch of ablated activations
+    cannot broadcast through it, so Ablation-CAM must repeat the image instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+        self.oom = False  # simulate running out of memory on the broadcast (tail-only) run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.conv1(x)))
+        if self.oom and h.shape[0] != x.shape[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.28 TiB")
+        return self.fc(h.reshape(x.shape[0], -1))
+
+
+def test_ablationcam_falls_back_on_a_shape_mismatch_only():
+    torch.manual_seed(0)
+    net = _ViewHead()
+    x = torch.randn(1, 3, 8, 8)
+    a = cs.attribute(net, x, "ablationcam", layer="conv2", target=1)
+    assert torch.isfinite(a.raw).all() and a.raw.shape == (1, 8, 8)
+
+    net.oom = True
+    with pytest.raises(torch.OutOfMemoryError):  # never retried with a B times larger batch
+        cs.attribute(net, x, "ablationcam", layer="conv2", target=1)
+
+
+def test_shape_mismatch_test_tells_allocator_errors_apart():
+    from convscope.attribution.cam import is_shape_mismatch
+
+    assert is_shape_mismatch(RuntimeError("The size of tensor a (4) must match the size of tensor b (1) at non-singleton dimension 0"))
+    assert is_shape_mismatch(RuntimeError("shape '[1, 256]' is invalid for input of size 1024"))
+    assert not is_shape_mismatch(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_shape_mismatch(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+    assert not is_shape_mismatch(RuntimeError("something else broke"))
+
+
+def test_cam_strategies_are_functions():
+    from convscope.attribution import cam
+
+    for name, strategy in (("gradcam", cam.gradcam_map), ("layercam", cam.layercam_map)):
+        assert cam.gradient_cam(strategy).__doc__ == strategy.__doc__
+        assert get_method(name).summary == strategy.__doc__.strip().splitlines()[0]

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from captum.attr import (
     Deconvolution,
     GuidedBackprop,
@@ -185,7 +186,7 @@ def test_gradient_method_rejects_a_layer(resnet_random, small_x):
 
 
 def test_bad_options_are_clear_errors(resnet_random, small_x):
-    with pytest.raises(cs.ConvscopeError, match="steps must be at least 1"):
+    with pytest.raises(cs.ConvscopeError, match="option .steps. of .integrated_gradients. must be an int in 1..4096"):
         cs.attribute(resnet_random, small_x, "integrated_gradients", steps=0)
     with pytest.raises(cs.ConvscopeError, match="unknown baseline"):
         cs.attribute(resnet_random, small_x, "integrated_gradients", baseline="grey")
@@ -193,3 +194,44 @@ def test_bad_options_are_clear_errors(resnet_random, small_x):
         cs.attribute(resnet_random, small_x, "integrated_gradients", baseline=torch.zeros(5, 5))
     with pytest.raises(cs.ConvscopeError, match="must be one of"):
         cs.attribute(resnet_random, small_x, "smoothgrad", base="gradcam")
+
+
+class _ModuleReLUs(nn.Module):
+    """conv -> nn.ReLU -> conv -> nn.ReLU6 -> GAP -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.act2 = nn.ReLU6()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class _FunctionalReLUs(_ModuleReLUs):
+    """The same network, its activations called as ``F.relu`` / ``F.relu6`` in ``forward``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "guided_gradcam"])
+def test_functional_relu_gets_the_same_backward_rule_as_the_module(method):
+    """``explain --method guided_backprop`` and ``topk --project guided`` share the probe's rule sets,
+    which cover ``nn.ReLU`` modules and ``F.relu`` calls alike."""
+    torch.manual_seed(0)
+    modules = _ModuleReLUs()
+    functional = _FunctionalReLUs()
+    functional.load_state_dict(modules.state_dict())
+    x = torch.randn(2, 3, 12, 12)
+    layer = {"layer": "conv2"} if method == "guided_gradcam" else {}
+    a = cs.attribute(modules, x, method, target=[1, 3], **layer)
+    b = cs.attribute(functional, x, method, target=[1, 3], **layer)
+    assert torch.allclose(a.raw, b.raw, atol=1e-6)
+    plain = cs.attribute(functional, x, "saliency", target=[1, 3]).raw
+    assert not torch.allclose(b.raw, plain, atol=1e-4)  # the rule did change the functional model's gradient

@@ -93,8 +93,10 @@ def test_curve_bad_input():
         metrics.deletion(model, x, torch.rand(1, 3, 3))
     with pytest.raises(InputShapeError, match="NaN"):
         metrics.deletion(model, x, torch.tensor([[[float("nan"), 0.0], [0.0, 0.0]]]))
-    with pytest.raises(ConvscopeError, match="positive"):
+    with pytest.raises(ConvscopeError, match="option 'steps' must be an int in 1..4096"):
         metrics.insertion(model, x, torch.rand(1, 2, 2), steps=0)
+    with pytest.raises(ConvscopeError, match="option 'batch_size' must be an int in 1..4096"):
+        metrics.deletion(model, x, torch.rand(1, 2, 2), batch_size=0)
     with pytest.raises(ConvscopeError):
         metrics.deletion(model, x, torch.rand(1, 2, 2), baseline="sparkles")
 

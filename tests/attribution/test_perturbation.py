@@ -344,8 +344,8 @@ def test_model_untouched_after_success_and_failure(vgg11, method, options):
     "options,match",
     [
         ({"window": 40}, "larger than the input"),
-        ({"window": 0}, "positive"),
-        ({"stride": -2}, "positive"),
+        ({"window": 0}, "option 'window' of 'occlusion' must be an int in 1..4096"),
+        ({"stride": -2}, "option 'stride' of 'occlusion' must be an int in 1..4096"),
         ({"window": 8, "stride": 9}, "stride"),
         ({"fill": "purple"}, "fill"),
         ({"fill": float("nan")}, "finite"),

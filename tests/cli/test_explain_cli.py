@@ -57,8 +57,12 @@ def test_explain_list_shows_every_method_with_options(capsys):
         (["--method", "gradcam", "--layer", "classifier"], "CAM methods need a spatial layer"),
         (["--method", "gradcam", "--target", "1000"], "out of range"),
         (["--method", "saliency", "--option", "steps=3"], "has no option 'steps'"),
-        (["--method", "integrated_gradients", "--option", "steps=many"], "must be int"),
-        (["--method", "gradcam", "--threshold", "2", "--mask"], "--threshold must lie in [0, 1]"),
+        (["--method", "integrated_gradients", "--option", "steps=many"], "must be an int"),
+        (["--method", "integrated_gradients", "--option", "steps=0"],
+         "option 'steps' of 'integrated_gradients' must be an int in 1..4096, got 0"),
+        (["--method", "smoothgrad", "--option", "noise=nan"], "option 'noise' of 'smoothgrad' must be a finite number"),
+        (["--method", "gradcam", "--threshold", "2", "--mask"], "option '--threshold' must be a float in 0..1"),
+        (["--method", "gradcam", "--alpha", "-1"], "option '--alpha' must be a float in 0..1, got -1.0"),
     ],
 )
 def test_explain_bad_usage_is_one_line_exit_2(argv, message, capsys, tmp_path):
@@ -69,6 +73,35 @@ def test_explain_bad_usage_is_one_line_exit_2(argv, message, capsys, tmp_path):
     assert len(lines) == 1 and message in lines[0]
 
 
+@pytest.mark.parametrize(("name", "needle"), [
+    ("out.xyz", "unknown picture suffix '.xyz'"),
+    ("", "is a directory"),
+    ("file.txt/out.png", "is not a folder"),
+])
+def test_explain_checks_the_output_path_before_the_work(tmp_path, capsys, monkeypatch, name, needle):
+    (tmp_path / "file.txt").write_text("x")
+    import convscope.cli.cmd_explain as cmd
+
+    monkeypatch.setattr(cmd, "load_model_from_args", lambda args: pytest.fail("the model was loaded"))
+    target = str(tmp_path / name) if name else str(tmp_path)
+    assert main(["explain", "sample:chelsea", "-o", target]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_explain_no_progress_draws_no_bars(tmp_path, capsys, monkeypatch):
+    import convscope.cli.cmd_explain as cmd
+
+    seen = []
+    real = cmd.attribute
+    monkeypatch.setattr(cmd, "attribute", lambda *a, **k: seen.append(k["progress"]) or real(*a, **k))
+    out = tmp_path / "o.png"
+    assert main(["explain", "sample:chelsea", "--method", "gradcam", "--no-progress", "-o", str(out)]) == 0
+    assert main(["explain", "sample:chelsea", "--method", "gradcam", "-o", str(out)]) == 0
+    assert seen == [False, True]
+
+
 def test_explain_missing_image_file(capsys):
     assert main(["explain", "/no/such/picture.jpg"]) == 2
     assert "convscope: error:" in capsys.readouterr().err
@@ -76,9 +109,9 @@ def test_explain_missing_image_file(capsys):
 
 def test_explain_all_makes_a_labelled_grid(tmp_path, capsys, monkeypatch):
     """--method all walks the registry (here cut to four methods to stay fast) with preview settings."""
-    import convscope.attribution as attribution
+    import convscope.cli.cmd_explain as cmd
 
-    monkeypatch.setattr(attribution, "method_names", lambda: ["saliency", "gradcam", "eigencam", "occlusion"])
+    monkeypatch.setattr(cmd, "method_names", lambda: ["saliency", "gradcam", "eigencam", "occlusion"])
     out = tmp_path / "all.png"
     assert main(["explain", "sample:chelsea", "--method", "all", "-o", str(out)]) == 0
     err = capsys.readouterr().err

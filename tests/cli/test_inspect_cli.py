@@ -130,7 +130,14 @@ def bad_files(tmp_path):
     torch.save(tiny_module().state_dict(), weights)
     pickled = tmp_path / "whole.pt"
     torch.save(tiny_module(), pickled)
-    return {"missing": str(tmp_path / "nope.jpg"), "corrupt": str(corrupt), "weights": str(weights), "pickled": str(pickled)}
+    text = tmp_path / "x.pt"
+    text.write_text("hi\n")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(pickled.read_bytes()[:-200])  # a torch.save archive cut short
+    folder = tmp_path / "taken.png"
+    folder.mkdir()
+    return {"missing": str(tmp_path / "nope.jpg"), "corrupt": str(corrupt), "weights": str(weights), "pickled": str(pickled),
+            "text": str(text), "broken": str(broken), "folder": str(folder)}
 
 
 BAD = {
@@ -147,6 +154,12 @@ BAD = {
     "unknown sample": (["predict", "sample:kitten"], "unknown sample image 'kitten'"),
     "non-spatial activations": (["activations", "sample:chelsea", "--layer", "classifier"], "not feature maps"),
     "bad output type": (["filters", "-o", "out.txt"], "unsupported output type"),
+    "output is a directory": (["filters", "-o", "{folder}"], "is a directory"),
+    "num-classes 0": (["summary", "--num-classes", "0"], "1..1000000"),
+    "num-classes -3": (["summary", "--num-classes", "-3"], "1..1000000"),
+    "not a model file": (["summary", "--model", "{text}"], "not a PyTorch, safetensors, TorchScript or ONNX model file"),
+    "trust-pickle on a text file": (["summary", "--model", "{text}", "--trust-pickle"], "not a PyTorch"),
+    "trust-pickle on a cut-short file": (["summary", "--model", "{broken}", "--trust-pickle"], "broken.pt: corrupt or cut-short"),
 }
 
 

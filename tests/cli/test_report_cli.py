@@ -68,19 +68,36 @@ def test_failed_section_warns_on_stderr_and_still_writes_the_report(capsys, tmp_
         (["--sections", "prediction,featurez"], "did you mean features"),
         (["--layers", "blocks.9"], "unknown layer 'blocks.9'"),
         (["sample:nothing"], "unknown sample image"),
-        (["--top", "0"], "must be at least 1"),
+        (["--top", "0"], "option '--top' must be an int in 1..1000"),
+        (["-o", "report.xyz"], "unknown report suffix '.xyz'"),
     ],
 )
-def test_bad_report_options_are_one_line_errors(capsys, tmp_path, argv, needle):
+def test_bad_report_options_are_one_line_errors(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
     target = tmp_path / "r.html"
     code, _, err = run(capsys, "report", "-o", str(target), *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err
-    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_that_is_a_directory_is_an_error(capsys, tmp_path):
     code, _, err = run(capsys, "report", "-o", str(tmp_path))
     assert code == 2 and "is a directory" in err
+
+
+def test_output_path_is_checked_before_the_work(capsys, tmp_path, monkeypatch):
+    (tmp_path / "file.txt").write_text("x")
+    monkeypatch.setattr(cmd_report, "load_model_from_args", lambda args: pytest.fail("the model was loaded"))
+    code, _, err = run(capsys, "report", "-o", str(tmp_path / "file.txt" / "r.html"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is not a folder" in err
+
+
+def test_no_progress_reaches_the_sections(capsys, tmp_path, monkeypatch):
+    seen = []
+    real = cmd_report.render_report
+    monkeypatch.setattr(cmd_report, "render_report", lambda *a, **k: seen.append(k["progress"]) or real(*a, **k))
+    code, _, _ = run(capsys, "report", "-o", str(tmp_path / "r.html"), "--sections", "prediction", "--no-progress")
+    assert code == 0 and seen == [False]
 
 
 def test_subprocess_report(tmp_path):

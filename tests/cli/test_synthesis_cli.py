@@ -1,21 +1,117 @@
-"""The synthesis commands: visualize, dream, invert, texture, style, adversarial, fool."""
+"""The synthesis commands: visualize, dream, invert, texture, style, style-train, stylize, adversarial, fool."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 import convscope as cs
-from convscope.cli.main import main
+from convscope.cli import cmd_synthesis
+from convscope.cli.main import build_parser
+from testkit import run_cli
+
+COMMANDS = ["visualize", "dream", "invert", "texture", "style", "style-train", "stylize", "adversarial", "fool"]
+#: the positional arguments each command needs, so that only the option under test can be wrong
+POSITIONAL = {"visualize": ["blocks.3.0:1"], "dream": ["sample:coffee"], "invert": ["sample:coffee", "--layer", "blocks.1.0"],
+              "texture": ["sample:brick"], "style": ["sample:coffee", "sample:brick"], "style-train": ["sample:brick", "."],
+              "stylize": ["sample:coffee", "--net", "net.pt"], "adversarial": ["sample:coffee"], "fool": ["1"]}
 
 
 def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, *argv)
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: sub.choices[name] for name in COMMANDS}
+
+
+def test_the_command_table_covers_every_synthesis_command():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    ours = {name for name, p in sub.choices.items()
+            if getattr(p.get_default("func"), "__module__", "") == cmd_synthesis.__name__}
+    assert ours == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help(command):
+    for action in _subparsers()[command]._actions:
+        assert action.help and action.help.strip(), f"{command} {action.option_strings or action.dest} has no help"
+
+
+def test_style_train_output_is_a_network_file():
+    helps = {a.dest: a.help for a in _subparsers()["style-train"]._actions}
+    assert "network" in helps["output"] and "image" not in helps["output"]
+
+
+NUMERIC = [(c, "--size", v) for c in COMMANDS for v in ("0", "-1", "30000", "x")] + [
+    (c, "--steps", v) for c in COMMANDS if c != "stylize" for v in ("0", "-5", "10000000")] + [
+    (c, "--seed", "-1") for c in COMMANDS if c != "stylize"] + [
+    ("visualize", "--lr", "0"), ("visualize", "--lr", "nan"), ("visualize", "--batch", "0"), ("visualize", "--blur", "0"),
+    ("visualize", "--diversity", "-1"), ("dream", "--octaves", "0"), ("dream", "--octave-scale", "0.5"),
+    ("dream", "--jitter", "-1"), ("dream", "--step-size", "0"), ("invert", "--tv", "-1"), ("invert", "--alpha-weight", "inf"),
+    ("style", "--style-weight", "-1"), ("style", "--content-weight", "nan"), ("style-train", "--batch-size", "0"),
+    ("style-train", "--lr", "-1"), ("style-train", "--width", "0"), ("style-train", "--checkpoint-every", "0"),
+    ("adversarial", "--eps", "0"), ("adversarial", "--eps", "inf"), ("fool", "--confidence", "1"), ("fool", "--confidence", "0")]
+
+
+@pytest.mark.parametrize(("command", "option", "value"), NUMERIC)
+def test_numeric_options_out_of_range_exit_2_with_one_line(command, option, value, capsys):
+    code, _, err = run([command, *POSITIONAL[command], f"{option}={value}"], capsys)
+    assert code == 2 and err.startswith("convscope: error:") and len(err.strip().splitlines()) == 1
+    assert option in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bad_output_paths_exit_2_before_any_work_and_leave_nothing(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("x")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    good = ".pt" if command == "style-train" else ".png"
+    for out in ("out.xyz", "folder.png", f"file/out{good}"):
+        code, _, err = run([command, *POSITIONAL[command], "-o", out, "--model", "no-such-model"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and out.split("/")[0] in err, (out, err)
+    if command == "style-train":
+        code, _, err = run([command, *POSITIONAL[command], "-o", "net.png"], capsys)
+        assert code == 2 and ".pt, .pth" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_visualize_channels_beyond_the_layer_name_the_range(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    code, _, err = run(["visualize", "blocks.3.0", "--channels", "0,5000", "--steps", "1", "--size", "32", "-o", str(out)], capsys)
+    assert code == 2 and "channel 5000 is out of range" in err and "(0.." in err and not out.exists()
+    code, _, err = run(["visualize", "blocks.3.0", "--channels", "0-100000", "--steps", "1"], capsys)
+    assert code == 2 and "at most 1024 channels" in err
+
+
+def _interrupt_third_adam_step(monkeypatch):
+    step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def interrupted_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupted_step)
+
+
+def test_ctrl_c_keeps_the_picture_and_exits_130(tmp_path, capsys, monkeypatch):
+    _interrupt_third_adam_step(monkeypatch)
+    out = tmp_path / "v.png"
+    code, text, err = run(["visualize", "blocks.3.0:5", "--steps", "400", "--size", "32", "-o", str(out)], capsys)
+    assert code == 130 and "interrupted" in err and f"wrote {out}" in err
+    assert "(2 steps" in text and Image.open(out).size == (32, 32)
 
 
 def test_visualize_writes_an_image_and_reports_the_objective(tmp_path, capsys):
@@ -96,3 +192,15 @@ def test_style_train_then_stylize(tmp_path, capsys):
     assert code == 0 and min(Image.open(out).size) == 36
     code, _, err = run(["stylize", "sample:chelsea", "--net", str(tmp_path / "nope.pt")], capsys)
     assert code == 2 and "no such file" in err
+
+
+def test_ctrl_c_during_style_training_keeps_the_network_and_exits_130(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    cs.sample_image("coffee").resize((40, 40)).save(data / "coffee.png")
+    _interrupt_third_adam_step(monkeypatch)
+    net = tmp_path / "net.pt"
+    code, text, err = run(["style-train", "sample:brick", str(data), "--steps", "50", "--size", "32", "--batch-size", "1",
+                           "--width", "2", "--blocks", "0", "-o", str(net)], capsys)
+    assert code == 130 and "trained 2 steps" in text and "(interrupted)" in text and net.exists()
+    assert torch.load(net, weights_only=True)["steps"] == 2

@@ -11,6 +11,7 @@ from PIL import Image
 
 import convscope as cs
 from convscope.errors import ImageError
+from convscope.images import IMAGE_SUFFIXES, list_images
 
 
 @pytest.mark.parametrize("name", list(cs.SAMPLES))
@@ -130,3 +131,56 @@ def test_transform_image_resizes_short_side_then_centre_crops(builtin):
     assert out.size == (224, 224)
     big = builtin.preprocess([img, img])
     assert big.shape == (2, 3, 224, 224)
+
+
+# ---------------------------------------------------------------- bytes (uploads) and folders
+def test_bytes_of_an_image_file_load_like_the_file(tmp_path):
+    img = Image.new("RGB", (20, 10), (10, 200, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    for source in (data, bytearray(data), memoryview(data)):
+        loaded = cs.load_image(source)
+        assert loaded.size == (20, 10) and loaded.mode == "RGB" and loaded.tobytes() == img.tobytes()
+
+
+@pytest.mark.parametrize("data", [b"not an image", b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20], ids=["text", "empty", "png-header-only"])
+def test_corrupt_bytes_are_an_image_error(data):
+    with pytest.raises(ImageError) as info:
+        cs.load_image(data)
+    assert "uploaded image" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_bytes_are_an_image_error():
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
+    with pytest.raises(ImageError, match="uploaded image"):
+        cs.load_image(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def test_list_images_finds_every_readable_suffix_sorted_and_skips_hidden(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for name in ("z.PNG", "a.jpg", "b/c.tif", "b/d.gif", "notes.txt", ".secret.png", ".hidden/e.png", "b/f.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    assert found == ["a.jpg", "b/c.tif", "b/d.gif", "b/f.webp", "z.PNG"]
+    assert [p.name for p in list_images(tmp_path, recursive=False)] == ["a.jpg", "z.PNG"]
+    assert all(s.startswith(".") and s == s.lower() for s in IMAGE_SUFFIXES)
+    assert {".png", ".jpg", ".jpeg", ".tif", ".gif", ".webp", ".bmp"} <= set(IMAGE_SUFFIXES)
+
+
+def test_list_images_missing_folder_or_file(tmp_path):
+    with pytest.raises(ImageError, match="no such folder"):
+        list_images(tmp_path / "nowhere")
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(ImageError, match="not a folder"):
+        list_images(tmp_path / "f.png")
+
+
+def test_every_listed_suffix_opens_with_load_image(tmp_path):
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    for suffix in IMAGE_SUFFIXES:
+        path = tmp_path / f"x{suffix}"
+        img.save(path)
+        assert cs.load_image(path).size == (8, 8)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
+import types
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from safetensors.torch import save_file
 from torch import nn
 
 import convscope as cs
 from convscope.errors import ModelLoadError, TargetError, UnsafeModelFileError
-from convscope.models import imagenet_labels
+from convscope.models import PLAIN_MODULE_DEFAULTS, count_classes, imagenet_labels
+from testkit import run_cli
 
 
 # ---------------------------------------------------------------- built-in model
@@ -158,8 +162,6 @@ def test_checkpoint_dict_and_dataparallel_prefixes(tmp_path, small_resnet):
 
 
 def test_safetensors_file(tmp_path, small_resnet):
-    from safetensors.torch import save_file
-
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in small_resnet.state_dict().items()}, str(path))
     m = cs.load_model(path, arch="resnet18", num_classes=10)
@@ -182,11 +184,69 @@ def test_pickles_never_run_without_trust(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("CONVSCOPE_PWNED", str(marker))
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"model": _Evil()}, f)
+    torch.save({"model": _Evil()}, path)
     with pytest.raises(UnsafeModelFileError, match="trust"):
         cs.load_model(path)
     assert not marker.exists()
+
+
+def test_plain_pickle_is_not_a_model_and_never_runs(tmp_path, monkeypatch):
+    # a pickle not written by torch.save: torch.load cannot read it (it would run it before saying so)
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("CONVSCOPE_PWNED", str(marker))
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    for trust in (False, True):
+        with pytest.raises(ModelLoadError, match="not a PyTorch, safetensors, TorchScript or ONNX model file"):
+            cs.load_model(path, trust=trust)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"hi\n", b"[\x00\x01random bytes\xff" * 4, b""], ids=["text", "random", "empty"])
+def test_a_file_that_is_not_a_model_says_so_in_one_line(tmp_path, capsys, content):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    for trust in (False, True):
+        with pytest.raises(ModelLoadError) as info:
+            cs.load_model(path, trust=trust)
+        assert not isinstance(info.value, UnsafeModelFileError)
+        assert str(info.value) == f"{path}: not a PyTorch, safetensors, TorchScript or ONNX model file"
+    argv = ["summary", "--model", str(path), "--trust-pickle"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and err == f"convscope: error: {path}: not a PyTorch, safetensors, TorchScript or ONNX model file\n"
+
+
+def test_a_cut_short_archive_says_so(tmp_path, small_resnet):
+    whole = tmp_path / "whole.pt"
+    torch.save(small_resnet.state_dict(), whole)
+    for name, content in (("cut.pt", whole.read_bytes()[:-300]), ("fake.pt", b"PK\x03\x04not really a zip")):
+        (tmp_path / name).write_bytes(content)
+        for trust in (False, True):
+            with pytest.raises(ModelLoadError, match=f"{name}: corrupt or cut-short zip archive"):
+                cs.load_model(tmp_path / name, arch="resnet18", trust=trust)
+
+
+def test_trusted_pickle_that_cannot_load_is_one_line(tmp_path, capsys):
+    path = tmp_path / "gone.pt"
+    gone = types.ModuleType("convscope_test_gone")  # a module that exists while saving, not while loading
+    gone.Gone = type("Gone", (), {"__module__": "convscope_test_gone"})
+    sys.modules["convscope_test_gone"] = gone
+    try:
+        torch.save({"model": gone.Gone()}, path)
+    finally:
+        del sys.modules["convscope_test_gone"]
+    with pytest.raises(ModelLoadError, match="cannot unpickle"):
+        cs.load_model(path, trust=True)
+    code, out, err = run_cli(capsys, "summary", "--model", str(path), "--trust-pickle")
+    assert code == 2 and err.count("\n") == 1 and "cannot unpickle" in err
+
+
+def test_safetensors_content_is_recognised_whatever_the_suffix(tmp_path, small_resnet):
+    path = tmp_path / "weights.pt"
+    save_file({k: v.contiguous() for k, v in small_resnet.state_dict().items()}, str(path))
+    with pytest.raises(ModelLoadError, match="arch"):
+        cs.load_model(path)
 
 
 def test_pickled_module_loads_only_when_trusted(tmp_path, small_resnet):
@@ -268,3 +328,58 @@ def test_device_choice():
             cs.load_model(_Tiny(), device="cuda")
     with pytest.raises(ModelLoadError, match="unknown device"):
         cs.load_model(_Tiny(), device="toaster")
+
+
+# ---------------------------------------------------------------- as_model: the one "Model or plain module?" answer
+def test_as_model_returns_a_model_unchanged(builtin):
+    assert cs.as_model(builtin) is builtin
+    assert cs.as_model(builtin, input_size=64) is builtin and builtin.input_size == (224, 224)
+
+
+def test_as_model_leaves_a_plain_module_as_it_is():
+    module = _Tiny().train()
+    module.conv.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    m = cs.as_model(module)
+    assert isinstance(m, cs.Model) and m.module is module
+    assert module.training and not module.conv.weight.requires_grad and module.fc.weight.requires_grad
+    assert m.device == torch.device("cpu")
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert m.input_size == (224, 224) and m.mean == PLAIN_MODULE_DEFAULTS["mean"] and m.std == PLAIN_MODULE_DEFAULTS["std"]
+    assert m.channels is None and m.source == "module" and m.name == "_Tiny"
+    assert cs.as_model(module, input_size=32).input_size == (32, 32)
+
+
+def test_as_model_counts_labels_lazily_and_restores_the_module(monkeypatch):
+    module = _Tiny().train()
+    calls = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    m = cs.as_model(module, input_size=16)
+    assert calls == []  # no dry run until the labels are read
+    assert m.num_classes == 4 and len(m.labels) == 4 and calls == [1]
+    assert m.labels == m.labels and calls == [1]  # counted once
+    assert module.training  # the dry run ran in eval mode and restored train mode
+
+
+def test_as_model_accepts_any_channel_count():
+    module = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    m = cs.as_model(module, input_size=12)
+    assert m.logits(torch.rand(2, 1, 12, 12)).shape == (2, 2)
+    assert m.num_classes == 2  # the 3-channel dry run fails: the last linear layer says it
+
+
+def test_as_model_refuses_other_objects():
+    with pytest.raises(TypeError, match="Model or an nn.Module"):
+        cs.as_model("resnet18")
+
+
+def test_count_classes():
+    assert count_classes(_Tiny(), 16) == 4
+    assert count_classes(_Tiny(), (16, 24)) == 4
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 7))
+    assert count_classes(gray, 16, channels=1) == 7
+    assert count_classes(gray, 16) == 7  # dry run fails with 3 channels: falls back to the last linear layer
+    assert count_classes(nn.Sequential(nn.ReLU()), 8) is None
+    module = _Tiny().train()
+    count_classes(module, 16)
+    assert module.training and all(p.requires_grad for p in module.parameters())

@@ -241,7 +241,8 @@ def test_ten_class_model_is_refused_and_left_untouched(conflict_dir):
 
 
 def test_plain_module_and_bad_mappings(conflict_dir, tmp_path):
-    with pytest.raises(B.StimuliError, match="convscope Model"):
+    # a plain module is wrapped (cs.as_model) and refused for its 2 classes, not for being a module
+    with pytest.raises(B.StimuliError, match="has 2 classes"):
         B.shape_bias(nn.Linear(2, 2), conflict_dir)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(B.StimuliError, match="not a JSON"):
@@ -250,7 +251,7 @@ def test_plain_module_and_bad_mappings(conflict_dir, tmp_path):
         B.load_categories({"cat": [281], "dog": [1000]})
     with pytest.raises(B.StimuliError, match="non-empty"):
         B.load_categories({"cat": [281], "dog": []})
-    with pytest.raises(B.StimuliError, match="batch_size"):
+    with pytest.raises(cs.ConvscopeError, match="'batch_size' must be an int in 1..4096"):  # the declared bound
         B.shape_bias(_fake_model(), conflict_dir, batch_size=0)
 
 
@@ -327,3 +328,13 @@ def test_cli_table_and_errors(capsys, monkeypatch, conflict_dir, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "no such folder" in err
     code, _, err = _run(capsys, "bias", "--data", str(conflict_dir), "-o", str(tmp_path / "plot.txt"))
     assert code == 2 and "unsupported output type" in err
+
+
+def test_every_readable_suffix_is_a_stimulus(conflict_dir):
+    """bias lists images with convscope.images.list_images, like topk: .tif and .gif count too."""
+    shutil.copy(conflict_dir / "cat" / "cat1-bird1.png", conflict_dir / "cat" / "cat2-bird1.tif")
+    Image.open(conflict_dir / "cat" / "cat1-bird1.png").save(conflict_dir / "cat" / "cat3-bird1.gif")
+    r = B.shape_bias(_fake_model(), conflict_dir, progress=False)
+    files = [d.file for d in r.decisions]
+    assert "cat/cat2-bird1.tif" in files and "cat/cat3-bird1.gif" in files
+    assert r.texture == 3  # the two copies of the texture decision count as well

@@ -17,6 +17,7 @@ import convscope as cs
 import statecheck
 from convscope.cli.main import main
 from convscope.dataset.dissect import DissectError, dissect, make_synthetic_broden, open_broden
+from convscope.dataset.folder import StateMismatchError
 
 SIZE = 32
 
@@ -127,7 +128,10 @@ def test_union_restricted_to_images_of_the_category_and_coverage_assignment(tmp_
     with torch.no_grad():
         unit.weight.copy_(torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1))
     module = nn.Sequential(OrderedDict(conv=unit))
-    d = dissect(module, tmp_path, "conv", quantile=0.5, progress=False)
+    # identity preprocessing at the images' own size, stated explicitly: a plain module now gets the one
+    # documented plain-module default (cs.as_model: ImageNet mean/std at 224 px), checked at the end
+    model = cs.load_model(module, input_size=4, mean=(0, 0, 0), std=(1, 1, 1), labels=["u"])
+    d = dissect(model, tmp_path, "conv", quantile=0.5, progress=False)
     assert d.label_category[1:] == ["object", "part", "scene"]
     assert d.thresholds.tolist() == [0.0]
     # a: only image 0 carries an object label -> union 4 + 4 - 4; b: image 1 -> 8 + 4 - 4; s: image 2 -> 2 + 16 - 2
@@ -136,6 +140,11 @@ def test_union_restricted_to_images_of_the_category_and_coverage_assignment(tmp_
     assert d.label_area[1:].tolist() == [4, 4, 16]
     assert d.summary()["unique_detectors"] == 3      # a (object), b (part), s (scene): best IoU per category > 0.04
     assert d.summary()["detectors"] == 1             # the unit itself: best label a
+    plain = dissect(module, tmp_path, "conv", quantile=0.5, progress=False)
+    defaults = cs.load_model(module, input_size=224, mean=cs.models.PLAIN_MODULE_DEFAULTS["mean"],
+                             std=cs.models.PLAIN_MODULE_DEFAULTS["std"], labels=["u"])
+    assert plain.thresholds.tolist() == dissect(defaults, tmp_path, "conv", quantile=0.5, progress=False).thresholds.tolist()
+    assert plain.thresholds.tolist() == [pytest.approx(-0.485 / 0.229)]  # a black pixel in ImageNet normalisation
 
 
 def test_stacked_part_masks_and_whole_image_labels(broden):
@@ -201,7 +210,7 @@ def test_model_untouched_and_resume_after_interrupt(broden, tmp_path):
     again = dissect(model, broden, "relu", batch_size=8, state=state, progress=False)
     assert not again.interrupted and again.processed == full.total
     assert torch.equal(again.iou, full.iou) and torch.equal(again.thresholds, full.thresholds)
-    with pytest.raises(DissectError, match="quantile"):
+    with pytest.raises(StateMismatchError, match="quantile"):  # one error class for every resumable analysis
         dissect(model, broden, "relu", quantile=0.9, state=state, progress=False)
 
 

@@ -8,17 +8,17 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 import convscope as cs
 import statecheck
-from convscope.attribution.gradients import DECONV_RULES
 from convscope.cli import cmd_topk
 from convscope.cli.main import main
 from convscope.dataset.projection import ProjectionError, unit_gradients
 from convscope.dataset.topk import TopKError, top_activations
-from convscope.probe import Capture
+from convscope.probe import DECONV_RULES, Capture
 
 SIZE = 24
 SQUARE = (9, 13, 3)  # top, left, side of the bright square in image 3
@@ -190,3 +190,54 @@ def test_cli_project_and_dead(monkeypatch, capsys, tiny, tmp_path):
     assert code == 0 and "dead:" in stdout and "never above 0" in stdout
     assert main(["topk", str(folder), "--layer", "relu2", "--reduce", "mean", "--dead", "-o", str(out)]) == 2
     assert "--reduce max" in capsys.readouterr().err
+
+
+# ============================================================================ functional ReLU: one rule set with attribution
+
+
+class FunctionalNet(nn.Module):
+    """conv1 - F.relu - conv2 (stride 2) - F.relu - gap - head (1x1 conv, 3 classes) - flatten; ``modules=True``
+    builds the same network with nn.ReLU modules instead of functional calls."""
+
+    def __init__(self, modules: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Conv2d(5, 3, 1)
+        self.relu1 = nn.ReLU() if modules else None
+        self.relu2 = nn.ReLU() if modules else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu1(self.conv1(x)) if self.relu1 is not None else F.relu(self.conv1(x))
+        b = self.relu2(self.conv2(a)) if self.relu2 is not None else F.relu(self.conv2(a))
+        return self.head(self.gap(b)).flatten(1)
+
+
+def test_functional_relu_projection_equals_guided_backprop_attribution():
+    """The guided projection of a logit unit is guided backpropagation of that class: both take their
+    rules from the probe, so a model calling F.relu gets the same (non-plain) gradient from both."""
+    model = FunctionalNet()
+    x = images()[2:4]  # image 3 holds the bright square
+    for c in range(3):
+        proj = unit_gradients(model, x, "head", [c, c], [0, 0], [0, 0], method="guided", progress=False).grads
+        attr = cs.attribute(model, x, method="guided_backprop", target=c).raw
+        torch.testing.assert_close(proj, attr, rtol=1e-5, atol=1e-7)
+    plain = unit_gradients(model, x, "head", [0, 0], [0, 0], [0, 0], method="gradient", progress=False).grads
+    guided = unit_gradients(model, x, "head", [0, 0], [0, 0], [0, 0], method="guided", progress=False).grads
+    assert not torch.allclose(plain, guided)  # the functional ReLUs were rewired
+
+
+@pytest.mark.parametrize("method", ["guided", "deconvnet"])
+def test_functional_relu_topk_projections_equal_module_relu(method):
+    x = images()
+    runs = []
+    for modules in (False, True):
+        model = FunctionalNet(modules)
+        r = top_activations(model, x, "conv2", k=2, channels=[0, 3], progress=False)
+        runs.append(r.projected(model, method=method, images=x, progress=False))
+    functional, with_modules = runs
+    assert functional.images == with_modules.images and functional.units == with_modules.units
+    torch.testing.assert_close(functional.crops, with_modules.crops, rtol=1e-5, atol=1e-7)
+    assert functional.crops.abs().sum() > 0

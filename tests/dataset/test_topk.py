@@ -16,7 +16,12 @@ import convscope as cs
 import statecheck
 from convscope.cli import cmd_topk
 from convscope.cli.main import main
-from convscope.dataset.folder import ImageSource, SkippedImagesWarning, list_images
+from convscope.dataset.folder import (
+    ImageSource,
+    SkippedImagesWarning,
+    StateFileError,
+    list_images,
+)
 from convscope.dataset.topk import StateMismatchError, TopKError, sidecar_path, top_activations
 
 SIZE = 32
@@ -178,9 +183,15 @@ def test_resume_refuses_another_run(model, folder, tmp_path):
     (folder / "a" / "img_00b.png").unlink()
     with pytest.raises(StateMismatchError, match="model"):
         top_activations(other, folder, "conv2", k=4, state=state, progress=False)
+    # a file that is not a state: one line saying so (not torch's weights_only advice), for text and pickles alike
     state.write_bytes(b"not a state")
-    with pytest.raises(TopKError, match="not a readable top-k state"):
+    with pytest.raises(StateFileError, match="not a convscope top-k state file") as exc:
         top_activations(model, folder, "conv2", k=4, state=state, progress=False)
+    assert "\n" not in str(exc.value) and "weights_only" not in str(exc.value)
+    torch.save({"meta": object()}, state)  # a pickle of an arbitrary Python object
+    with pytest.raises(StateFileError, match="not a convscope top-k state file") as exc:
+        top_activations(model, folder, "conv2", k=4, state=state, progress=False)
+    assert "\n" not in str(exc.value)
 
 
 # ============================================================================ patches
@@ -239,7 +250,7 @@ def test_unreadable_files_are_skipped_and_counted(model, folder):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"k": 0}, "k must be"), ({"reduce": "median"}, "unknown reduce"), ({"channels": [6]}, "out of range"),
+    ({"k": 0}, "'k' must be an int in 1..100000"), ({"k": 10**9}, "'k' must be"), ({"save_every": 0}, "save_every"), ({"reduce": "median"}, "unknown reduce"), ({"channels": [6]}, "out of range"),
     ({"channels": [1, 1]}, "duplicates"), ({"batch_size": 0}, "batch_size"),
 ])
 def test_bad_options_are_clear_errors(model, folder, kwargs, message):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import matplotlib
 import pytest
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 
 from convscope.inspect import ChannelResponse, ViewOptionError, channel_means
 
@@ -75,3 +78,15 @@ def test_plain_module_and_str(tiny):
     assert isinstance(resp, ChannelResponse)
     assert torch.allclose(resp.means, ref.mean((2, 3)), atol=1e-6)
     assert str(resp).startswith("relu3: 6 channels; top 5:")
+
+
+def test_figure_shows_itself_in_jupyter_without_matplotlib_inline(tiny):
+    # Jupyter shows an object through its _repr_png_ when no backend printer is registered for its type
+    fig = channel_means(tiny, torch.randn(1, 3, 32, 32), "relu3").figure(top=2)
+    png = fig._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    picture = Image.open(io.BytesIO(png))
+    assert picture.size == (900, 320)  # 9 x 3.2 inches at 100 dpi
+    ipython = pytest.importorskip("IPython.core.formatters")
+    data, _ = ipython.DisplayFormatter().format(fig)
+    assert data["image/png"] == png

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import convscope as cs
 from convscope.errors import InputShapeError, LayerNotFoundError
 from convscope.inspect import FeatureMaps, LayerKindError, ViewOptionError, feature_maps, stage_layers
 
@@ -77,13 +78,16 @@ def test_channel_scale_stretches_each_map_and_layer_scale_keeps_silent_channels_
     assert per_channel.crop((4, 4, 11, 11)).getextrema()[0] == (0, 255)
 
 
-def test_plain_module_needs_a_tensor(tiny):
+def test_plain_module_takes_tensors_and_images_like_as_model(tiny):
+    # a plain module is read through cs.as_model: tensors as they are, images with PLAIN_MODULE_DEFAULTS
     x = torch.randn(1, 3, 32, 32)
     fm = feature_maps(tiny.module, x, "conv2")
-    assert fm.activations.shape == (6, 16, 16) and fm.picture is None
+    assert fm.activations.shape == (6, 16, 16)
     assert torch.allclose(fm.activations, tiny.module.conv2(tiny.module.relu2(tiny.module.dw(tiny.module.relu1(tiny.module.conv1(x)))))[0].detach(), atol=1e-6)
-    with pytest.raises(InputShapeError, match="tensor"):
-        feature_maps(tiny.module, "sample:chelsea", "conv2")
+    assert fm.picture is not None and fm.picture.size == (32, 32)
+    from_image = feature_maps(tiny.module, "sample:chelsea", "conv2")
+    expected = feature_maps(tiny.module, cs.as_model(tiny.module).preprocess("sample:chelsea"), "conv2")
+    assert from_image.activations.shape == (6, 112, 112) and torch.equal(from_image.activations, expected.activations)
 
 
 def test_bad_input_is_a_clear_error_and_leaves_no_hooks(tiny, untouched):

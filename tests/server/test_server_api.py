@@ -27,6 +27,11 @@ def test_info_lists_model_layers_methods_and_samples(client):
     assert methods["gradcam"]["family"] == "cam" and methods["gradcam"]["uses_layer"]
     steps = {o["name"]: o for o in methods["integrated_gradients"]["options"]}["steps"]
     assert steps["type"] == ["int"] and steps["default"] == 32 and steps["help"]
+    assert (steps["minimum"], steps["maximum"], steps["range"]) == (1, 4096, "an int in 1..4096")
+    from convscope.attribution import get_method
+
+    assert methods["occlusion"] == get_method("occlusion").to_json()  # the registry's own serialisation
+    assert methods["saliency"]["view"] == "heatmap" and methods["gradcam"]["view"] == "overlay"
     assert "chelsea" in [s["name"] for s in info["samples"]]
     assert info["limits"]["max_upload"] == MAX_UPLOAD_BYTES == 20 * 1024 * 1024
 
@@ -90,9 +95,9 @@ def test_visualize_renders_and_caps(client):
     assert a.status == 200, a.data
     assert decode(a.data["image"]).size == (32, 32) and a.data["steps"] == 4
     over = client.get("/api/visualize?objective=conv2:3&steps=257")
-    assert over.status == 400 and "at most 256" in over.data["error"]
+    assert over.status == 400 and "in 1..256" in over.data["error"]
     big = client.get("/api/visualize?objective=conv2:3&size=500")
-    assert big.status == 400 and "at most 224" in big.data["error"]
+    assert big.status == 400 and "in 16..224" in big.data["error"]
 
 
 @pytest.mark.parametrize(
@@ -103,13 +108,20 @@ def test_visualize_renders_and_caps(client):
         ("/api/explain?image=sample:chelsea&target=10", "out of range"),
         ("/api/explain?image=sample:chelsea&target=-1", "out of range"),
         ("/api/explain?image=sample:chelsea&method=saliency&opt.steps=3", "has no option 'steps'"),
-        ("/api/explain?image=sample:chelsea&method=integrated_gradients&opt.steps=many", "must be int"),
+        ("/api/explain?image=sample:chelsea&method=integrated_gradients&opt.steps=many", "must be an int"),
+        ("/api/explain?image=sample:chelsea&method=integrated_gradients&opt.steps=1000000",
+         "option 'steps' of 'integrated_gradients' must be an int in 1..4096"),
+        ("/api/explain?image=sample:chelsea&method=smoothgrad&opt.noise=nan", "option 'noise' of 'smoothgrad' must be a finite"),
+        ("/api/explain?image=sample:chelsea&method=smoothgrad&opt.seed=99999999999999999999999",
+         "option 'seed' of 'smoothgrad' must be an int in 0..4294967295"),
+        ("/api/explain?image=sample:chelsea&method=saliency&opt.batch_size=0", "must be an int in 1..4096"),
+        ("/api/explain?image=sample:chelsea&alpha=2", "option 'alpha' must be a float in 0..1"),
         ("/api/explain?image=sample:chelsea&view=sideways", "view must be one of"),
         ("/api/predict?image=sample:kitten", "unknown sample image 'kitten'"),
         ("/api/predict?image=0123456789abcdef", "unknown image id"),
         ("/api/predict", "missing query parameter 'image'"),
-        ("/api/predict?image=sample:chelsea&top=two", "top must be a whole number"),
-        ("/api/predict?image=sample:chelsea&top=0", "top must be at least 1"),
+        ("/api/predict?image=sample:chelsea&top=two", "option 'top' must be an int"),
+        ("/api/predict?image=sample:chelsea&top=0", "option 'top' must be an int in 1..100"),
         ("/api/activations?image=sample:chelsea&layer=fc", "not feature maps"),
         ("/api/filters?layer=relu1", "not a Conv2d"),
         ("/api/visualize?objective=conv2:3@@", "objective"),
@@ -128,6 +140,19 @@ def test_corrupt_upload_is_a_400(client, body):
     assert a.status == 400
     assert a.data["error"].startswith("upload: ") and "\n" not in a.data["error"]
     assert "/tmp" not in a.data["error"] and "convscope-upload" not in a.data["error"]
+
+
+def test_uploads_never_touch_the_disk(client, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server wrote a temporary file")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", refuse)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert client.post("/api/image", png_bytes(seed=5)).status == 200
+    assert client.post("/api/image", b"not an image at all").status == 400
 
 
 def test_empty_upload_is_a_400(client):

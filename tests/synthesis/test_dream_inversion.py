@@ -80,5 +80,13 @@ def test_inversion_errors_leave_the_model_untouched(model, tiny, untouched):
         invert(model, "sample:chelsea", "blocks.1.0", steps=2, size=32, progress=False)
     with pytest.raises(cs.ConvscopeError):
         invert(model, "sample:chelsea", "blocks.1.0", steps=0, progress=False)
-    with pytest.raises(cs.ConvscopeError, match="tensor"):
-        invert(tiny, "sample:chelsea", "conv1", steps=2, progress=False)
+
+
+
+def test_a_plain_module_takes_images_with_the_documented_default_preprocessing(tiny, untouched):
+    # issue 8: a plain nn.Module is converted by as_model (ImageNet mean/std, 224 px), so it takes images too
+    with untouched(tiny):
+        inv = invert(tiny, "sample:chelsea", "conv1", steps=2, size=32, progress=False)
+    defaults = cs.as_model(tiny)
+    assert defaults.mean == cs.models.PLAIN_MODULE_DEFAULTS["mean"]
+    assert torch.allclose(inv.input, defaults.from_pixels(inv.pixels), atol=1e-6)

@@ -74,12 +74,14 @@ def test_parameterisations_and_plain_module_with_mean_std(tiny, param):
 
 
 def test_forward_pass_stops_after_the_deepest_layer(tiny, untouched):
+    model = cs.as_model(tiny)
+    assert len(model.labels) == 10  # a plain module's labels cost one dry run, when first read: not counted below
     calls = []
     handle = tiny.fc.register_forward_hook(lambda *a: calls.append(1))
     try:
-        visualize(tiny, "conv2:1 + conv1:0", steps=3, size=32, progress=False)
+        visualize(model, "conv2:1 + conv1:0", steps=3, size=32, progress=False)
         assert calls == []
-        visualize(tiny, "conv2:1 + logit:2", steps=3, size=32, progress=False)
+        visualize(model, "conv2:1 + logit:2", steps=3, size=32, progress=False)
         assert len(calls) == 4  # 3 steps + the final evaluation
     finally:
         handle.remove()
@@ -124,7 +126,13 @@ def test_diversity_makes_samples_differ(tiny):
     assert same.objectives.shape == (3,) and div.input.shape[0] == 3
 
 
-@pytest.mark.parametrize("bad", [dict(steps=-1), dict(lr=0), dict(batch=0), dict(size=4), dict(param="hsv"),
+def test_channels_beyond_the_layer_are_an_error_naming_the_range(tiny, untouched):
+    with untouched(tiny), pytest.raises(cs.TargetError, match=r"channel 16 is out of range: layer 'conv2' has 16 channels \(0\.\.15\)"):
+        render_channels(tiny, "conv2", [0, 16, 10**9], steps=1, size=32, progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(steps=-1), dict(lr=0), dict(batch=0), dict(size=4), dict(size=30000),
+                                 dict(size=(32, 0)), dict(batch=10**6), dict(param="hsv"),
                                  dict(transforms="weird"), dict(optimizer="rmsprop")])
 def test_bad_settings_are_clear_errors(tiny, bad):
     kw = dict(steps=1, size=32, progress=False) | bad

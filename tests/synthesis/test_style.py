@@ -39,7 +39,8 @@ def test_channels_last_layout_gives_the_same_losses(tiny):
     nchw = style_transfer(tiny, a, s, channels_last=False, **kw)
     nhwc = style_transfer(tiny, a, s, channels_last=True, **kw)
     # the same losses at the same image, and the same L-BFGS steps up to float rounding (which L-BFGS amplifies)
-    assert torch.allclose(torch.tensor(nchw.history[:3]), torch.tensor(nhwc.history[:3]), rtol=2e-5)
+    assert nchw.history[0] == pytest.approx(nhwc.history[0], rel=2e-6)
+    assert torch.allclose(torch.tensor(nchw.history[:3]), torch.tensor(nhwc.history[:3]), rtol=2e-4)
     assert torch.allclose(nchw.pixels, nhwc.pixels, atol=1e-4)
 
 

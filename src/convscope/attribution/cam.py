@@ -33,13 +33,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..progress import tqdm
 
 from ..errors import ConvscopeError, InputShapeError
-from ..probe import Capture, forward_fast
-from .api import Context
-from .gradients import GUIDED_RULES, input_gradients
-from .registry import MethodOutput, Option, register_method
+from ..models.model import output_logits
+from ..probe import GUIDED_RULES, Capture, forward_fast
+from .contract import Context, MethodOutput
+from .gradients import input_gradients
+from .registry import Option, register_method
 from .result import minmax
 
 # ============================================================================ the capture
@@ -85,7 +85,7 @@ def capture_layer(ctx: Context, *, grads: bool = False, stop: bool = False) -> L
             raise ConvscopeError(f"layer {ctx.layer!r} did not run in the forward pass")
         if out is None:
             return LayerCapture(seen[-1], None, None, None)
-        logits = _logits(out)
+        logits = output_logits(out)
         target = ctx.choose_target(logits)
         gradients = None
         if grads:
@@ -94,12 +94,6 @@ def capture_layer(ctx: Context, *, grads: bool = False, stop: bool = False) -> L
             if gradients is None:
                 raise ConvscopeError(f"the class score does not depend on layer {ctx.layer!r}")
     return LayerCapture(seen[-1].detach(), gradients, logits.detach(), target)
-
-
-def _logits(out: object) -> torch.Tensor:
-    from ..models.model import output_logits
-
-    return output_logits(out)
 
 
 def _check_spatial(name: str, out: torch.Tensor) -> None:
@@ -122,12 +116,14 @@ Strategy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def gradcam_map(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM: channel weights are the spatial mean of the gradient."""
+    """Grad-CAM (N, h, w): ReLU(sum_k w_k A_k) with w_k the spatial mean of dS_c/dA_k (S_c: target logit)."""
     return weighted_sum(a, g.mean(dim=(2, 3)))
 
 
 def gradcam_pp_map(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM++: w_k = sum_ij alpha_kij ReLU(G_kij), alpha = G^2 / (2 G^2 + sum_ij(A_k) G^3)."""
+    """Grad-CAM++ (N, h, w): channel weights sum_ij alpha_kij ReLU(dS_c/dA_kij) with the closed-form alpha.
+
+    alpha = G^2 / (2 G^2 + sum_ij(A_k) G^3)."""
     g2 = g * g
     g3 = g2 * g
     denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
@@ -136,72 +132,43 @@ def gradcam_pp_map(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def xgradcam_map(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """XGrad-CAM: w_k = sum_ij G_kij A_kij / sum_ij A_kij."""
+    """XGrad-CAM (N, h, w): channel weights sum_ij G_kij A_kij / sum_ij A_kij."""
     w = (g * a).sum(dim=(2, 3)) / (a.sum(dim=(2, 3)) + 1e-7)
     return weighted_sum(a, w)
 
 
 def hirescam_map(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """HiResCAM: ReLU(sum_k G_k * A_k), the gradient kept per position."""
+    """HiResCAM (N, h, w): ReLU(sum_k dS_c/dA_k * A_k), elementwise (no spatial averaging of the gradient)."""
     return (g * a).sum(dim=1).clamp(min=0)
 
 
 def layercam_map(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """LayerCAM: ReLU(sum_k ReLU(G_k) * A_k)."""
+    """LayerCAM (N, h, w): ReLU(sum_k ReLU(dS_c/dA_k) * A_k)."""
     return (g.clamp(min=0) * a).sum(dim=1).clamp(min=0)
 
 
-GRADIENT_STRATEGIES: dict[str, Strategy] = {
-    "gradcam": gradcam_map,
-    "gradcam++": gradcam_pp_map,
-    "xgradcam": xgradcam_map,
-    "hirescam": hirescam_map,
-    "layercam": layercam_map,
-}
+def gradient_cam(strategy: Strategy) -> Callable[[Context], MethodOutput]:
+    """A CAM method from a channel-weighting ``strategy``: one capture of A and G = dS_c/dA at the layer
+    (1 forward + 1 backward down to the layer), then ``strategy(A, G)``."""
+
+    def method(ctx: Context) -> MethodOutput:
+        cap = capture_layer(ctx, grads=True)
+        return MethodOutput(raw=strategy(cap.activations, cap.gradients), forward_passes=1, backward_passes=1)
+
+    method.__doc__ = strategy.__doc__
+    return method
 
 
-def _gradient_cam(ctx: Context, name: str) -> MethodOutput:
-    cap = capture_layer(ctx, grads=True)
-    raw = GRADIENT_STRATEGIES[name](cap.activations, cap.gradients)
-    return MethodOutput(raw=raw, forward_passes=1, backward_passes=1)
-
-
-_GRAD_PASSES = "1 forward + 1 backward (down to the layer only)"
-
-
-@register_method("gradcam", family="cam", passes=_GRAD_PASSES, uses_layer=True,
-                 paper="Selvaraju et al. 2017, Grad-CAM")
-def gradcam(ctx: Context) -> MethodOutput:
-    """Grad-CAM (N, h, w): ReLU(sum_k w_k A_k) with w_k the spatial mean of dS_c/dA_k (S_c: target logit)."""
-    return _gradient_cam(ctx, "gradcam")
-
-
-@register_method("gradcam++", family="cam", passes=_GRAD_PASSES, uses_layer=True,
-                 paper="Chattopadhay et al. 2018, Grad-CAM++")
-def gradcam_pp(ctx: Context) -> MethodOutput:
-    """Grad-CAM++ (N, h, w): channel weights sum_ij alpha_kij ReLU(dS_c/dA_kij) with the closed-form alpha."""
-    return _gradient_cam(ctx, "gradcam++")
-
-
-@register_method("xgradcam", family="cam", passes=_GRAD_PASSES, uses_layer=True,
-                 paper="Fu et al. 2020, Axiom-based Grad-CAM")
-def xgradcam(ctx: Context) -> MethodOutput:
-    """XGrad-CAM (N, h, w): channel weights sum_ij G_kij A_kij / sum_ij A_kij."""
-    return _gradient_cam(ctx, "xgradcam")
-
-
-@register_method("hirescam", family="cam", passes=_GRAD_PASSES, uses_layer=True,
-                 paper="Draelos & Carin 2020, Use HiResCAM instead of Grad-CAM")
-def hirescam(ctx: Context) -> MethodOutput:
-    """HiResCAM (N, h, w): ReLU(sum_k dS_c/dA_k * A_k), elementwise (no spatial averaging of the gradient)."""
-    return _gradient_cam(ctx, "hirescam")
-
-
-@register_method("layercam", family="cam", passes=_GRAD_PASSES, uses_layer=True,
-                 paper="Jiang et al. 2021, LayerCAM")
-def layercam(ctx: Context) -> MethodOutput:
-    """LayerCAM (N, h, w): ReLU(sum_k ReLU(dS_c/dA_k) * A_k)."""
-    return _gradient_cam(ctx, "layercam")
+# name, strategy, paper: each method's summary is its strategy's first docstring line
+for _name, _strategy, _paper in (
+    ("gradcam", gradcam_map, "Selvaraju et al. 2017, Grad-CAM"),
+    ("gradcam++", gradcam_pp_map, "Chattopadhay et al. 2018, Grad-CAM++"),
+    ("xgradcam", xgradcam_map, "Fu et al. 2020, Axiom-based Grad-CAM"),
+    ("hirescam", hirescam_map, "Draelos & Carin 2020, Use HiResCAM instead of Grad-CAM"),
+    ("layercam", layercam_map, "Jiang et al. 2021, LayerCAM"),
+):
+    register_method(_name, family="cam", passes="1 forward + 1 backward (down to the layer only)", uses_layer=True,
+                    paper=_paper)(gradient_cam(_strategy))
 
 
 # ============================================================================ CAM (Zhou et al.)
@@ -282,7 +249,7 @@ def normalized_maps(a: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     family="cam",
     passes="1 forward + 1 per distinct channel mask",
     uses_layer=True,
-    options={"batch_size": Option(int, 16, "masked images per forward pass")},
+    options={"batch_size": Option(int, 16, "masked images per forward pass", minimum=1, maximum=4096)},
     paper="Wang et al. 2020, Score-CAM",
 )
 def scorecam(ctx: Context, batch_size: int) -> MethodOutput:
@@ -294,13 +261,11 @@ def scorecam(ctx: Context, batch_size: int) -> MethodOutput:
     constant channels, whose mask is zero, and e.g. channels active at a single identical position) are
     scored by one forward pass. ``extras["distinct_masks"]`` (N,) counts the passes per image.
     """
-    if batch_size < 1:
-        raise ConvscopeError(f"batch_size must be at least 1, got {batch_size}")
     cap = capture_layer(ctx)
     a = cap.activations
     x = ctx.x
     n, k = a.shape[:2]
-    target = ctx.target
+    target = cap.target
     norm = normalized_maps(a.float())
     size = tuple(x.shape[-2:])
     weights = torch.empty(n, k, device=a.device, dtype=torch.float32)
@@ -313,7 +278,7 @@ def scorecam(ctx: Context, batch_size: int) -> MethodOutput:
             maps = unique.view(-1, 1, *a.shape[-2:])
             scores = torch.empty(unique.shape[0], device=a.device, dtype=torch.float32)
             starts = range(0, unique.shape[0], batch_size)
-            for s in tqdm(starts, desc=f"scorecam {i + 1}/{n}", disable=None if len(starts) > 4 else True, leave=False):
+            for s in ctx.bar(starts, desc=f"scorecam {i + 1}/{n}"):
                 masks = normalized_maps(F.interpolate(maps[s : s + batch_size], size=size, mode="bilinear", align_corners=True))
                 logits = ctx.logits(x[i : i + 1] * masks.to(x.dtype))
                 scores[s : s + batch_size] = logits[:, target[i]].float()
@@ -328,6 +293,18 @@ def scorecam(ctx: Context, batch_size: int) -> MethodOutput:
 
 
 # ============================================================================ Ablation-CAM
+
+
+def is_shape_mismatch(exc: RuntimeError) -> bool:
+    """True for torch's size/shape mismatch errors (a batch that does not broadcast through the rest of
+    the network), False for out-of-memory (CUDA's ``OutOfMemoryError``, the CPU allocator's "can't
+    allocate memory") and anything else."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    text = str(exc).lower()
+    if "out of memory" in text or "allocate" in text:
+        return False
+    return "size" in text or "shape" in text
 
 
 def _tail_runner(ctx: Context) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -345,8 +322,9 @@ def _tail_runner(ctx: Context) -> Callable[[int, torch.Tensor], torch.Tensor]:
                     logits = ctx.logits(ctx.x[i : i + 1])
                     if logits.shape[0] == b:
                         return logits
-                except RuntimeError:
-                    pass
+                except RuntimeError as exc:
+                    if not is_shape_mismatch(exc):
+                        raise  # out of memory, or a real failure: never retried with a B times larger batch
                 broadcast_ok[0] = False
             return ctx.logits(ctx.x[i : i + 1].expand(b, *ctx.x.shape[1:]))
 
@@ -358,15 +336,13 @@ def _tail_runner(ctx: Context) -> Callable[[int, torch.Tensor], torch.Tensor]:
     family="cam",
     passes="1 forward + 1 pass of the layers after the layer per non-zero channel",
     uses_layer=True,
-    options={"batch_size": Option(int, 32, "ablated copies per forward pass")},
+    options={"batch_size": Option(int, 32, "ablated copies per forward pass", minimum=1, maximum=4096)},
     paper="Desai & Ramaswamy 2020, Ablation-CAM",
 )
 def ablationcam(ctx: Context, batch_size: int) -> MethodOutput:
     """Ablation-CAM (N, h, w): ReLU(sum_k w_k A_k), w_k = (S_c - S_c^k) / S_c where S_c^k is the target logit
     with channel k of the layer set to zero. Channels that are already zero keep S_c^k = S_c (w_k = 0)
     without a pass. ``extras["ablated"]`` (N,) counts the ablations run per image."""
-    if batch_size < 1:
-        raise ConvscopeError(f"batch_size must be at least 1, got {batch_size}")
     cap = capture_layer(ctx)
     a = cap.activations
     target = cap.target
@@ -381,7 +357,7 @@ def ablationcam(ctx: Context, batch_size: int) -> MethodOutput:
             counts.append(int(active.numel()))
             scores = torch.empty(active.numel(), device=a.device, dtype=torch.float32)
             starts = range(0, active.numel(), batch_size)
-            for s in tqdm(starts, desc=f"ablationcam {i + 1}/{n}", disable=None if len(starts) > 4 else True, leave=False):
+            for s in ctx.bar(starts, desc=f"ablationcam {i + 1}/{n}"):
                 chans = active[s : s + batch_size]
                 acts = a[i : i + 1].repeat(chans.numel(), 1, 1, 1)
                 acts[torch.arange(chans.numel(), device=a.device), chans] = 0
@@ -401,7 +377,7 @@ def ablationcam(ctx: Context, batch_size: int) -> MethodOutput:
 
 
 @register_method("guided_gradcam", family="gradient", passes="2 forward + 2 backward", uses_layer=True,
-                 options={"batch_size": Option(int, 16, "images per guided backprop pass")},
+                 options={"batch_size": Option(int, 16, "images per guided backprop pass", minimum=1, maximum=4096)},
                  paper="Selvaraju et al. 2017, Grad-CAM (guided Grad-CAM)")
 def guided_gradcam(ctx: Context, batch_size: int) -> MethodOutput:
     """Guided Grad-CAM (N, C, H, W): guided backpropagation times the Grad-CAM map upsampled bilinearly to the

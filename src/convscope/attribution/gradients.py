@@ -6,30 +6,38 @@ optional backward rules for ReLU-like modules and a post-processing per method.
 - ``integrated_gradients`` (Sundararajan et al. 2017): ``(x - x') * integral_0^1 dS_c/dx(x' + a (x - x')) da``.
 - ``smoothgrad`` (Smilkov et al. 2017): the mean of a gradient method over noisy copies of ``x``.
 - ``guided_backprop`` (Springenberg et al. 2015) and ``deconvnet`` (Zeiler & Fergus 2014): the gradient
-  with the backward rule of every ``nn.ReLU`` / ``nn.ReLU6`` replaced (see :data:`GUIDED_RULES`,
-  :data:`DECONV_RULES`), applied through :class:`convscope.probe.Capture`, which turns in-place
+  with the backward rule of every ReLU / ReLU6, module (``nn.ReLU``) or functional call (``F.relu``),
+  replaced (the probe's :data:`GUIDED_RULES`, :data:`DECONV_RULES`), applied through :class:`convscope.probe.Capture`, which turns in-place
   activations off for the call and restores them.
 
 ``S_c`` is always the pre-softmax score (logit) of the target class. Passes are counted per image.
 Parameter gradients are never computed (the guard freezes parameters; ``torch.autograd.grad`` is taken
-with respect to the input only). Long loops show a tqdm bar on a terminal and can be interrupted.
+with respect to the input only). Long loops show a tqdm bar on a terminal (``progress=False``: never)
+and can be interrupted.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from ..progress import tqdm
 
 from ..errors import ConvscopeError, InputShapeError
-from ..probe import DECONV_RULES, GUIDED_RULES, BackwardRule, Capture, backward_rules, deconv_relu, guided_relu, guided_relu6
-from .api import Context
-from .registry import MethodOutput, Option, register_method
+from ..probe import (
+    DECONV_RULES,
+    GUIDED_RULES,
+    BackwardRule,
+    Capture,
+    backward_rules,
+    deconv_relu,
+    guided_relu,
+    guided_relu6,
+)
+from .contract import Context, MethodOutput
+from .registry import SEED_MAX, Option, register_method
 
 _RULES: dict[str, dict[type | str, BackwardRule] | None] = {
     "saliency": backward_rules("gradient"),
@@ -47,7 +55,7 @@ def input_gradients(
     inputs: torch.Tensor,
     target: torch.Tensor | None,
     *,
-    rules: dict[type, BackwardRule] | None = None,
+    rules: dict[type | str, BackwardRule] | None = None,
     batch_size: int = 16,
     desc: str = "gradients",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,18 +63,20 @@ def input_gradients(
 
     Runs ``ceil(M / batch_size)`` forward + backward passes. ``target``: (M,) classes, or ``None`` to
     use each row's top prediction (only sensible when ``inputs`` is ``ctx.x``; the choice is recorded in
-    ``ctx``). ``rules`` replace backward rules of elementwise modules for the call. Returns the
-    gradients (M, C, H, W) and the targets used (M,).
+    ``ctx``). ``rules`` replace backward rules of ReLU-like modules and functional calls for the call.
+    Returns the gradients (M, C, H, W) and the targets used (M,).
     """
     m = inputs.shape[0]
     grads = torch.empty_like(inputs)
     used = torch.empty(m, dtype=torch.long, device=inputs.device)
     starts = range(0, m, batch_size)
     capture = Capture(ctx.module, rules=rules) if rules else nullcontext()
-    with capture, torch.enable_grad():
-        for s in tqdm(starts, desc=desc, disable=None if len(starts) > 4 else True, leave=False):
+    with capture as cap, torch.enable_grad():
+        # through the capture's forward, so rules for functional calls (F.relu) apply as well as module rules
+        forward = cap.forward if cap is not None else None
+        for s in ctx.bar(starts, desc=desc):
             xb = inputs[s : s + batch_size].detach().requires_grad_(True)
-            logits = ctx.logits(xb)
+            logits = ctx.logits(xb, forward)
             if target is None:
                 tb = logits.detach().argmax(1)
             else:
@@ -75,85 +85,46 @@ def input_gradients(
             (g,) = torch.autograd.grad(score, xb)
             grads[s : s + batch_size] = g
             used[s : s + batch_size] = tb
-    if target is None and inputs is ctx.x and not ctx.target_known:
+    if target is None and inputs is ctx.x:
         ctx.target = used
     return grads, used
-
-
-def _check_batch(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ConvscopeError(f"batch_size must be at least 1, got {batch_size}")
-
-
-def _passes(m: int, n: int) -> int:
-    """Passes per image when ``m`` rows were evaluated for a batch of ``n`` images."""
-    return math.ceil(m / n)
 
 
 # ============================================================================ plain gradients
 
 
-_BATCH = Option(int, 16, "images per forward/backward pass (bounds memory)")
+_BATCH = Option(int, 16, "images per forward/backward pass (bounds memory)", minimum=1, maximum=4096)
 
 
-@register_method(
-    "saliency",
-    family="gradient",
-    passes="1 forward + 1 backward",
-    options={"batch_size": _BATCH},
-    paper="Simonyan, Vedaldi & Zisserman 2014, Deep Inside Convolutional Networks",
-)
-def saliency(ctx: Context, batch_size: int) -> MethodOutput:
-    """Vanilla gradient dS_c/dx of the target logit, signed (N, C, H, W); shown as max |.| over channels."""
-    _check_batch(batch_size)
-    g, _ = input_gradients(ctx, ctx.x, None if not ctx.target_known else ctx.target, batch_size=batch_size, desc="saliency")
-    return MethodOutput(raw=g, forward_passes=1, backward_passes=1)
+def _plain_gradient(name: str, times_input: bool) -> Callable[..., MethodOutput]:
+    """The method ``name``: the input gradient under the method's backward rules (times ``x`` for
+    gradient x input), one forward + one backward pass per image."""
+
+    def method(ctx: Context, batch_size: int) -> MethodOutput:
+        g, _ = input_gradients(ctx, ctx.x, ctx.target, rules=_RULES[name], batch_size=batch_size, desc=name.replace("_", " "))
+        return MethodOutput(raw=g * ctx.x if times_input else g, forward_passes=1, backward_passes=1)
+
+    method.__name__ = name
+    return method
 
 
-@register_method(
-    "gradient_x_input",
-    family="gradient",
-    passes="1 forward + 1 backward",
-    options={"batch_size": _BATCH},
-    paper="Shrikumar et al. 2016, Not Just a Black Box",
-)
-def gradient_x_input(ctx: Context, batch_size: int) -> MethodOutput:
-    """Input times gradient, x * dS_c/dx (N, C, H, W): a first-order Taylor contribution of each input value."""
-    _check_batch(batch_size)
-    g, _ = input_gradients(ctx, ctx.x, None if not ctx.target_known else ctx.target, batch_size=batch_size, desc="gradient x input")
-    return MethodOutput(raw=g * ctx.x, forward_passes=1, backward_passes=1)
-
-
-@register_method(
-    "guided_backprop",
-    family="gradient",
-    passes="1 forward + 1 backward",
-    options={"batch_size": _BATCH},
-    paper="Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net",
-)
-def guided_backprop(ctx: Context, batch_size: int) -> MethodOutput:
-    """Guided backpropagation (N, C, H, W): the input gradient where every ReLU/ReLU6 passes back only
-    positive gradients at positions where its input was active (0 < x, and x < 6 for ReLU6)."""
-    _check_batch(batch_size)
-    t = None if not ctx.target_known else ctx.target
-    g, _ = input_gradients(ctx, ctx.x, t, rules=GUIDED_RULES, batch_size=batch_size, desc="guided backprop")
-    return MethodOutput(raw=g, forward_passes=1, backward_passes=1)
-
-
-@register_method(
-    "deconvnet",
-    family="gradient",
-    passes="1 forward + 1 backward",
-    options={"batch_size": _BATCH},
-    paper="Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks",
-)
-def deconvnet(ctx: Context, batch_size: int) -> MethodOutput:
-    """DeconvNet reconstruction (N, C, H, W): backpropagation where every ReLU/ReLU6 applies a ReLU to the
-    backward signal instead of masking it by the forward activation (Zeiler & Fergus's backward rule)."""
-    _check_batch(batch_size)
-    t = None if not ctx.target_known else ctx.target
-    g, _ = input_gradients(ctx, ctx.x, t, rules=DECONV_RULES, batch_size=batch_size, desc="deconvnet")
-    return MethodOutput(raw=g, forward_passes=1, backward_passes=1)
+# name, times the input, paper, summary: the rules come from the probe (:data:`_RULES`)
+for _name, _times_input, _paper, _summary in (
+    ("saliency", False, "Simonyan, Vedaldi & Zisserman 2014, Deep Inside Convolutional Networks",
+     "Vanilla gradient dS_c/dx of the target logit, signed (N, C, H, W); shown as max |.| over channels."),
+    ("gradient_x_input", True, "Shrikumar et al. 2016, Not Just a Black Box",
+     "Input times gradient, x * dS_c/dx (N, C, H, W): a first-order Taylor contribution of each input value."),
+    ("guided_backprop", False, "Springenberg et al. 2015, Striving for Simplicity: The All Convolutional Net",
+     "Guided backpropagation (N, C, H, W): the input gradient where every ReLU/ReLU6 (module or functional call) "
+     "passes back only positive gradients at positions where its input was active (0 < x, and x < 6 for ReLU6)."),
+    ("deconvnet", False, "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks",
+     "DeconvNet reconstruction (N, C, H, W): backpropagation where every ReLU/ReLU6 (module or functional call) "
+     "applies a ReLU to the backward signal instead of masking it by the forward activation."),
+):
+    _method = _plain_gradient(_name, _times_input)
+    _method.__doc__ = _summary
+    register_method(_name, family="gradient", passes="1 forward + 1 backward", options={"batch_size": _BATCH},
+                    paper=_paper)(_method)
 
 
 # ============================================================================ integrated gradients
@@ -187,7 +158,8 @@ def make_baseline(ctx: Context, baseline: str | float | torch.Tensor, seed: int 
     """The reference input x' of integrated gradients, same shape as ``ctx.x``.
 
     ``"zero"``: all zeros in the model's input space (Captum's default); ``"black"``: a black image (pixel
-    value 0 through the model's normalisation; zeros for a plain module); ``"blur"``: ``x`` blurred with
+    value 0 through the model's normalisation, a plain module's being the documented default of
+    :func:`convscope.models.as_model`; zeros for inputs without three channels); ``"blur"``: ``x`` blurred with
     a Gaussian of sigma = min(H, W) / 20 pixels; ``"noise"``: uniform random pixels (seeded); a number:
     that constant; a tensor: broadcast to ``x``'s shape.
     """
@@ -207,13 +179,11 @@ def make_baseline(ctx: Context, baseline: str | float | torch.Tensor, seed: int 
     if baseline == "zero":
         return torch.zeros_like(x)
     if baseline == "black":
-        if model is not None and hasattr(model, "from_pixels") and x.shape[1] == 3:
-            return model.from_pixels(torch.zeros_like(x))
-        return torch.zeros_like(x)
+        return model.from_pixels(torch.zeros_like(x)) if x.shape[1] == 3 else torch.zeros_like(x)
     if baseline == "noise":
         g = torch.Generator(device="cpu").manual_seed(seed)
         pixels = torch.rand(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
-        if model is not None and hasattr(model, "from_pixels") and x.shape[1] == 3:
+        if x.shape[1] == 3:
             return model.from_pixels(pixels)
         return pixels * (x.amax() - x.amin()) + x.amin()
     if baseline == "blur":
@@ -238,11 +208,11 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     family="gradient",
     passes="steps x (1 forward + 1 backward) + 2 forward",
     options={
-        "steps": Option(int, 32, "points on the path from the baseline to the input"),
+        "steps": Option(int, 32, "points on the path from the baseline to the input", minimum=1, maximum=4096),
         "baseline": Option((str, float, torch.Tensor), "black", "zero, black, blur, noise, a number or a tensor"),
         "rule": Option(str, "gausslegendre", "quadrature rule of the path integral", IG_RULES),
         "batch_size": _BATCH,
-        "seed": Option(int, 0, "seed of the noise baseline"),
+        "seed": Option(int, 0, "seed of the noise baseline", minimum=0, maximum=SEED_MAX),
     },
     paper="Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks",
 )
@@ -253,9 +223,6 @@ def integrated_gradients(ctx: Context, steps: int, baseline: str | float | torch
     is |sum(attr) - (S_c(x) - S_c(x'))| / |S_c(x) - S_c(x')|, ``extras["delta"]`` the signed gap.
     All ``steps`` points of every image are batched ``batch_size`` at a time.
     """
-    _check_batch(batch_size)
-    if steps < 1:
-        raise ConvscopeError(f"steps must be at least 1, got {steps}")
     x = ctx.x
     n = x.shape[0]
     base = make_baseline(ctx, baseline, seed)
@@ -290,25 +257,22 @@ SMOOTHGRAD_BASES = ("saliency", "gradient_x_input", "guided_backprop", "deconvne
     family="gradient",
     passes="samples x (1 forward + 1 backward)",
     options={
-        "samples": Option(int, 25, "noisy copies per image"),
-        "noise": Option(float, 0.15, "noise standard deviation as a fraction of each image's value range"),
+        "samples": Option(int, 25, "noisy copies per image", minimum=1, maximum=4096),
+        "noise": Option(float, 0.15, "noise standard deviation as a fraction of each image's value range",
+                        minimum=0.0, maximum=10.0),
         "base": Option(str, "saliency", "gradient method to smooth", SMOOTHGRAD_BASES),
         "square": Option(bool, False, "average the squared maps (SmoothGrad-Squared)"),
         "batch_size": _BATCH,
-        "seed": Option(int, 0, "seed of the noise"),
+        "seed": Option(int, 0, "seed of the noise", minimum=0, maximum=SEED_MAX),
     },
     paper="Smilkov et al. 2017, SmoothGrad: removing noise by adding noise",
+    preview={"samples": 8},
 )
 def smoothgrad(ctx: Context, samples: int, noise: float, base: str, square: bool, batch_size: int, seed: int) -> MethodOutput:
     """SmoothGrad (N, C, H, W): mean over ``samples`` copies x + e, e ~ N(0, (noise * (max x - min x))^2),
     of the ``base`` method's map (the gradient; times the noisy input for ``gradient_x_input``)."""
-    _check_batch(batch_size)
-    if samples < 1:
-        raise ConvscopeError(f"samples must be at least 1, got {samples}")
-    if noise < 0:
-        raise ConvscopeError(f"noise must be non-negative, got {noise}")
     x = ctx.x
-    target = ctx.target
+    target = ctx.resolve_target()
     sigma = noise * (x.flatten(1).amax(1) - x.flatten(1).amin(1))  # (N,)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     eps = torch.randn((samples, *x.shape), generator=gen).to(device=x.device, dtype=x.dtype)

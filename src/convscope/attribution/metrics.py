@@ -1,8 +1,8 @@
 """How good is an attribution map? Deletion/insertion (Petsiuk et al. 2018), the pointing game (Zhang
 et al. 2016) and the cascading-randomisation sanity check (Adebayo et al. 2018).
 
-All functions take a :class:`~convscope.Model` or a plain ``nn.Module`` (with preprocessed tensors),
-leave the user's model untouched (they run under :class:`~convscope.probe.guard`; the sanity check works
+All functions take a :class:`~convscope.Model` or a plain ``nn.Module`` (with preprocessed tensors;
+converted once by :func:`convscope.models.as_model`), leave the user's model untouched (they run under :class:`~convscope.probe.guard`; the sanity check works
 on a deep copy) and return dataclasses of tensors.
 """
 
@@ -15,11 +15,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from ..progress import tqdm
 
 from ..errors import ConvscopeError, InputShapeError
-from ..models.model import check_input, output_logits
-from ..probe import guard, module_of, resolve_layer
+from ..models.model import Model, output_logits
+from ..options import check_range
+from ..probe import guard, resolve_layer
+from ..progress import tqdm
+from .api import attribute, model_for_input, resolve_targets
+from .perturbation import fill_image
 from .result import Attribution, minmax
 
 __all__ = [
@@ -53,68 +56,38 @@ class Curve:
     forward_passes: int = 0
 
 
-def deletion(
-    model: Any,
-    x: Any,
-    saliency: torch.Tensor | Attribution,
-    target: Any = None,
-    *,
-    steps: int = 50,
-    baseline: float | str | torch.Tensor = 0.0,
-    batch_size: int = 32,
-) -> Curve:
-    """Deletion curve: remove pixels from most to least salient (set them to ``baseline``, model-input
+_CURVE_ARGS = """``saliency``: (N, H, W) at input size or an :class:`Attribution` (its ``map`` and ``target`` are
+    used). ``target``: class per image (default: the attribution's target, else the top prediction).
+    ``steps``: 1..4096; ``batch_size``: copies per forward pass, 1..4096; ``progress``: a bar on a terminal."""
+
+
+def deletion(model: Any, x: Any, saliency: torch.Tensor | Attribution, target: Any = None, *, steps: int = 50,
+             baseline: float | str | torch.Tensor = 0.0, batch_size: int = 32, progress: bool = True) -> Curve:
+    return _curve("deletion", model, x, saliency, target, steps, baseline, batch_size, progress)
+
+
+def insertion(model: Any, x: Any, saliency: torch.Tensor | Attribution, target: Any = None, *, steps: int = 50,
+              baseline: float | str | torch.Tensor = "blur", batch_size: int = 32, progress: bool = True) -> Curve:
+    return _curve("insertion", model, x, saliency, target, steps, baseline, batch_size, progress)
+
+
+deletion.__doc__ = f"""Deletion curve: remove pixels from most to least salient (set them to ``baseline``, model-input
     space; ``"blur"``: a blurred copy, ``"mean"``: the channel means) in ``steps`` equal steps and record
-    the target's probability. ``saliency``: (N, H, W) at input size or an :class:`Attribution` (its
-    ``map`` and ``target`` are used). ``target``: class per image (default: the attribution's target,
-    else the top prediction)."""
-    return _curve("deletion", model, x, saliency, target, steps, baseline, batch_size)
-
-
-def insertion(
-    model: Any,
-    x: Any,
-    saliency: torch.Tensor | Attribution,
-    target: Any = None,
-    *,
-    steps: int = 50,
-    baseline: float | str | torch.Tensor = "blur",
-    batch_size: int = 32,
-) -> Curve:
-    """Insertion curve: start from ``baseline`` (default a blurred copy, as in the RISE paper) and
+    the target's probability. {_CURVE_ARGS}"""
+insertion.__doc__ = f"""Insertion curve: start from ``baseline`` (default a blurred copy, as in the RISE paper) and
     insert the image's pixels from most to least salient in ``steps`` equal steps, recording the
-    target's probability. Arguments as :func:`deletion`."""
-    return _curve("insertion", model, x, saliency, target, steps, baseline, batch_size)
+    target's probability. {_CURVE_ARGS}"""
 
 
-def _as_input(model: Any, module: nn.Module, x: Any) -> torch.Tensor:
-    if not isinstance(model, nn.Module) and hasattr(model, "as_input"):
-        return model.as_input(x).detach()
-    if not isinstance(x, torch.Tensor):
-        raise InputShapeError("with a plain nn.Module, pass a preprocessed tensor (N, C, H, W)")
-    xt = check_input(x, channels=None)
-    device = next((p.device for p in module.parameters()), xt.device)
-    return xt.to(device).detach()
-
-
-def _targets(
-    model: Any, module: nn.Module, x: torch.Tensor, target: Any, saliency: Any
-) -> torch.Tensor | None:
-    from .api import resolve_targets
-
+def _targets(model: Model, x: torch.Tensor, target: Any, saliency: Any) -> torch.Tensor | None:
     if target is None and isinstance(saliency, Attribution):
         target = saliency.target
     if target is None:
         return None
-    labels = getattr(model, "labels", None) if not isinstance(model, nn.Module) else None
-    with torch.no_grad():
-        classes = len(labels) if labels is not None else int(output_logits(module(x[:1])).shape[1])
-    return resolve_targets(target, x.shape[0], classes, labels).to(x.device)
+    return resolve_targets(target, x.shape[0], model.labels).to(x.device)
 
 
 def _baseline(x: torch.Tensor, baseline: float | str | torch.Tensor) -> torch.Tensor:
-    from .perturbation import fill_image
-
     if isinstance(baseline, torch.Tensor):
         try:
             return baseline.to(x.device, x.dtype).expand_as(x)
@@ -125,11 +98,12 @@ def _baseline(x: torch.Tensor, baseline: float | str | torch.Tensor) -> torch.Te
     return fill_image(x, baseline, 11)  # "blur": Gaussian of sigma 5.5 px
 
 
-def _curve(kind, model, x, saliency, target, steps, baseline, batch_size) -> Curve:
-    if steps <= 0 or batch_size <= 0:
-        raise ConvscopeError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    module = module_of(model)
-    xt = _as_input(model, module, x)
+def _curve(kind, model, x, saliency, target, steps, baseline, batch_size, progress) -> Curve:
+    check_range("steps", steps, int, 1, 4096)
+    check_range("batch_size", batch_size, int, 1, 4096)
+    model = model_for_input(model, x)
+    module = model.module
+    xt = model.as_input(x).detach()
     sal = saliency.map if isinstance(saliency, Attribution) else saliency
     if not isinstance(sal, torch.Tensor):
         raise InputShapeError("saliency must be a tensor (N, H, W) or an Attribution")
@@ -153,11 +127,11 @@ def _curve(kind, model, x, saliency, target, steps, baseline, batch_size) -> Cur
     scores = torch.empty(n, steps + 1, device=xt.device)
     passes = 0
     with guard(module, eval=True, freeze=True, no_inplace=False), torch.no_grad():
-        tgt = _targets(model, module, xt, target, saliency)
+        tgt = _targets(model, xt, target, saliency)
         if tgt is None:
             tgt = output_logits(module(xt)).argmax(dim=1)
             passes += n
-        progress = tqdm(total=n * (steps + 1), desc=kind, unit="copy", disable=None, leave=False)
+        bar = tqdm(total=n * (steps + 1), desc=kind, unit="copy", disable=None if progress else True, leave=False)
         try:
             for i in range(n):
                 for start in range(0, steps + 1, batch_size):
@@ -170,9 +144,9 @@ def _curve(kind, model, x, saliency, target, steps, baseline, batch_size) -> Cur
                     prob = output_logits(module(copies)).float().softmax(dim=1)[:, int(tgt[i])]
                     scores[i, start : start + len(k)] = prob
                     passes += len(k)
-                    progress.update(len(k))
+                    bar.update(len(k))
         finally:
-            progress.close()
+            bar.close()
     fractions = counts.double().div(hw).float()
     auc = torch.trapezoid(scores, fractions, dim=1)
     return Curve(kind, fractions.cpu(), scores.cpu(), auc.cpu(), tgt.cpu(), passes)
@@ -266,7 +240,7 @@ def _parametrized_layers(module: nn.Module, x: torch.Tensor) -> list[str]:
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman rank correlation of each pair of rows (ties get average ranks)."""
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # heavy: loaded only for the sanity check
 
     out = []
     for u, v in zip(
@@ -278,7 +252,7 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from skimage.metrics import structural_similarity
+    from skimage.metrics import structural_similarity  # heavy: loaded only for the sanity check
 
     vals = [
         structural_similarity(u, v, data_range=1.0)
@@ -297,6 +271,7 @@ def cascading_randomization(
     layers: Sequence[str] | None = None,
     seed: int = 0,
     ssim: bool = True,
+    progress: bool = True,
     **options: Any,
 ) -> SanityResult:
     """Sanity check of an attribution method (Adebayo et al. 2018, cascading randomisation).
@@ -305,16 +280,16 @@ def cascading_randomization(
     (default: every layer owning parameters, from the output down) are re-drawn one layer more per
     step, N(0, std of the original tensor), seeded by ``seed``; after each step ``method`` is recomputed
     for the same target and compared with the original map by Spearman rank correlation and, with
-    ``ssim``, SSIM of the [0, 1] display maps. ``layer``/``options`` go to :func:`convscope.attribute`."""
-    from .api import attribute
-
-    module = module_of(model)
-    xt = _as_input(model, module, x)
+    ``ssim``, SSIM of the [0, 1] display maps. ``layer``/``options`` go to :func:`convscope.attribute`. ``progress``: a bar over
+    the layers on a terminal."""
+    model = model_for_input(model, x)
+    module = model.module
+    xt = model.as_input(x).detach()
     twin = copy.deepcopy(module)
     twin.eval()
     for p in twin.parameters():
         p.requires_grad_(False)
-    base = attribute(model, xt, method=method, target=target, layer=layer, **options)
+    base = attribute(model, xt, method=method, target=target, layer=layer, progress=progress, **options)
     tgt, layer = base.target, base.layer
     if layers is None:
         order = list(reversed(_parametrized_layers(twin, xt)))
@@ -325,13 +300,13 @@ def cascading_randomization(
     gen = torch.Generator().manual_seed(seed)
     maps = [base.map.float().cpu()]
     fwd, bwd = base.forward_passes, base.backward_passes
-    for name in tqdm(order, desc="randomise", unit="layer", disable=None, leave=False):
+    for name in tqdm(order, desc="randomise", unit="layer", disable=None if progress else True, leave=False):
         sub = resolve_layer(twin, name)
         with torch.no_grad():
             for p in sub.parameters(recurse=False):
                 std = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 1.0
                 p.copy_(torch.randn(p.shape, generator=gen).mul_(std).to(p.device, p.dtype))
-        a = attribute(twin, xt, method=method, target=tgt, layer=layer, **options)
+        a = attribute(twin, xt, method=method, target=tgt, layer=layer, progress=progress, **options)
         fwd, bwd = fwd + a.forward_passes, bwd + a.backward_passes
         m = a.map.float().cpu()
         maps.append(torch.nan_to_num(m))

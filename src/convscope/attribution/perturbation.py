@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ..progress import tqdm
 
 from ..errors import ConvscopeError
+from ..models.model import output_logits
 from ..probe import Capture, guard
-from .api import Context
-from .incremental import Plan, Region, build_plan
-from .registry import MethodOutput, Option, register_method
+from .contract import Context, MethodOutput
+from .incremental import Plan, Region, build_plan, materialize
+from .registry import SEED_MAX, Option, register_method
 
 __all__ = ["fill_image", "important_region", "occlusion", "occlusion_positions", "rise", "rise_masks"]
 
@@ -73,10 +73,6 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def _check_occlusion(x: torch.Tensor, window: int, stride: int) -> None:
     h, w = x.shape[-2:]
-    if window <= 0 or stride <= 0:
-        raise ConvscopeError(
-            f"occlusion window and stride must be positive, got window={window}, stride={stride}"
-        )
     if window > min(h, w):
         raise ConvscopeError(f"occlusion window {window} px is larger than the input ({h}x{w} px)")
     if stride > window:
@@ -95,41 +91,36 @@ def _batches(n: int, size: int) -> Iterator[slice]:
     family="perturbation",
     passes="1 forward per occluder position (incremental: only the changed region in early layers)",
     paper="Zeiler & Fergus 2014; Nakandala et al. 2019 (incremental inference)",
+    preview={"window": 32, "stride": 16},
     options={
-        "window": Option(int, 16, "side of the square occluder, pixels"),
-        "stride": Option(int, 8, "step between occluder positions, pixels"),
+        "window": Option(int, 16, "side of the square occluder, pixels", minimum=1, maximum=4096),
+        "stride": Option(int, 8, "step between occluder positions, pixels", minimum=1, maximum=4096),
         "fill": Option((float, str), 0.0, "occluder value in model-input space, or 'mean' / 'blur'"),
         "approximate": Option(bool, False, "projective-field thresholding (Krypton): faster, approximate"),
-        "tau": Option(float, 0.5, "approximate mode: cap of the changed region's side, fraction of each map"),
-        "tau_small": Option(
-            float,
-            None,
-            "approximate mode: the same cap on maps of side <= 7 (the head); default: not capped",
-        ),
+        "tau": Option(float, 0.5, "approximate mode: cap of the changed region's side, fraction of each map (> 0)",
+                      minimum=0.0, maximum=1.0),
+        "tau_small": Option(float, None, "approximate mode: the same cap on maps of side <= 7 (the head), > 0; "
+                            "default: not capped", minimum=0.0, maximum=1.0),
         "engine": Option(
             str,
             "auto",
             "incremental, batched, or auto (incremental when the model is understood)",
             ("auto", "incremental", "batched"),
         ),
-        "batch_size": Option(int, None, "occluded copies per batch (default 32 incremental, 16 batched)"),
+        "batch_size": Option(int, None, "occluded copies per batch (default 32 incremental, 16 batched)",
+                             minimum=1, maximum=4096),
         "channel_layer": Option(
             str, None, "with channel: a layer whose channel response is mapped (Zeiler-Fergus fig. 7)"
         ),
-        "channel": Option(
-            int, None, "with channel_layer: the channel whose activation is mapped per occluder position"
-        ),
+        "channel": Option(int, None, "with channel_layer: the channel whose activation is mapped per occluder position",
+                          minimum=0),
         "channel_reduce": Option(
             str, "max", "how the channel's map is reduced to one number", ("max", "mean")
         ),
-        "drill": Option(
-            float,
-            1.0,
-            "approximate mode (adaptive drill-down): share of the remaining positions refined after a 2x coarser pass (1: off)",
-        ),
-        "switch": Option(
-            float, 0.9, "incremental: run in full once the changed region covers this fraction of a map"
-        ),
+        "drill": Option(float, 1.0, "approximate mode (adaptive drill-down): share of the remaining positions "
+                        "refined after a 2x coarser pass (1: off)", minimum=0.0, maximum=1.0),
+        "switch": Option(float, 0.9, "incremental: run in full once the changed region covers this fraction of a map",
+                         minimum=0.0, maximum=1.0),
     },
 )
 def occlusion(
@@ -161,183 +152,143 @@ def occlusion(
     # activations stop working in place for the call (the engine caches intermediate maps); the guard
     # restores the flags afterwards
     with guard(ctx.module, eval=True, freeze=True, no_inplace=True), torch.no_grad():
-        return _occlusion(
-            ctx,
-            window,
-            stride,
-            fill,
-            approximate,
-            tau,
-            tau_small,
-            engine,
-            batch_size,
-            channel_layer,
-            channel,
-            channel_reduce,
-            drill,
-            switch,
-        )
+        x = ctx.x
+        _check_occlusion(x, window, stride)
+        if tau == 0.0 or tau_small == 0.0:  # the declared range is 0..1; the cap itself must not be empty
+            raise ConvscopeError(f"occlusion tau and tau_small must be above 0, got {tau} and {tau_small}")
+        if (channel is None) != (channel_layer is None):
+            raise ConvscopeError("occlusion needs both channel_layer and channel to map a channel's response")
+        n, _, h, w = x.shape
+        ys, xs = occlusion_positions(h, window, stride), occlusion_positions(w, window, stride)
+        fills = fill_image(x, fill, window)
 
+        with torch.no_grad():
+            clean_logits = ctx.logits(x)
+        passes = 1
+        target = ctx.choose_target(clean_logits)
+        clean_top = clean_logits.argmax(dim=1)
+        clean_prob = clean_logits.softmax(dim=1).gather(1, target.view(-1, 1)).squeeze(1)
 
-def _occlusion(
-    ctx: Context,
-    window: int,
-    stride: int,
-    fill: float | str,
-    approximate: bool,
-    tau: float,
-    tau_small: float | None,
-    engine: str,
-    batch_size: int | None,
-    channel_layer: str | None,
-    channel: int | None,
-    channel_reduce: str,
-    drill: float,
-    switch: float,
-) -> MethodOutput:
-    x = ctx.x
-    _check_occlusion(x, window, stride)
-    if not 0.0 <= drill <= 1.0:
-        raise ConvscopeError(f"occlusion drill must lie in [0, 1], got {drill}")
-    if not 0.0 < tau <= 1.0:
-        raise ConvscopeError(f"occlusion tau must lie in (0, 1], got {tau}")
-    if tau_small is not None and not 0.0 < tau_small <= 1.0:
-        raise ConvscopeError(f"occlusion tau_small must lie in (0, 1], got {tau_small}")
-    if (channel is None) != (channel_layer is None):
-        raise ConvscopeError("occlusion needs both channel_layer and channel to map a channel's response")
-    if batch_size is not None and batch_size <= 0:
-        raise ConvscopeError(f"batch_size must be positive, got {batch_size}")
-    n, _, h, w = x.shape
-    ys, xs = occlusion_positions(h, window, stride), occlusion_positions(w, window, stride)
-    fills = fill_image(x, fill, window)
-
-    with torch.no_grad():
-        clean_logits = ctx.logits(x)
-    passes = 1
-    target = ctx.choose_target(clean_logits)
-    clean_top = clean_logits.argmax(dim=1)
-    clean_prob = clean_logits.softmax(dim=1).gather(1, target.view(-1, 1)).squeeze(1)
-
-    if approximate and (channel is not None or engine == "batched"):
-        raise ConvscopeError(
-            "approximate occlusion runs on the incremental engine: drop channel / engine='batched'"
-        )
-    use_engine = "batched" if channel is not None else engine
-    plans: list[Plan | None] = []
-    if use_engine in ("auto", "incremental"):
-        for i in range(n):
-            plans.append(build_plan(ctx.module, x[i : i + 1]))
-            passes += 2
-        if any(p is None for p in plans):
-            if engine == "incremental" or approximate:
-                raise ConvscopeError(
-                    f"incremental occlusion does not understand {type(ctx.module).__name__}; use engine='batched' without approximate"
-                )
-            use_engine = "batched"
-        else:
-            use_engine = "incremental"
-    bs = batch_size or (32 if use_engine == "incremental" else 16)
-
-    probs = torch.empty(n, len(ys), len(xs), device=x.device)
-    tops = torch.empty(n, len(ys), len(xs), dtype=torch.long, device=x.device)
-    chan = torch.empty(n, len(ys), len(xs), device=x.device) if channel is not None else None
-    grid = [(py, px) for py in ys for px in xs]
-    evaluated = skipped = 0
-    macs_done = macs_full = 0.0
-    progress = tqdm(total=n * len(grid), desc="occlusion", unit="copy", disable=None, leave=False)
-    try:
-        for i in range(n):
-            py = torch.tensor([p[0] for p in grid], device=x.device)
-            px = torch.tensor([p[1] for p in grid], device=x.device)
-            region = _window_region(x[i], fills[i], py, px, window)
-            same = _unchanged(region, x[i])
-            skipped += int(same.sum())
-            progress.update(int(same.sum()))
-            flat_p = torch.full((len(grid),), float(clean_prob[i]), device=x.device)
-            flat_t = torch.full((len(grid),), int(clean_top[i]), dtype=torch.long, device=x.device)
-            flat_c = None
-            if chan is not None:
-                flat_c = torch.full(
-                    (len(grid),),
-                    float(_channel_value(ctx, x[i : i + 1], channel_layer, channel, channel_reduce)[0]),
-                    device=x.device,
-                )
-                passes += 1
-
-            def evaluate(
-                todo: torch.Tensor,
-                i: int = i,
-                region: Region = region,
-                flat_p=flat_p,
-                flat_t=flat_t,
-                flat_c=flat_c,
-            ) -> None:
-                nonlocal evaluated, macs_done, macs_full
-                for sl in _batches(len(todo), bs):
-                    idx = todo[sl]
-                    sub = Region(
-                        region.values[idx],
-                        region.y0[idx],
-                        region.x0[idx],
-                        region.size,
-                        (region.centre[0][idx], region.centre[1][idx]),
+        if approximate and (channel is not None or engine == "batched"):
+            raise ConvscopeError(
+                "approximate occlusion runs on the incremental engine: drop channel / engine='batched'"
+            )
+        use_engine = "batched" if channel is not None else engine
+        plans: list[Plan | None] = []
+        if use_engine in ("auto", "incremental"):
+            for i in range(n):
+                plans.append(build_plan(ctx.module, x[i : i + 1]))
+                passes += 2
+            if any(p is None for p in plans):
+                if engine == "incremental" or approximate:
+                    raise ConvscopeError(
+                        f"incremental occlusion does not understand {type(ctx.module).__name__}; use engine='batched' without approximate"
                     )
-                    if use_engine == "incremental":
-                        logits, stats = plans[i].run(
-                            sub,
-                            switch=switch,
-                            tau=tau if approximate else None,
-                            tau_small=tau_small if approximate else None,
-                        )
-                        macs_done += stats.macs_done
-                        macs_full += stats.macs_full
-                    elif flat_c is not None:
-                        with Capture(ctx.module, [channel_layer]) as cap:
-                            logits = _logits(cap.forward(_materialize_input(sub, x[i])))
-                            flat_c[idx] = _reduce_channel(
-                                cap.activations[channel_layer], channel, channel_reduce, channel_layer
-                            )
-                    else:
-                        logits = ctx.logits(_materialize_input(sub, x[i]))
-                    p = logits.float().softmax(dim=1)
-                    flat_p[idx] = p[:, int(target[i])]
-                    flat_t[idx] = p.argmax(dim=1)
-                    evaluated += len(idx)
-                    progress.update(len(idx))
-
-            if approximate and drill < 1.0:
-                interpolated = _drill_down(
-                    evaluate, same, flat_p, flat_t, len(ys), len(xs), float(clean_prob[i]), drill
-                )
-                progress.update(interpolated)
+                use_engine = "batched"
             else:
-                evaluate((~same).nonzero().squeeze(1))
-            probs[i] = flat_p.view(len(ys), len(xs))
-            tops[i] = flat_t.view(len(ys), len(xs))
-            if chan is not None:
-                chan[i] = flat_c.view(len(ys), len(xs))
-    finally:
-        progress.close()
+                use_engine = "incremental"
+        bs = batch_size or (32 if use_engine == "incremental" else 16)
 
-    drop = clean_prob.view(n, 1, 1) - probs
-    ry = _coverage(h, ys, window, x.device)
-    rx = _coverage(w, xs, window, x.device)
-    counts = ry.sum(1)[:, None] * rx.sum(1)[None, :]
-    raw = torch.einsum("hy,nyx,wx->nhw", ry, drop.float(), rx) / counts
-    extras: dict[str, Any] = {
-        "probability_map": probs,
-        "top_class_map": tops,
-        "clean_probability": clean_prob,
-        "engine": use_engine + (" (approximate)" if approximate else ""),
-        "copies_evaluated": evaluated,
-        "copies_skipped": skipped,
-        "positions": (ys, xs),
-    }
-    if macs_full > 0:
-        extras["computed_fraction"] = macs_done / macs_full
-    if chan is not None:
-        extras["channel_map"] = chan
-    return MethodOutput(raw=raw.to(x.dtype), forward_passes=passes + evaluated, extras=extras)
+        probs = torch.empty(n, len(ys), len(xs), device=x.device)
+        tops = torch.empty(n, len(ys), len(xs), dtype=torch.long, device=x.device)
+        chan = torch.empty(n, len(ys), len(xs), device=x.device) if channel is not None else None
+        grid = [(py, px) for py in ys for px in xs]
+        evaluated = skipped = 0
+        macs_done = macs_full = 0.0
+        progress = ctx.bar(total=n * len(grid), desc="occlusion", unit="copy")
+        try:
+            for i in range(n):
+                py = torch.tensor([p[0] for p in grid], device=x.device)
+                px = torch.tensor([p[1] for p in grid], device=x.device)
+                region = _window_region(x[i], fills[i], py, px, window)
+                same = _unchanged(region, x[i])
+                skipped += int(same.sum())
+                progress.update(int(same.sum()))
+                flat_p = torch.full((len(grid),), float(clean_prob[i]), device=x.device)
+                flat_t = torch.full((len(grid),), int(clean_top[i]), dtype=torch.long, device=x.device)
+                flat_c = None
+                if chan is not None:
+                    flat_c = torch.full(
+                        (len(grid),),
+                        float(_channel_value(ctx, x[i : i + 1], channel_layer, channel, channel_reduce)[0]),
+                        device=x.device,
+                    )
+                    passes += 1
+
+                def evaluate(
+                    todo: torch.Tensor,
+                    i: int = i,
+                    region: Region = region,
+                    flat_p=flat_p,
+                    flat_t=flat_t,
+                    flat_c=flat_c,
+                ) -> None:
+                    nonlocal evaluated, macs_done, macs_full
+                    for sl in _batches(len(todo), bs):
+                        idx = todo[sl]
+                        sub = Region(
+                            region.values[idx],
+                            region.y0[idx],
+                            region.x0[idx],
+                            region.size,
+                            (region.centre[0][idx], region.centre[1][idx]),
+                        )
+                        if use_engine == "incremental":
+                            logits, stats = plans[i].run(
+                                sub,
+                                switch=switch,
+                                tau=tau if approximate else None,
+                                tau_small=tau_small if approximate else None,
+                            )
+                            macs_done += stats.macs_done
+                            macs_full += stats.macs_full
+                        elif flat_c is not None:
+                            with Capture(ctx.module, [channel_layer]) as cap:
+                                logits = output_logits(cap.forward(materialize(sub, x[i])))
+                                flat_c[idx] = _reduce_channel(
+                                    cap.activations[channel_layer], channel, channel_reduce, channel_layer
+                                )
+                        else:
+                            logits = ctx.logits(materialize(sub, x[i]))
+                        p = logits.float().softmax(dim=1)
+                        flat_p[idx] = p[:, int(target[i])]
+                        flat_t[idx] = p.argmax(dim=1)
+                        evaluated += len(idx)
+                        progress.update(len(idx))
+
+                if approximate and drill < 1.0:
+                    interpolated = _drill_down(
+                        evaluate, same, flat_p, flat_t, len(ys), len(xs), float(clean_prob[i]), drill
+                    )
+                    progress.update(interpolated)
+                else:
+                    evaluate((~same).nonzero().squeeze(1))
+                probs[i] = flat_p.view(len(ys), len(xs))
+                tops[i] = flat_t.view(len(ys), len(xs))
+                if chan is not None:
+                    chan[i] = flat_c.view(len(ys), len(xs))
+        finally:
+            progress.close()
+
+        drop = clean_prob.view(n, 1, 1) - probs
+        ry = _coverage(h, ys, window, x.device)
+        rx = _coverage(w, xs, window, x.device)
+        counts = ry.sum(1)[:, None] * rx.sum(1)[None, :]
+        raw = torch.einsum("hy,nyx,wx->nhw", ry, drop.float(), rx) / counts
+        extras: dict[str, Any] = {
+            "probability_map": probs,
+            "top_class_map": tops,
+            "clean_probability": clean_prob,
+            "engine": use_engine + (" (approximate)" if approximate else ""),
+            "copies_evaluated": evaluated,
+            "copies_skipped": skipped,
+            "positions": (ys, xs),
+        }
+        if macs_full > 0:
+            extras["computed_fraction"] = macs_done / macs_full
+        if chan is not None:
+            extras["channel_map"] = chan
+        return MethodOutput(raw=raw.to(x.dtype), forward_passes=passes + evaluated, extras=extras)
 
 
 def _coarse_axis(count: int) -> torch.Tensor:
@@ -453,18 +404,6 @@ def _unchanged(region: Region, img: torch.Tensor) -> torch.Tensor:
     return (region.values == clean).flatten(1).all(dim=1)
 
 
-def _materialize_input(reg: Region, img: torch.Tensor) -> torch.Tensor:
-    from .incremental import materialize
-
-    return materialize(reg, img)
-
-
-def _logits(out: Any) -> torch.Tensor:
-    from ..models.model import output_logits
-
-    return output_logits(out)
-
-
 def _reduce_channel(act: torch.Tensor, channel: int, reduce: str, layer: str) -> torch.Tensor:
     if act.ndim < 2 or not 0 <= channel < act.shape[1]:
         raise ConvscopeError(
@@ -535,15 +474,17 @@ def rise_masks(
     passes="1 forward per mask",
     paper="Petsiuk, Das & Saenko 2018, RISE",
     options={
-        "masks": Option(int, 4000, "number of random masks"),
-        "cells": Option(int, 7, "side of the random grid before upsampling"),
-        "p": Option(float, 0.5, "probability that a grid cell is kept"),
-        "seed": Option(int, 0, "seed of the mask generator"),
+        "masks": Option(int, 4000, "number of random masks", minimum=1, maximum=100_000),
+        "cells": Option(int, 7, "side of the random grid before upsampling (at most the input's side)",
+                        minimum=1, maximum=224),
+        "p": Option(float, 0.5, "probability that a grid cell is kept (0 < p < 1)", minimum=0.0, maximum=1.0),
+        "seed": Option(int, 0, "seed of the mask generator", minimum=0, maximum=SEED_MAX),
         "fill": Option(
             (float, str), 0.0, "value of masked-out pixels in model-input space, or 'mean' / 'blur'"
         ),
-        "batch_size": Option(int, 32, "masked copies per forward pass"),
+        "batch_size": Option(int, 32, "masked copies per forward pass", minimum=1, maximum=4096),
     },
+    preview={"masks": 300},
 )
 def rise(
     ctx: Context, masks: int, cells: int, p: float, seed: int, fill: float | str, batch_size: int
@@ -553,20 +494,16 @@ def rise(
     M_i (:func:`rise_masks`; the same masks for every image of the batch, seeded by ``seed``)."""
     x = ctx.x
     n, _, h, w = x.shape
-    if masks <= 0 or cells <= 0 or batch_size <= 0:
-        raise ConvscopeError(
-            f"rise needs positive masks, cells and batch_size, got {masks}, {cells}, {batch_size}"
-        )
     if cells > min(h, w):
         raise ConvscopeError(f"rise grid of {cells} cells is finer than the {h}x{w} input")
     if not 0.0 < p < 1.0:
         raise ConvscopeError(f"rise keep probability p must lie in (0, 1), got {p}")
     fills = fill_image(x, fill, max(1, min(h, w) // cells))
-    target = ctx.target
+    target = ctx.resolve_target()
     gen = torch.Generator().manual_seed(seed)
     sal = torch.zeros(n, h, w, device=x.device)
     passes = 0
-    progress = tqdm(total=masks * n, desc="rise", unit="mask", disable=None, leave=False)
+    progress = ctx.bar(total=masks * n, desc="rise", unit="mask")
     try:
         with torch.no_grad():
             for sl in _batches(masks, batch_size):

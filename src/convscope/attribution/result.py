@@ -5,9 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..images import load_image
+from ..models.model import Model
+from ..options import check_range
+from ..render import colorize, overlay, png_bytes
 
 
 @dataclass(eq=False)
@@ -32,49 +38,37 @@ class Attribution:
     options: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     input: torch.Tensor | None = field(default=None, repr=False)
-    model: Any = field(default=None, repr=False)
+    model: Model | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.map.shape[0]
 
     def overlay(self, img: Any = None, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
         """The display map blended over the image (the model's view of ``img``; default: the input itself)."""
-        from ..render import overlay
-
         return overlay(self.picture(img, index), self.map[index], alpha=alpha, cmap=cmap)
 
     def picture(self, img: Any = None, index: int = 0) -> Image.Image:
         """The input image as the network saw it (cropped like the map), as a PIL image."""
         if img is not None:
-            if self.model is not None and hasattr(self.model, "transform_image"):
+            if self.model is not None:
                 return self.model.transform_image(img)
-            from ..images import load_image
-
             return load_image(img).resize((self.map.shape[2], self.map.shape[1]))
         if self.input is None:
             raise ValueError("no image given and no input stored in the result")
-        if self.model is not None and hasattr(self.model, "deprocess"):
+        if self.model is not None and self.input.shape[1] == 3:
             return self.model.deprocess(self.input[index : index + 1])
         x = self.input[index].detach().float().cpu()
         x = (x - x.min()) / (x.max() - x.min() + 1e-12)
-        from ..images import load_image
-
         return load_image(x)
 
     def heatmap(self, index: int = 0, cmap: str = "jet") -> Image.Image:
-        from ..render import colorize
-
+        """The display map alone, coloured with ``cmap``."""
         return colorize(self.map[index], cmap)
 
     def mask(self, img: Any = None, index: int = 0, *, threshold: float = 0.5, fill: int = 0) -> Image.Image:
         """The image with only its important region kept: pixels whose map value is below ``threshold``
         (on the [0, 1] display map) are replaced by ``fill`` (the seeds' occlusion mask)."""
-        import numpy as np
-
-        if not 0.0 <= threshold <= 1.0:
-            from ..errors import ConvscopeError
-
-            raise ConvscopeError(f"mask threshold must lie in [0, 1], got {threshold}")
+        check_range("threshold", threshold, float, 0.0, 1.0)
         picture = np.asarray(self.picture(img, index)).copy()
         keep = self.map[index].detach().cpu().numpy() >= threshold
         if keep.shape != picture.shape[:2]:
@@ -83,8 +77,6 @@ class Attribution:
         return Image.fromarray(picture)
 
     def _repr_png_(self) -> bytes:
-        from ..render import png_bytes
-
         return png_bytes(self.overlay())
 
 

@@ -14,18 +14,26 @@ import json
 import math
 from typing import Any
 
-from .cmd_inspect import output_file, positive_int, save
-from .common import info, load_model_from_args
+from ..dataset.bias import (
+    PUBLISHED_SHAPE_ACCURACY,
+    PUBLISHED_SHAPE_BIAS,
+    find_stimuli,
+    shape_accuracy,
+    shape_bias,
+)
+from .common import dataset_command, info, load_model_from_args, output_file, save
 
 ORDER = 55
 
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "bias", parents=parents, help="shape-vs-texture bias on cue-conflict images (Geirhos et al. 2019)",
+    p = dataset_command(
+        subparsers, parents, "bias", help="shape-vs-texture bias on cue-conflict images (Geirhos et al. 2019)",
         description="Shape bias = shape / (shape + texture) 16-way decisions over cue-conflict images whose shape and "
         "texture categories differ; the 16-way decision averages the softmax over each category's ImageNet classes. "
         "Also the 16-way accuracy on shape-only stimuli (silhouettes, edge drawings).",
+        func=run_bias, output="write the per-category plot",
+        json_help="machine-readable output (with every image's decision)",
     )
     p.add_argument("--data", default=None, metavar="DIR",
                    help="cue-conflict folder, SHAPE/SHAPEi-TEXTUREj.png (default: the shipped sample in ../shared/data)")
@@ -35,16 +43,9 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="do not look for the shipped silhouettes and edges when --silhouettes/--edges are not given")
     p.add_argument("--categories", default=None, metavar="FILE",
                    help="16-class mapping JSON {category: [ImageNet indices]} (default: imagenet16.json)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
-    p.add_argument("--json", action="store_true", help="machine-readable output (with every image's decision)")
-    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="write the per-category plot")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run_bias)
 
 
 def _shape_only_sets(args: argparse.Namespace) -> list[tuple[str, str]]:
-    from ..dataset.bias import find_stimuli
-
     sets = []
     for kind in ("silhouettes", "edges"):
         folder = getattr(args, kind)
@@ -61,8 +62,7 @@ def _fmt(v: float, spec: str = ".3f") -> str:
 
 
 def run_bias(args: argparse.Namespace) -> int:
-    from ..dataset.bias import PUBLISHED_SHAPE_ACCURACY, PUBLISHED_SHAPE_BIAS, shape_accuracy, shape_bias
-
+    """Shape bias on the cue-conflict images, then the shape-only accuracies; print them, draw the plot."""
     if args.output:
         output_file(args.output, "")
     model = load_model_from_args(args)

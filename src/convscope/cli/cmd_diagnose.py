@@ -10,16 +10,15 @@ import argparse
 import json
 from typing import Any
 
-from .cmd_inspect import output_file, save
-from .common import load_model_from_args
+from ..inspect.diagnostics import filter_health
+from ..options import bounded
+from .common import load_model_from_args, output_file, save
 
 ORDER = 15
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
     """Per-layer counts of dead and aliased filters, or the per-filter table of one layer."""
-    from ..inspect.diagnostics import filter_health
-
     if args.output:
         output_file(args.output, "")
     model = load_model_from_args(args)
@@ -67,10 +66,11 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
         "spectral energy above half Nyquist, > --alias-threshold) in strided layers (Zeiler & Fergus 2014, fig. 6).",
     )
     p.add_argument("--layer", default=None, metavar="L", help="one conv layer: print its per-filter table")
-    p.add_argument("--dead-fraction", type=float, default=1e-3, metavar="F",
-                   help="dead when the norm is at most F x the layer's median norm (default 1e-3)")
-    p.add_argument("--alias-threshold", type=float, default=0.75, metavar="S",
-                   help="aliased when the high-frequency share exceeds S (default 0.75; random noise scores about 0.69)")
+    p.add_argument("--dead-fraction", type=bounded(float, 0, 1, name="--dead-fraction"), default=1e-3,
+                   metavar="F", help="dead when the norm is at most F x the layer's median norm (0..1, default 1e-3)")
+    p.add_argument("--alias-threshold", type=bounded(float, 0, 1, name="--alias-threshold"), default=0.75,
+                   metavar="S", help="aliased when the high-frequency share exceeds S (0..1, default 0.75; random noise "
+                   "scores about 0.69)")
     p.add_argument("--all-strides", action="store_true", help="flag aliasing in stride-1 layers too")
     p.add_argument("--all", action="store_true", help="with --layer: list every filter, not only the flagged ones")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

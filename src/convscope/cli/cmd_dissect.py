@@ -11,9 +11,22 @@ import argparse
 import json
 from typing import Any
 
+from ..dataset.dissect import MAX_IMAGES, TOP_K, dissect, make_synthetic_broden
 from ..errors import ConvscopeError
-from .cmd_inspect import output_file, positive_int, save, slug
-from .common import info, load_model_from_args
+from ..files import check_output_dir
+from ..models import default_layer
+from ..options import bounded
+from .common import (
+    check_state_option,
+    dataset_command,
+    finish_run,
+    info,
+    load_model_from_args,
+    output_file,
+    save,
+    skipped_reported_once,
+    slug,
+)
 
 ORDER = 47
 
@@ -37,12 +50,10 @@ def _fraction(text: str) -> float:
 
 def run_dissect(args: argparse.Namespace) -> int:
     """Dissect the layer over the Broden folder, or write the synthetic dataset."""
-    from ..dataset.dissect import dissect, make_synthetic_broden
-    from ..probe import default_layer
-
     if args.synthetic:
         if args.broden:
             raise ConvscopeError("give either BRODEN or --synthetic DIR, not both")
+        check_output_dir(args.synthetic, what="synthetic dataset folder")
         root = make_synthetic_broden(args.synthetic, args.synthetic_images)
         info(f"synthetic Broden dataset ({args.synthetic_images} images) written to {root.resolve()}")
         return 0
@@ -50,51 +61,51 @@ def run_dissect(args: argparse.Namespace) -> int:
         raise ConvscopeError("give a Broden dataset folder (or --synthetic DIR to write a small one)")
     if args.output:
         output_file(args.output, "")
+    check_state_option(args.state)
     model = load_model_from_args(args)
     layer = args.layer or default_layer(model, "cam")
-    r = dissect(model, args.broden, layer, batch_size=args.batch_size, categories=args.categories,
-                quantile=args.quantile, iou_threshold=args.iou_threshold, max_images=args.max_images,
-                state=args.state, progress=False if args.no_progress else None)
-    if r.skipped:
-        info(f"skipped {len(r.skipped)} unreadable image(s): " + "; ".join(reason for _, reason in r.skipped[:3]))
+    out = output_file(args.output, f"dissect-{slug(layer)}.png")
+    with skipped_reported_once():
+        r = dissect(model, args.broden, layer, batch_size=args.batch_size, categories=args.categories,
+                    quantile=args.quantile, iou_threshold=args.iou_threshold, max_images=args.max_images,
+                    top_k=args.top_k, state=args.state, progress=False if args.no_progress else None)
     if args.json:
         print(json.dumps(r.to_dict(), indent=1))
     else:
         print(r.table(args.top))
     if r.num_units and r.processed:
-        out = output_file(args.output, f"dissect-{slug(layer)}.png")
         save(r.grid(rows=args.rows), out, f"dissection picture ({min(args.rows, r.num_units)} units)")
-    info(f"{r.processed - len(r.skipped)} images in {r.seconds:.1f} s" + (f"; state in {args.state}" if args.state else ""))
-    if r.interrupted:
-        info("interrupted: " + ("run the same command again to continue" if args.state else "rerun with --state FILE to be able to resume"))
-        return 130
-    return 0
+    return finish_run(r, args.state)
 
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``dissect`` parser."""
-    p = subparsers.add_parser(
-        "dissect", parents=parents, help="Network Dissection: which units detect which concepts (Broden dataset)",
+    p = dataset_command(
+        subparsers, parents, "dissect", help="Network Dissection: which units detect which concepts (Broden dataset)",
         description="Network Dissection (Bau et al., CVPR 2017): per unit of LAYER, threshold its activations at their "
         "99.5th percentile over the dataset, upsample to the mask resolution and score IoU (total intersection / "
         "total union) with every labelled concept of a Broden-format dataset. A unit whose best IoU exceeds 0.04 is a "
         "detector of that concept. Two streaming passes; memory bounded by units x concepts.",
+        func=run_dissect, state=True, output="picture (default dissect-LAYER.png)",
+        json_help="print the per-unit results and counts as JSON",
     )
     p.add_argument("broden", metavar="BRODEN", nargs="?", default=None,
                    help="Broden-format folder (index.csv, label.csv, images/)")
     p.add_argument("--synthetic", default=None, metavar="DIR", help="write a small synthetic Broden-format dataset to DIR and stop")
-    p.add_argument("--synthetic-images", type=positive_int, default=40, metavar="N", help="images of --synthetic (default 40)")
+    p.add_argument("--synthetic-images", type=bounded(int, 1, 100_000, name="--synthetic-images"), default=40, metavar="N",
+                   help="images of --synthetic (1..100000; default 40)")
     p.add_argument("--layer", default=None, metavar="L", help="layer name (default: the last spatial layer)")
     p.add_argument("--categories", type=_categories, default=None, metavar="LIST",
                    help="categories to score, e.g. object,part (default: all)")
-    p.add_argument("--max-images", type=positive_int, default=None, metavar="N", help="use the first N images of the index")
-    p.add_argument("--quantile", type=_fraction, default=0.995, metavar="Q", help="activation threshold quantile (default 0.995)")
-    p.add_argument("--iou-threshold", type=_fraction, default=0.04, metavar="T", help="detector IoU threshold (default 0.04)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
-    p.add_argument("--top", type=positive_int, default=None, metavar="N", help="rows of the table (default all units)")
-    p.add_argument("--rows", type=positive_int, default=8, metavar="N", help="units drawn in the picture (default 8)")
-    p.add_argument("--state", default=None, metavar="FILE", help="save progress to FILE (+ FILE.json); rerun to resume")
-    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="picture (default dissect-LAYER.png)")
-    p.add_argument("--json", action="store_true", help="print the per-unit results and counts as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_dissect)
+    p.add_argument("--max-images", type=MAX_IMAGES.argtype("--max-images"), default=None, metavar="N",
+                   help=f"use the first N images of the index ({MAX_IMAGES.range_text()}; default all)")
+    p.add_argument("--quantile", type=_fraction, default=0.995, metavar="Q",
+                   help="activation threshold quantile, strictly between 0 and 1 (default 0.995)")
+    p.add_argument("--iou-threshold", type=_fraction, default=0.04, metavar="T",
+                   help="detector IoU threshold, strictly between 0 and 1 (default 0.04)")
+    p.add_argument("--top-k", type=TOP_K.argtype("--top-k"), default=TOP_K.default, metavar="K",
+                   help=f"top images kept per unit for the picture ({TOP_K.range_text()}; default {TOP_K.default})")
+    p.add_argument("--top", type=bounded(int, 1, None, name="--top"), default=None, metavar="N",
+                   help="rows of the table (at least 1; default all units)")
+    p.add_argument("--rows", type=bounded(int, 1, 4096, name="--rows"), default=8, metavar="N",
+                   help="units drawn in the picture (1..4096; default 8)")

@@ -10,60 +10,48 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
 from typing import Any
 
+from ..dataset.embed import ITERATIONS, MAP_SIZE, METHODS, METRICS, NEIGHBOURS, POOLS, THUMB, embed
 from ..errors import ConvscopeError
-from .cmd_inspect import output_file, positive_int, save
-from .common import info, load_model_from_args
+from ..files import check_output_path
+from ..images import load_image
+from ..options import bounded
+from .common import (
+    dataset_command,
+    image_inputs,
+    info,
+    load_model_from_args,
+    output_file,
+    report_skipped,
+    save,
+    skipped_reported_once,
+)
 
 ORDER = 46
 DEFAULT_PERPLEXITY = 30.0
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _inputs(items: list[str]) -> Any:
-    """One folder as itself; otherwise the list of image files / ``sample:NAME``."""
-    if len(items) == 1 and not items[0].startswith("sample:"):
-        if not os.path.exists(items[0]):
-            raise ConvscopeError(f"{items[0]}: no such folder or file")
-        if os.path.isdir(items[0]):
-            return items[0]
-    for item in items:
-        if os.path.isdir(item):
-            raise ConvscopeError(f"{item}: give one folder, or a list of image files")
-    return items
+#: Seeds every projection accepts (umap-learn's random_state is a 32-bit seed).
+SEED_MAX = 2**32 - 1
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    """Embed the images, save the features, draw the map and the neighbours, print the data."""
-    from ..dataset.embed import embed
-    from ..dataset.folder import SkippedImagesWarning
+    """Embed the images, save the features, draw the map and the neighbours, print the data.
 
-    images = _inputs(args.images)
+    Every argument is checked before anything is computed or written: the image list, the output paths
+    and the ``--neighbours`` query image (a query that cannot be read leaves no file behind)."""
+    images = image_inputs(args.images)
     root = images if isinstance(images, str) else None
     out = output_file(args.output, "embedding-map.png")
     nn_out = output_file(args.neighbours_out, "neighbours.png") if args.neighbours else None
-    if args.save and os.path.isdir(args.save):
-        raise ConvscopeError(f"{args.save}: is a directory; give a file name with --save")
+    if args.save:
+        check_output_path(args.save, what="embedding file")
+    if args.neighbours:
+        load_image(args.neighbours)  # an unreadable query fails now, not after the run and its files
     model = load_model_from_args(args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SkippedImagesWarning)  # reported below, in one line
+    with skipped_reported_once():
         e = embed(model, images, args.layer, pool=args.pool, batch_size=args.batch_size, predict=args.predict or None,
                   progress=False if args.no_progress else None)
-    if e.skipped:
-        first = "; ".join(reason for _, reason in e.skipped[:3])
-        info(f"skipped {len(e.skipped)} unreadable file(s): {first}" + (" ..." if len(e.skipped) > 3 else ""))
+    report_skipped(e.skipped)
     info(f"{e} in {e.seconds:.1f} s")
     if e.interrupted:
         info(f"interrupted: continuing with the {len(e)} images done")
@@ -132,31 +120,33 @@ def _print_table(e: Any, root: str | None, found: list | None, args: argparse.Na
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``embed`` parser."""
-    p = subparsers.add_parser(
-        "embed", parents=parents, help="a 2-D map (t-SNE, PCA, UMAP) of a folder by a layer's features; nearest neighbours",
+    p = dataset_command(
+        subparsers, parents, "embed", help="a 2-D map (t-SNE, PCA, UMAP) of a folder by a layer's features; nearest neighbours",
         description="Stream every image of FOLDER (recursively, sorted) through the model and keep one feature vector per "
         "image: the penultimate features (input of the classifier) by default, or the global average/max pool of --layer. "
         "Draw a 2-D map of the set with thumbnails framed in the colour of the predicted class, and optionally the "
         "nearest neighbours of an image.",
+        func=run_embed, output="map picture (default embedding-map.png)",
+        json_help="print every image's coordinates (and the neighbours) as JSON",
     )
     p.add_argument("images", nargs="+", metavar="FOLDER", help="a folder of images (searched recursively), or image files / sample:NAME")
     p.add_argument("--layer", default=None, metavar="L", help="layer to pool (default: the classifier's input)")
-    p.add_argument("--pool", choices=("avg", "max"), default="avg", help="global pooling of feature maps (default avg)")
+    p.add_argument("--pool", choices=POOLS, default="avg", help="global pooling of feature maps (default avg)")
     p.add_argument("--predict", action="store_true", help="with --layer: run the whole network to colour the map by class")
-    p.add_argument("--method", choices=("tsne", "pca", "umap"), default="tsne", help="2-D projection (default tsne)")
-    p.add_argument("--perplexity", type=positive_float, default=None, metavar="P",
-                   help=f"t-SNE perplexity (default {DEFAULT_PERPLEXITY:g}, lowered to (N-1)/3 for small sets)")
-    p.add_argument("--iterations", type=positive_int, default=1000, metavar="N", help="t-SNE iterations (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the projection (default 0)")
-    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="map picture (default embedding-map.png)")
-    p.add_argument("--size", type=positive_int, default=1200, metavar="PX", help="map width in pixels (default 1200)")
-    p.add_argument("--thumb", type=positive_int, default=48, metavar="PX", help="thumbnail size in pixels (default 48)")
+    p.add_argument("--method", choices=METHODS, default="tsne", help="2-D projection (default tsne)")
+    p.add_argument("--perplexity", type=bounded(float, 1, 1e6, name="--perplexity"), default=None, metavar="P",
+                   help=f"t-SNE perplexity, at least 1 (default {DEFAULT_PERPLEXITY:g}, lowered to (N-1)/3 for small sets)")
+    p.add_argument("--iterations", type=ITERATIONS.argtype("--iterations"), default=ITERATIONS.default, metavar="N",
+                   help=f"t-SNE iterations ({ITERATIONS.range_text()}; default {ITERATIONS.default})")
+    p.add_argument("--seed", type=bounded(int, 0, SEED_MAX, name="--seed"), default=0, metavar="S",
+                   help=f"random seed of the projection (0..{SEED_MAX}; default 0)")
+    p.add_argument("--size", type=MAP_SIZE.argtype("--size"), default=MAP_SIZE.default, metavar="PX",
+                   help=f"map width in pixels ({MAP_SIZE.range_text()}; default {MAP_SIZE.default})")
+    p.add_argument("--thumb", type=THUMB.argtype("--thumb"), default=THUMB.default, metavar="PX",
+                   help=f"thumbnail size in pixels ({THUMB.range_text()}; default {THUMB.default})")
     p.add_argument("--neighbours", default=None, metavar="IMAGE", help="also find the nearest neighbours of IMAGE")
-    p.add_argument("--k", type=positive_int, default=8, metavar="K", help="neighbours to show (default 8)")
-    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine", help="neighbour distance (default cosine)")
+    p.add_argument("--k", type=NEIGHBOURS.argtype("--k"), default=NEIGHBOURS.default, metavar="K",
+                   help=f"neighbours to show ({NEIGHBOURS.range_text()}; default {NEIGHBOURS.default})")
+    p.add_argument("--metric", choices=METRICS, default="cosine", help="neighbour distance (default cosine)")
     p.add_argument("--neighbours-out", default=None, metavar="FILE.png", help="neighbours picture (default neighbours.png)")
     p.add_argument("--save", default=None, metavar="FILE.pt", help="save the features (+ FILE.pt.json with the sources)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
-    p.add_argument("--json", action="store_true", help="print every image's coordinates (and the neighbours) as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_embed)

@@ -10,36 +10,28 @@ import argparse
 import json
 import math
 import os
-import warnings
 from typing import Any
 
-from ..errors import ConvscopeError
-from .cmd_inspect import output_file, positive_int, save
-from .common import info
+from ..dataset.evolution import FEATURES, KEEP_FILTERS, MAX_IMAGES, evolution
+from ..errors import ConvscopeError, LayerNotFoundError, suggestion
+from ..options import bounded
+from .common import (
+    dataset_command,
+    image_inputs,
+    info,
+    output_file,
+    report_skipped,
+    save,
+    skipped_reported_once,
+)
 
 ORDER = 48
 
 
-def _images(items: list[str] | None) -> Any:
-    """``None`` (bundled samples), one folder as itself, or a list of image files / ``sample:NAME``."""
-    if not items:
-        return None
-    if len(items) == 1 and not items[0].startswith("sample:"):
-        if not os.path.exists(items[0]):
-            raise ConvscopeError(f"{items[0]}: no such folder or file")
-        if os.path.isdir(items[0]):
-            return items[0]
-    for item in items:
-        if os.path.isdir(item):
-            raise ConvscopeError(f"{item}: give one folder, or a list of image files")
-    return items
-
-
 def run_evolution(args: argparse.Namespace) -> int:
-    """Measure the checkpoints, print the tables, draw the curves and the filters."""
-    from ..dataset.evolution import evolution
-    from ..dataset.folder import SkippedImagesWarning
+    """Measure the checkpoints, print the tables, draw the curves and the filters.
 
+    Every picture is drawn before the first is written, so a bad ``--filter-layer`` leaves no file behind."""
     if args.model:
         raise ConvscopeError("evolution reads the checkpoints given as arguments; leave out --model (use --arch)")
     for path in args.checkpoints:
@@ -49,21 +41,24 @@ def run_evolution(args: argparse.Namespace) -> int:
     filters_out = output_file(args.filters_out, "evolution-filters.png") if args.filters_out else None
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SkippedImagesWarning)  # reported below, in one line
-        ev = evolution(args.checkpoints, _images(args.images), arch=args.arch, num_classes=args.num_classes,
+    if filters_out and args.filter_layer and layers is not None and args.filter_layer not in layers:
+        raise LayerNotFoundError(f"--filter-layer {args.filter_layer!r} is not among --layers{suggestion(args.filter_layer, layers)}")
+    images = image_inputs(args.images)
+    with skipped_reported_once():
+        ev = evolution(args.checkpoints, images, arch=args.arch, num_classes=args.num_classes,
                        layers=layers, labels=labels, batch_size=args.batch_size, max_images=args.max_images,
                        features=args.features, device=args.device, trust=args.trust_pickle,
                        progress=False if args.no_progress else None)
-    if ev.skipped:
-        info(f"skipped {len(ev.skipped)} unreadable image(s): {ev.skipped[0][1]}" + (" ..." if len(ev.skipped) > 1 else ""))
+    report_skipped(ev.skipped)
     info(f"{ev} in {ev.seconds:.1f} s")
     if ev.interrupted:
         info("interrupted: showing the checkpoints done")
-    save(ev.curves_image(), out, "evolution curves")
+    pictures = [(ev.curves_image(), out, "evolution curves")]
     if filters_out:
         layer = args.filter_layer or ev.layers[0]
-        save(ev.filters_image(layer, max_filters=args.max_filters), filters_out, "filters over training")
+        pictures.append((ev.filters_image(layer, max_filters=args.max_filters), filters_out, "filters over training"))
+    for picture, path, what in pictures:
+        save(picture, path, what)
     if args.json:
         print(json.dumps(ev.to_dict(), indent=1))
     else:
@@ -94,12 +89,14 @@ def _print_tables(ev: Any) -> None:
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``evolution`` parser."""
-    p = subparsers.add_parser(
-        "evolution", parents=parents, help="how filters and representations change across training checkpoints",
+    p = dataset_command(
+        subparsers, parents, "evolution", help="how filters and representations change across training checkpoints",
         description="Compare checkpoints of one architecture (state_dict / safetensors files, in training order; the "
         "last is the reference): relative weight drift per layer, cosine of each filter to its final self, linear CKA "
         "of each layer's activations to the final checkpoint's on probe images (default: the bundled samples), and "
         "top-1 agreement with the final model. Checkpoints are loaded one at a time.",
+        func=run_evolution, output="curves picture (default evolution.png)",
+        json_help="print the tables as JSON",
     )
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files in training order (need --arch)")
     p.add_argument("--images", action="append", default=None, metavar="DIR",
@@ -108,14 +105,11 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--layers", default=None, metavar="L1,L2", help="comma-separated layers (default: every Conv2d)")
     p.add_argument("--checkpoint-labels", dest="labels", default=None, metavar="A,B",
                    help="comma-separated names of the checkpoints (default: file names)")
-    p.add_argument("--features", choices=("pooled", "spatial"), default="pooled",
+    p.add_argument("--features", choices=FEATURES, default="pooled",
                    help="CKA features: global average per channel (default) or a 4x4 pooled map")
-    p.add_argument("--max-images", type=positive_int, default=256, metavar="N", help="probe images at most (default 256)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
-    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="curves picture (default evolution.png)")
+    p.add_argument("--max-images", type=MAX_IMAGES.argtype("--max-images"), default=MAX_IMAGES.default, metavar="N",
+                   help=f"probe images at most ({MAX_IMAGES.range_text()}; default {MAX_IMAGES.default})")
     p.add_argument("--filters-out", default=None, metavar="FILE.png", help="also draw the filters over training")
     p.add_argument("--filter-layer", default=None, metavar="L", help="layer of --filters-out (default: the first measured)")
-    p.add_argument("--max-filters", type=positive_int, default=16, metavar="N", help="filters in --filters-out (default 16)")
-    p.add_argument("--json", action="store_true", help="print the tables as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_evolution)
+    p.add_argument("--max-filters", type=bounded(int, 1, KEEP_FILTERS, name="--max-filters"), default=16, metavar="N",
+                   help=f"filters in --filters-out (1..{KEEP_FILTERS}; default 16)")

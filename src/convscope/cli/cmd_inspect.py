@@ -8,72 +8,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 from typing import Any
 
-from ..errors import ConvscopeError
-from .common import info, load_model_from_args
+from ..images import load_image
+from ..inspect import channel_means, feature_maps, filters, summary
+from ..models import Model
+from ..probe import default_layer
+from .common import (  # noqa: F401  (IMAGE_SUFFIXES, positive_int, output_file, save, slug, image_stem: re-exported for old imports)
+    IMAGE_SUFFIXES,
+    image_stem,
+    info,
+    load_model_from_args,
+    output_file,
+    positive_int,
+    save,
+    slug,
+)
 
 ORDER = 10
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse turns the error into one line, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def image_stem(source: str) -> str:
-    """A file-name-safe short name for an image argument (``sample:chelsea`` -> ``chelsea``)."""
-    name = source.split(":", 1)[1] if source.startswith("sample:") else os.path.splitext(os.path.basename(source))[0]
-    return slug(name) or "image"
-
-
-def slug(text: str) -> str:
-    """``text`` with runs of characters unsafe in file names replaced by ``_``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")
-
-
-def output_file(path: str | None, default: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> str:
-    """``-o`` or the default name; an unusable suffix or an existing directory is a user error."""
-    out = path or default
-    if os.path.isdir(out):
-        raise ConvscopeError(f"{out}: is a directory; give a file name with -o")
-    if os.path.splitext(out)[1].lower() not in suffixes:
-        raise ConvscopeError(f"{out}: unsupported output type; use one of {', '.join(suffixes)}")
-    return out
-
-
-def save(picture: Any, path: str, what: str) -> None:
-    """Write ``picture`` atomically and say where on stderr; write errors become one-line user errors."""
-    from ..render import save_image
-
-    try:
-        save_image(picture, path)
-    except OSError as exc:
-        raise ConvscopeError(f"{path}: cannot write the {what} ({exc.strerror or exc})") from None
-    info(f"{what} written to {os.path.abspath(path)}")
-
-
-def _image_and_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Read the image first (fails fast, before the model loads), then the model."""
-    from ..images import load_image
-
+def _image_model_layer(args: argparse.Namespace) -> tuple[Any, Model, str]:
+    """Check ``-o``, read the image, load the model and pick ``--layer`` (default: the last spatial layer),
+    cheapest failure first: a bad output path or image fails before the model loads."""
+    if args.output:
+        output_file(args.output, "")
     img = load_image(args.image)
-    return img, load_model_from_args(args)
+    model = load_model_from_args(args)
+    return img, model, args.layer or default_layer(model, "cam")
 
 
-def _layer_or_default(model: Any, layer: str | None) -> str:
-    from ..probe import default_layer
-
-    return layer or default_layer(model, "cam")
+def _save_view(picture: Any, args: argparse.Namespace, kind: str, layer: str, what: str) -> None:
+    """Write a view of ``layer`` for ``args.image`` to ``-o`` or ``KIND-IMAGE-LAYER.png``."""
+    save(picture, output_file(args.output, f"{kind}-{image_stem(args.image)}-{slug(layer)}.png"), what)
 
 
 # ============================================================================ commands
@@ -81,8 +48,6 @@ def _layer_or_default(model: Any, layer: str | None) -> str:
 
 def run_summary(args: argparse.Namespace) -> int:
     """``convscope summary``: print the layer table (or JSON) of the chosen model."""
-    from ..inspect import summary
-
     model = load_model_from_args(args)
     s = summary(model, depth=args.depth, leaves=args.leaves)
     if args.json:
@@ -108,7 +73,8 @@ def run_summary(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """``convscope predict IMAGE``: print the top-K classes with softmax probabilities (or JSON)."""
-    img, model = _image_and_model(args)
+    img = load_image(args.image)
+    model = load_model_from_args(args)
     pred = model.predict(model.preprocess(img), top=args.top)[0]
     if args.json:
         items = [{"rank": r, "index": i, "label": lab, "probability": p} for r, (i, lab, p) in enumerate(pred, start=1)]
@@ -125,8 +91,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_filters(args: argparse.Namespace) -> int:
     """``convscope filters [LAYER]``: print filter norms and write the filter picture."""
-    from ..inspect import filters
-
     layer = args.layer_opt or args.layer
     out = output_file(args.output, "") if args.output else None
     model = load_model_from_args(args)
@@ -141,31 +105,20 @@ def run_filters(args: argparse.Namespace) -> int:
 
 def run_activations(args: argparse.Namespace) -> int:
     """``convscope activations IMAGE --layer L``: print a one-line digest and write the feature-map grid."""
-    from ..inspect import feature_maps
-
-    if args.output:
-        output_file(args.output, "")
-    img, model = _image_and_model(args)
-    layer = _layer_or_default(model, args.layer)
+    img, model, layer = _image_model_layer(args)
     fm = feature_maps(model, model.preprocess(img), layer, max_channels=args.max_channels, sort=args.sort)
     c, h, w = fm.shape
     means = fm.means
     zero = int((fm.activations.flatten(1) == 0).all(1).sum())
     print(f"{layer}: {c} channels of {h}x{w}; channel means from {float(means.min()):.4g} to {float(means.max()):.4g};"
           f" {zero} channels are zero everywhere")
-    out = output_file(args.output, f"activations-{image_stem(args.image)}-{slug(layer)}.png")
-    save(fm.image, out, "feature maps")
+    _save_view(fm.image, args, "activations", layer, "feature maps")
     return 0
 
 
 def run_channels(args: argparse.Namespace) -> int:
     """``convscope channels IMAGE --layer L``: print the top-K channel means and write the plot."""
-    from ..inspect import channel_means
-
-    if args.output:
-        output_file(args.output, "")
-    img, model = _image_and_model(args)
-    layer = _layer_or_default(model, args.layer)
+    img, model, layer = _image_model_layer(args)
     resp = channel_means(model, model.preprocess(img), layer)
     top = resp.top(args.top)
     if args.json:
@@ -177,8 +130,7 @@ def run_channels(args: argparse.Namespace) -> int:
         print(f"{'rank':>4}  {'channel':>7}  {'mean':>10}")
         for rank, (c, v) in enumerate(top, start=1):
             print(f"{rank:>4}  {c:>7}  {v:>10.4g}")
-    out = output_file(args.output, f"channels-{image_stem(args.image)}-{slug(layer)}.png")
-    save(resp.to_image(top=args.top), out, "channel plot")
+    _save_view(resp.to_image(top=args.top), args, "channels", layer, "channel plot")
     return 0
 
 
@@ -216,24 +168,27 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--scale", choices=("symmetric", "minmax"), default="symmetric", help="weight scaling per filter")
     p.set_defaults(func=run_filters)
 
-    p = subparsers.add_parser(
-        "activations", parents=parents, help="feature maps of a layer for an image, as a grid",
-        description="Run the image up to LAYER and draw every channel's activation map, labelled with its channel number.",
-    )
-    p.add_argument("image", metavar="IMAGE", help="image file or sample:NAME")
-    p.add_argument("--layer", default=None, metavar="L", help="layer name (default: the last spatial layer; see `convscope summary`)")
-    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="picture file (default activations-IMAGE-LAYER.png)")
+    p = _image_view(subparsers, parents, "activations", help="feature maps of a layer for an image, as a grid",
+                    description="Run the image up to LAYER and draw every channel's activation map, labelled with its "
+                    "channel number.", output="picture file (default activations-IMAGE-LAYER.png)")
     p.add_argument("--max-channels", type=positive_int, default=64, metavar="N", help="show at most N channels (default 64)")
     p.add_argument("--sort", choices=("index", "mean", "max"), default="index", help="channel order (default index)")
     p.set_defaults(func=run_activations)
 
-    p = subparsers.add_parser(
-        "channels", parents=parents, help="mean activation of every channel of a layer, plotted",
-        description="Mean activation of every channel of LAYER for the image; prints the top K and plots all of them.",
-    )
-    p.add_argument("image", metavar="IMAGE", help="image file or sample:NAME")
-    p.add_argument("--layer", default=None, metavar="L", help="layer name (default: the last spatial layer)")
+    p = _image_view(subparsers, parents, "channels", help="mean activation of every channel of a layer, plotted",
+                    description="Mean activation of every channel of LAYER for the image; prints the top K and plots "
+                    "all of them.", output="plot file (default channels-IMAGE-LAYER.png)")
     p.add_argument("--top", type=positive_int, default=5, metavar="K", help="channels to list and label (default 5)")
-    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="plot file (default channels-IMAGE-LAYER.png)")
     p.add_argument("--json", action="store_true", help="print the top channels and every channel's mean as JSON")
     p.set_defaults(func=run_channels)
+
+
+def _image_view(subparsers: Any, parents: list[argparse.ArgumentParser], name: str, *, help: str, description: str,
+                output: str) -> argparse.ArgumentParser:
+    """A parser for a view of one layer for one image: IMAGE, ``--layer`` and ``-o``."""
+    p = subparsers.add_parser(name, parents=parents, help=help, description=description)
+    p.add_argument("image", metavar="IMAGE", help="image file or sample:NAME")
+    p.add_argument("--layer", default=None, metavar="L",
+                   help="layer name (default: the last spatial layer; see `convscope summary`)")
+    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help=output)
+    return p

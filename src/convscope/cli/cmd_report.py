@@ -7,10 +7,17 @@ import os
 from typing import Any
 
 from ..errors import ConvscopeError
-from .cmd_inspect import positive_int
+from ..files import check_output_path
+from ..images import load_image
+from ..options import bounded
+from ..render import write_text_atomic
+from ..report.build import all_sections, render_report, select_sections
 from .common import info, load_model_from_args
 
 ORDER = 50
+
+#: Suffixes ``report -o`` writes.
+REPORT_SUFFIXES = (".html", ".htm")
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -24,17 +31,12 @@ def _csv(text: str | None) -> list[str] | None:
 
 def run_report(args: argparse.Namespace) -> int:
     """``convscope report [IMAGE] -o FILE.html``: run the sections, write the file atomically, warn per failure."""
-    from ..images import load_image
-    from ..render import write_text_atomic
-    from ..report.build import all_sections, render_report, select_sections
-
     if args.list_sections:
         for s in all_sections():
             print(f"{s.key:<20} {s.title}")
         return 0
     out = args.output
-    if os.path.isdir(out):
-        raise ConvscopeError(f"{out}: is a directory; give a file name with -o")
+    check_output_path(out, REPORT_SUFFIXES, what="report")  # before any slow work
     keys = _csv(args.sections)
     select_sections(keys)  # unknown names fail before anything slow happens
     img = load_image(args.image)
@@ -45,7 +47,8 @@ def run_report(args: argparse.Namespace) -> int:
         for layer in layers or []:
             model.layer(layer)  # unknown layer: one clear error now, not a broken section later
         options["layers"] = layers
-    report = render_report(model, img, image_name=args.image, options=options, sections=keys)
+    report = render_report(model, img, image_name=args.image, options=options, sections=keys,
+                           progress=not args.no_progress)
     for failed in report.failures:
         info(f"convscope: warning: report section {failed.key!r} failed: {failed.error}")
     try:
@@ -64,9 +67,12 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
         description="Write one HTML file (pictures embedded, no network needed) with every report section for IMAGE.",
     )
     p.add_argument("image", nargs="?", default="sample:chelsea", metavar="IMAGE", help="image file or sample:NAME (default sample:chelsea)")
-    p.add_argument("-o", "--output", default="convscope-report.html", metavar="FILE.html", help="output file (default convscope-report.html)")
+    p.add_argument("-o", "--output", default="convscope-report.html", metavar="FILE.html",
+                   help="output file, .html or .htm (default convscope-report.html)")
     p.add_argument("--sections", default=None, metavar="A,B", help="only these sections (see --list-sections)")
     p.add_argument("--list-sections", action="store_true", help="list the available sections and exit")
-    p.add_argument("--top", type=positive_int, default=5, metavar="K", help="classes in the prediction table (default 5)")
+    p.add_argument("--top", type=bounded(int, 1, 1000, name="--top"), default=5, metavar="K",
+                   help="classes in the prediction table, 1..1000 (default 5)")
     p.add_argument("--layers", default=None, metavar="L1,L2", help="layers for the feature-map section (default: early, middle, last)")
+    p.add_argument("--no-progress", action="store_true", help="draw no progress bars")
     p.set_defaults(func=run_report)

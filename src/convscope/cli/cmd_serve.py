@@ -11,20 +11,11 @@ import argparse
 import ipaddress
 
 from ..errors import ConvscopeError
+from ..options import bounded
+from ..server import make_server
 from .common import info, load_model_from_args
 
 ORDER = 60
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0..65535 (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must lie in 0..65535, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -35,18 +26,15 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
         description="Serve the web explorer for the chosen model on http://HOST:PORT/ until Ctrl-C.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: any free port)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
-                   help="largest image upload accepted, in megabytes (default 20)")
+    p.add_argument("--port", type=bounded(int, 0, 65535, name="--port"), default=8000,
+                   help="TCP port, 0..65535 (default 8000; 0: any free port)")
+    p.add_argument("--max-upload-mb", type=bounded(float, 0.001, 4096, name="--max-upload-mb"), default=20.0, metavar="MB",
+                   help="largest image upload accepted, in megabytes, 0.001..4096 (default 20)")
     p.add_argument("--quiet", action="store_true", help="do not log every request on stderr")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..server import make_server
-
-    if not args.max_upload_mb > 0:
-        raise ConvscopeError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     model = load_model_from_args(args)
     model.layers()  # the layer table once now, so the first page load is quick
     try:

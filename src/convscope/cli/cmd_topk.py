@@ -9,12 +9,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
 from typing import Any
 
+from ..dataset.folder import SAVE_EVERY
+from ..dataset.projection import BATCH_SIZE as PROJECT_BATCH_SIZE
+from ..dataset.projection import METHODS, SCALES
+from ..dataset.topk import DEFAULT_ROWS, REDUCES, K, channel_ranges, top_activations
 from ..errors import ConvscopeError
-from .cmd_inspect import output_file, positive_int, save, slug
-from .common import info, load_model_from_args
+from ..models import default_layer
+from ..options import bounded
+from .common import (
+    check_state_option,
+    dataset_command,
+    finish_run,
+    info,
+    load_model_from_args,
+    output_file,
+    save,
+    skipped_reported_once,
+    slug,
+)
 
 ORDER = 45
 
@@ -41,26 +55,20 @@ def parse_channels(text: str) -> list[int]:
 
 def run_topk(args: argparse.Namespace) -> int:
     """Stream the folder, print the top images per channel, write the grid picture."""
-    from ..dataset.folder import SkippedImagesWarning
-    from ..dataset.topk import top_activations
-    from ..probe import default_layer
-
     if not os.path.isdir(args.folder):
         raise ConvscopeError(f"{args.folder}: not a folder")
     if args.output:
         output_file(args.output, "")
+    check_state_option(args.state)
     if args.reduce != "max" and (args.project or args.dead):
         raise ConvscopeError("--project and --dead need --reduce max (a unit position per image, the maximum over the dataset)")
     model = load_model_from_args(args)
     layer = args.layer or default_layer(model, "cam")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SkippedImagesWarning)  # reported below, in one line
+    out = output_file(args.output, f"topk-{slug(layer)}.png")
+    with skipped_reported_once():
         r = top_activations(model, args.folder, layer, k=args.k, channels=args.channels, reduce=args.reduce,
                             batch_size=args.batch_size, state=args.state, save_every=args.save_every,
                             progress=False if args.no_progress else None)
-    if r.skipped:
-        first = "; ".join(reason for _, reason in r.skipped[:3])
-        info(f"skipped {len(r.skipped)} unreadable file(s): {first}" + (" ..." if len(r.skipped) > 3 else ""))
     if args.json:
         data = r.to_dict()
         data["root"] = os.path.abspath(args.folder)
@@ -78,7 +86,6 @@ def run_topk(args: argparse.Namespace) -> int:
             _print_dead(r)
     if r.channels:
         shown = args.channels if args.channels is not None else r.channels[: args.rows]
-        out = output_file(args.output, f"topk-{slug(layer)}.png")
         if args.project:
             picture = r.grid(shown, mode="projection", method=args.project, scale=args.project_scale,
                              batch_size=args.project_batch_size)
@@ -87,11 +94,7 @@ def run_topk(args: argparse.Namespace) -> int:
             save(r.grid(shown, mode=args.mode), out, f"top-{args.k} grid ({len(shown)} channels)")
     else:
         info("no image could be scored; nothing to draw")
-    info(f"{r.processed - len(r.skipped)} images in {r.seconds:.1f} s" + (f"; state in {args.state}" if args.state else ""))
-    if r.interrupted:
-        info("interrupted: " + ("run the same command again to continue" if args.state else "rerun with --state FILE to be able to resume"))
-        return 130
-    return 0
+    return finish_run(r, args.state)
 
 
 def _relative(source: str | None, folder: str) -> str | None:
@@ -115,45 +118,43 @@ def _print_table(r: Any, folder: str) -> None:
 
 
 def _print_dead(r: Any) -> None:
-    from ..dataset.topk import _ranges
-
     dead = r.dead()
     scored = r.processed - len(r.skipped)
     if dead:
-        print(f"dead: {len(dead)} of {len(r.channels)} channels never above 0 on {scored} images: {_ranges(dead)}")
+        print(f"dead: {len(dead)} of {len(r.channels)} channels never above 0 on {scored} images: {channel_ranges(dead)}")
     else:
         print(f"dead: none of {len(r.channels)} channels (every one above 0 on some of {scored} images)")
 
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``topk`` parser."""
-    p = subparsers.add_parser(
-        "topk", parents=parents, help="the images and patches that most activate each channel, over a folder",
+    p = dataset_command(
+        subparsers, parents, "topk", help="the images and patches that most activate each channel, over a folder",
         description="Stream every image of FOLDER (recursively, sorted) through the model up to LAYER and keep, per channel, "
         "the K images with the largest response (spatial max with its receptive-field patch, or mean). Memory stays "
         "bounded by channels x K; with --state the run is saved as it goes and the same command resumes it.",
+        func=run_topk, state=True, output="grid picture (default topk-LAYER.png)",
+        json_help="print every channel's top images as JSON",
     )
     p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
     p.add_argument("--layer", default=None, metavar="L", help="layer name (default: the last spatial layer)")
-    p.add_argument("--k", type=positive_int, default=9, metavar="K", help="images kept per channel (default 9)")
+    p.add_argument("--k", type=K.argtype("--k"), default=K.default, metavar="K",
+                   help=f"images kept per channel ({K.range_text()}; default {K.default})")
     p.add_argument("--channels", type=parse_channels, default=None, metavar="LIST",
                    help="channels to rank, e.g. 0-15,20 (default: all; the picture shows the first --rows)")
-    p.add_argument("--reduce", choices=("max", "mean"), default="max", help="spatial max (with patch) or mean (default max)")
+    p.add_argument("--reduce", choices=REDUCES, default="max", help="spatial max (with patch) or mean (default max)")
     p.add_argument("--mode", choices=("patch", "image"), default=None,
                    help="picture tiles: receptive-field patches or whole images with the box (default: patch for max)")
-    p.add_argument("--project", choices=("deconvnet", "guided", "gradient"), default=None,
+    p.add_argument("--project", choices=METHODS, default=None,
                    help="draw each patch next to the unit's projection to pixels (Zeiler & Fergus's DeconvNet, guided "
                    "backprop or the plain gradient); needs --reduce max")
-    p.add_argument("--project-scale", choices=("signed", "abs"), default="signed",
+    p.add_argument("--project-scale", choices=SCALES, default="signed",
                    help="projection display: signed (grey = 0, Zeiler & Fergus) or abs (|x|, black = 0); default signed")
-    p.add_argument("--project-batch-size", type=positive_int, default=16, metavar="N",
-                   help="units per forward + backward pass of --project (default 16)")
+    p.add_argument("--project-batch-size", type=PROJECT_BATCH_SIZE.argtype("--project-batch-size"),
+                   default=PROJECT_BATCH_SIZE.default, metavar="N",
+                   help=f"units per forward + backward pass of --project ({PROJECT_BATCH_SIZE.range_text()}; default 16)")
     p.add_argument("--dead", action="store_true", help="also list the channels that never fire (max response <= 0)")
-    p.add_argument("--rows", type=positive_int, default=16, metavar="N", help="channels drawn without --channels (default 16)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per forward pass (default 32)")
-    p.add_argument("--state", default=None, metavar="FILE", help="save progress to FILE (+ FILE.json); rerun to resume")
-    p.add_argument("--save-every", type=positive_int, default=20, metavar="N", help="save the state every N batches (default 20)")
-    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help="grid picture (default topk-LAYER.png)")
-    p.add_argument("--json", action="store_true", help="print every channel's top images as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_topk)
+    p.add_argument("--rows", type=bounded(int, 1, 4096, name="--rows"), default=DEFAULT_ROWS, metavar="N",
+                   help=f"channels drawn without --channels (1..4096; default {DEFAULT_ROWS})")
+    p.add_argument("--save-every", type=SAVE_EVERY.argtype("--save-every"), default=SAVE_EVERY.default, metavar="N",
+                   help=f"with --state: save every N batches ({SAVE_EVERY.range_text()}; default {SAVE_EVERY.default})")

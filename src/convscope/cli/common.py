@@ -1,12 +1,46 @@
-"""Options and helpers shared by every subcommand: model selection, device, images, output paths."""
+"""Options and helpers shared by every subcommand: model selection, device, images, output paths.
+
+Commands import from here (never from another ``cmd_*.py``): :func:`model_options` (the parent parser
+every command takes), :func:`load_model_from_args`, :func:`parse_target`, :func:`output_file` (checks
+``-o`` before any work), :func:`save` (atomic write plus a line on stderr), :func:`positive_int`,
+:func:`image_stem`, :func:`slug` and :func:`info`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ConvscopeError
+from ..files import check_output_path
+from ..images import IMAGE_SUFFIXES
+from ..models import Model, load_model
+from ..options import INT_LIMIT, Option, bounded
+from ..render import save_image
+
+#: Largest class count accepted by ``--num-classes`` (the biggest public label sets have ~22k classes).
+MAX_CLASSES = 1_000_000
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: a whole number from 1 to 2**63 - 1 (argparse turns the error into one line, exit 2).
+    Options with a natural maximum (sizes, counts that allocate) use :func:`~convscope.options.bounded` instead."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {INT_LIMIT}, got {value}")
+    return value
+
+
+positive_int.option = Option(int, None, "a whole number >= 1", minimum=1)  # type: ignore[attr-defined]  # its bounds, for tests
 
 
 def model_options() -> argparse.ArgumentParser:
@@ -18,7 +52,8 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--weights", default="DEFAULT", metavar="W",
                    help="pretrained weights for named models: DEFAULT, a torchvision weights name, or 'none' for random")
     g.add_argument("--arch", default=None, help="architecture of a state_dict or safetensors file")
-    g.add_argument("--num-classes", type=int, default=None, help="number of classes of a model file's head")
+    g.add_argument("--num-classes", type=bounded(int, 1, MAX_CLASSES, name="--num-classes"), default=None, metavar="N",
+                   help=f"number of classes of a model file's head (1..{MAX_CLASSES:,})")
     g.add_argument("--labels", default=None, metavar="FILE", help="text file with one class name per line")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow model files that unpickle Python objects (runs code from the file: trusted files only)")
@@ -27,9 +62,8 @@ def model_options() -> argparse.ArgumentParser:
     return p
 
 
-def load_model_from_args(args: argparse.Namespace):
-    from ..models import load_model
-
+def load_model_from_args(args: argparse.Namespace) -> Model:
+    """The model the ``--model/--weights/--arch/--num-classes/--labels/--trust-pickle/--device`` options name."""
     weights = None if str(args.weights).lower() in ("none", "random") else args.weights
     labels = None
     if args.labels:
@@ -49,17 +83,130 @@ def load_model_from_args(args: argparse.Namespace):
     )
 
 
-def parse_target(text: str | None, model: Any) -> int | None:
+def parse_target(text: str | None, model: Model) -> int | None:
     """``--target`` as a class index or a label name (None: the top prediction)."""
     if text is None:
         return None
     return model.class_index(text)
 
 
-def output_path(path: str | None, default: str) -> str:
-    return path or default
+def slug(text: str) -> str:
+    """``text`` with runs of characters unsafe in file names replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")
+
+
+def image_stem(source: str) -> str:
+    """A file-name-safe short name for an image argument (``sample:chelsea`` -> ``chelsea``)."""
+    name = source.split(":", 1)[1] if source.startswith("sample:") else os.path.splitext(os.path.basename(source))[0]
+    return slug(name) or "image"
+
+
+def output_file(path: str | None, default: str, suffixes: Iterable[str] = IMAGE_SUFFIXES, *, what: str = "output") -> str:
+    """``-o`` or the default name, checked before any work: a known suffix (default: the image suffixes),
+    not a directory, a folder that exists (or can be made) and is writable. Raises
+    :class:`~convscope.files.OutputPathError` (one line, exit 2); creates nothing."""
+    out = path or default
+    check_output_path(out, suffixes, what=what)
+    return out
+
+
+def save(picture: Any, path: str, what: str) -> None:
+    """Write ``picture`` atomically and say where on stderr; write errors become one-line user errors."""
+    try:
+        save_image(picture, path)
+    except OSError as exc:
+        raise ConvscopeError(f"{path}: cannot write the {what} ({exc.strerror or exc})") from None
+    info(f"{what} written to {os.path.abspath(path)}")
 
 
 def info(message: str) -> None:
     """Progress and result lines for people go to stderr; data goes to stdout."""
     print(message, file=sys.stderr)
+
+
+# Imports of the dataset-command helpers below (appended by the dataset owner; to be merged into the import
+# block at the top of this file when it is next reorganised).
+import contextlib  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
+
+from ..dataset.folder import BATCH_SIZE as DATASET_BATCH_SIZE  # noqa: E402
+from ..dataset.folder import SkippedImagesWarning, skipped_summary  # noqa: E402
+
+# ============================================================================ dataset commands
+# Shared by topk, embed, dissect, bias and evolution (streaming runs over many images).
+
+
+def add_dataset_options(p: argparse.ArgumentParser, *, output: str, json_help: str, state: bool = False,
+                        batch_size: bool = True) -> None:
+    """The options every dataset command takes, declared once: ``--batch-size`` (bounded like the Python
+    API's ``batch_size``), ``--state FILE`` (resumable runs only), ``-o/--output`` (``output``: its help),
+    ``--json`` and ``--no-progress``."""
+    if batch_size:
+        p.add_argument("--batch-size", type=DATASET_BATCH_SIZE.argtype("--batch-size"), default=DATASET_BATCH_SIZE.default,
+                       metavar="N", help=f"images per forward pass ({DATASET_BATCH_SIZE.range_text()}; default "
+                       f"{DATASET_BATCH_SIZE.default})")
+    if state:
+        p.add_argument("--state", default=None, metavar="FILE",
+                       help="save progress to FILE (+ FILE.json) as the run goes; the same command again resumes it")
+    p.add_argument("-o", "--output", default=None, metavar="FILE.png", help=output)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_state_option(state: str | None) -> None:
+    """``--state FILE`` checked before any work: one line, exit 2, when it cannot be written."""
+    if state is not None:
+        check_output_path(state, what="state file")
+
+
+def image_inputs(items: list[str] | None) -> Any:
+    """Image arguments of a dataset command: ``None`` for none, one folder as itself, otherwise the list of
+    image files / ``sample:NAME`` (a folder among several is a user error)."""
+    if not items:
+        return None
+    if len(items) == 1 and not items[0].startswith("sample:"):
+        if not os.path.exists(items[0]):
+            raise ConvscopeError(f"{items[0]}: no such folder or file")
+        if os.path.isdir(items[0]):
+            return items[0]
+    for item in items:
+        if os.path.isdir(item):
+            raise ConvscopeError(f"{item}: give one folder, or a list of image files")
+    return items
+
+
+@contextlib.contextmanager
+def skipped_reported_once() -> Iterator[None]:
+    """Silence :class:`~convscope.dataset.folder.SkippedImagesWarning` inside (the command reports the
+    skipped files itself, in one line, with :func:`report_skipped`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)
+        yield
+
+
+def report_skipped(skipped: Sequence[tuple[int, str]]) -> None:
+    """One line on stderr: how many files were unreadable and why (the first three)."""
+    if skipped:
+        info(skipped_summary(skipped))
+
+
+def finish_run(result: Any, state: str | None) -> int:
+    """The closing lines of a resumable run (topk, dissect: the files skipped, images done, time, where the state
+    is) and its exit code: 130 when interrupted."""
+    report_skipped(result.skipped)
+    info(f"{result.processed - len(result.skipped)} images in {result.seconds:.1f} s" + (f"; state in {state}" if state else ""))
+    if result.interrupted:
+        info("interrupted: " + ("run the same command again to continue" if state else "rerun with --state FILE to be able to resume"))
+        return 130
+    return 0
+
+
+def dataset_command(subparsers: Any, parents: list[argparse.ArgumentParser], name: str, *, help: str, description: str,
+                    func: Any, output: str, json_help: str, state: bool = False, batch_size: bool = True) -> argparse.ArgumentParser:
+    """Add the parser of a dataset command with the options they all take (:func:`add_dataset_options`) and its
+    ``func``; the command adds its own options to the parser returned."""
+    p = subparsers.add_parser(name, parents=parents, help=help, description=description)
+    add_dataset_options(p, output=output, json_help=json_help, state=state, batch_size=batch_size)
+    p.set_defaults(func=func)
+    return p

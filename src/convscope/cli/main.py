@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -29,9 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"convscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parents = [model_options()]
-    from .. import cli
-
-    modules = [importlib.import_module(f"{cli.__name__}.{m.name}") for m in pkgutil.iter_modules(cli.__path__) if m.name.startswith("cmd_")]
+    here = os.path.dirname(__file__)
+    modules = [importlib.import_module(f"{__package__}.{m.name}") for m in pkgutil.iter_modules([here]) if m.name.startswith("cmd_")]
     for module in sorted(modules, key=lambda m: getattr(m, "ORDER", 100)):
         module.register(sub, parents)
     return parser

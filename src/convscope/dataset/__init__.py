@@ -8,7 +8,9 @@
 - :mod:`.embed`: one pooled feature vector per image; nearest neighbours; PCA, t-SNE and UMAP maps.
 - :mod:`.evolution`: how filters and representations change across training checkpoints (weight drift,
   filter cosine, linear CKA to the final checkpoint).
-- :mod:`.folder`: streaming image folders, lists and tensors in batches.
+- :mod:`.folder`: streaming image folders, lists and tensors in batches; the options every run takes
+  (``BATCH_SIZE``, ``SAVE_EVERY``), saved run states and their errors (:class:`StateFileError`,
+  :class:`StateMismatchError`, shared by every resumable analysis), :class:`UnreadableImagesError`.
 - :mod:`.projection`: DeconvNet (or guided / plain gradient) projections of single top units back to
   pixels, batched (Zeiler & Fergus 2014, fig. 2).
 
@@ -25,6 +27,7 @@ from .bias import (
     ShapeAccuracy,
     ShapeBias,
     StimuliError,
+    StimuliRun,
     aggregation_matrix,
     category_scores,
     find_stimuli,
@@ -46,9 +49,19 @@ from .embed import (
     umap_projection,
 )
 from .evolution import Evolution, EvolutionError, centered_gram, evolution, gram_cka, linear_cka
-from .folder import DatasetError, ImageSource, SkippedImagesWarning, TensorSource, list_images, open_images
+from .folder import (
+    DatasetError,
+    ImageSource,
+    SkippedImagesWarning,
+    StateFileError,
+    StateMismatchError,
+    TensorSource,
+    UnreadableImagesError,
+    list_images,
+    open_images,
+)
 from .projection import ProjectionError, Projections, UnitGradients, projection_picture, unit_gradients
-from .topk import Hit, StateMismatchError, TopK, TopKError, top_activations
+from .topk import Hit, TopK, TopKError, top_activations
 
 __all__ = [
     "PUBLISHED_SHAPE_ACCURACY",
@@ -74,8 +87,11 @@ __all__ = [
     "ShapeAccuracy",
     "ShapeBias",
     "SkippedImagesWarning",
+    "StateFileError",
     "StateMismatchError",
     "StimuliError",
+    "StimuliRun",
+    "UnreadableImagesError",
     "TopK",
     "TopKError",
     "Unit",

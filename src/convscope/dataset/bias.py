@@ -28,12 +28,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
-from ..progress import tqdm
 
 from ..errors import ConvscopeError
+from ..images import list_images
 from ..inspect.picture import Pictured
+from ..models import Model, as_model, output_logits
+from ..probe import forward_fast, guard
+from ..progress import tqdm
+from ..render import figure_to_image
+from .folder import BATCH_SIZE
 
 #: Shape bias published with mean aggregation (Geirhos et al. 2019 and their model-vs-human benchmark).
 PUBLISHED_SHAPE_BIAS: dict[str, float] = {
@@ -53,7 +59,6 @@ PUBLISHED_SHAPE_ACCURACY: dict[str, dict[str, float]] = {
 #: The ImageNet-1k class count the category mapping refers to (standard class order).
 IMAGENET_CLASSES = 1000
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CUE_CONFLICT = "cue-conflict-sample"
 STIMULI_URL = "https://github.com/rgeirhos/texture-vs-shape (folder stimuli/, CC BY 4.0)"
 
@@ -202,8 +207,25 @@ class CategoryCounts:
         return self.shape / (self.shape + self.texture) if self.shape + self.texture else math.nan
 
 
+@dataclass(eq=False, kw_only=True)
+class StimuliRun(Pictured):
+    """What both experiments record besides their counts: the 16-way ``categories``, ``scores`` (N, K) mean
+    softmax per category for the images decided (columns in ``categories`` order), the stimulus folder
+    ``root``, the ``model_name``, ``total`` stimuli, ``skipped`` files that are no stimulus, and whether Ctrl-C
+    ``interrupted`` the run."""
+
+    categories: dict[str, list[int]]
+    scores: torch.Tensor
+    root: str
+    model_name: str = "model"
+    total: int = 0
+    skipped: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    _image: Image.Image | None = field(default=None, repr=False)
+
+
 @dataclass(eq=False)
-class ShapeBias(Pictured):
+class ShapeBias(StimuliRun):
     """Shape-vs-texture bias of a model on cue-conflict images (Geirhos et al. 2019).
 
     ``shape_bias`` = ``shape`` / (``shape`` + ``texture``) over the ``conflicts`` images whose shape and
@@ -222,15 +244,7 @@ class ShapeBias(Pictured):
     excluded: int
     decisions: list[Decision]
     per_category: list[CategoryCounts]
-    categories: dict[str, list[int]]
-    scores: torch.Tensor
     confusion: torch.Tensor
-    root: str
-    model_name: str = "model"
-    total: int = 0
-    skipped: list[str] = field(default_factory=list)
-    interrupted: bool = False
-    _image: Image.Image | None = field(default=None, repr=False)
 
     @property
     def shape_fraction(self) -> float:
@@ -254,8 +268,6 @@ class ShapeBias(Pictured):
 
     def to_image(self, accuracies: Sequence[ShapeAccuracy] = (), *, dpi: int = 100) -> Image.Image:
         """:meth:`figure` rendered to a PIL image."""
-        from ..render import figure_to_image
-
         return figure_to_image(self.figure(accuracies), dpi=dpi)
 
     def to_dict(self, *, images: bool = True) -> dict[str, Any]:
@@ -293,7 +305,7 @@ class ShapeBias(Pictured):
 
 
 @dataclass(eq=False)
-class ShapeAccuracy(Pictured):
+class ShapeAccuracy(StimuliRun):
     """16-way accuracy on shape-only stimuli (silhouettes, edge drawings): ``correct`` of ``n`` images.
 
     ``per_category``: category -> (correct, n); ``decisions`` and ``scores`` (N, K) as in :class:`ShapeBias`.
@@ -305,22 +317,12 @@ class ShapeAccuracy(Pictured):
     n: int
     per_category: dict[str, tuple[int, int]]
     decisions: list[Decision]
-    categories: dict[str, list[int]]
-    scores: torch.Tensor
-    root: str
-    model_name: str = "model"
-    total: int = 0
-    skipped: list[str] = field(default_factory=list)
-    interrupted: bool = False
-    _image: Image.Image | None = field(default=None, repr=False)
 
     def figure(self, *, title: str | None = None) -> Any:
         """Bars: accuracy per category, with the overall accuracy and the published references."""
         return accuracy_figure(self, title=title)
 
     def to_image(self, *, dpi: int = 100) -> Image.Image:
-        from ..render import figure_to_image
-
         return figure_to_image(self.figure(), dpi=dpi)
 
     def to_dict(self, *, images: bool = True) -> dict[str, Any]:
@@ -360,20 +362,13 @@ def _check_root(root: str | os.PathLike) -> Path:
     return path
 
 
-def _image_files(root: Path) -> list[Path]:
-    return sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                  key=lambda p: p.relative_to(root).as_posix())
-
-
-def _check_model(model: Any) -> None:
-    if not callable(getattr(model, "preprocess", None)) or not hasattr(model, "module"):
-        raise StimuliError(
-            f"expected a convscope Model, got {type(model).__name__}; wrap a module with "
-            "cs.load_model(module, input_size=..., mean=..., std=...) so images get the model's own preprocessing"
-        )
-    n = getattr(model, "num_classes", None)
-    if n is not None and n != IMAGENET_CLASSES:
-        raise StimuliError(_classes_message(n))
+def _check_model(model: Any) -> Model:
+    """The model as a :class:`~convscope.Model` (:func:`~convscope.as_model`), refused before any image is read
+    unless it has the 1000 ImageNet classes."""
+    model = as_model(model)
+    if model.num_classes != IMAGENET_CLASSES:
+        raise StimuliError(_classes_message(model.num_classes))
+    return model
 
 
 def _classes_message(n: int) -> str:
@@ -381,14 +376,9 @@ def _classes_message(n: int) -> str:
             f"(standard order); this model has {n} classes")
 
 
-def _classify(model: Any, files: Sequence[Path], matrix: torch.Tensor, *, batch_size: int, progress: bool | None,
+def _classify(model: Model, files: Sequence[Path], matrix: torch.Tensor, *, batch_size: int, progress: bool | None,
               desc: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Batched inference: (scores (M, K), top ImageNet class (M,), interrupted) for the first M files."""
-    from ..models.model import output_logits
-    from ..probe import forward_fast, guard
-
-    if batch_size < 1:
-        raise StimuliError(f"batch_size must be at least 1, got {batch_size}")
     module = model.module
     scores, tops = [], []
     interrupted = False
@@ -412,9 +402,44 @@ def _classify(model: Any, files: Sequence[Path], matrix: torch.Tensor, *, batch_
             torch.cat(tops) if tops else torch.zeros(0, dtype=torch.long), interrupted)
 
 
-def _label(model: Any, index: int) -> str:
-    label = getattr(model, "label", None)
-    return label(index) if callable(label) else str(index)
+def _sorted_stimuli(path: Path, cats: Mapping[str, Sequence[int]], categories_of: Any, what: str
+                    ) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
+    """The image files under ``path`` whose (shape, texture) categories ``categories_of(file)`` names (both among
+    ``cats``; ``None``: not a stimulus), those pairs, and the other files (relative paths). ``what``: the
+    expected layout, for the error when no file fits (the category names are added)."""
+    files, pairs, skipped = [], [], []
+    for f in list_images(path):
+        pair = categories_of(f)
+        if pair is not None and pair[0] in cats and pair[1] in cats:
+            files.append(f)
+            pairs.append(pair)
+        else:
+            skipped.append(f.relative_to(path).as_posix())
+    if not files:
+        raise StimuliError(f"{path}: {what} among {', '.join(cats)}" + (f" ({len(skipped)} other files ignored, e.g. {skipped[0]})" if skipped else ""))
+    return files, pairs, skipped
+
+
+def _decide(model: Model, path: Path, cats: dict[str, list[int]], files: list[Path], pairs: list[tuple[str, str]],
+            skipped: list[str], *, batch_size: int, progress: bool | None, desc: str) -> tuple[list[Decision], dict[str, Any]]:
+    """The 16-way decision of every file (in order; fewer after Ctrl-C) and the fields both result types share
+    (``categories``, ``scores`` (M, K), ``root``, ``model_name``, ``total``, ``skipped``, ``interrupted``)."""
+    scores, tops, interrupted = _classify(model, files, aggregation_matrix(cats), batch_size=batch_size,
+                                          progress=progress, desc=desc)
+    names = list(cats)
+    chosen = scores.argmax(dim=1).tolist() if len(scores) else []
+    decisions = [
+        Decision(file=f.relative_to(path).as_posix(), shape=s, texture=t, decision=names[c], top_class=int(top),
+                 top_label=model.label(int(top)))
+        for f, (s, t), c, top in zip(files, pairs, chosen, tops.tolist())
+    ]
+    return decisions, {"categories": cats, "scores": scores, "root": str(path), "model_name": model.name,
+                       "total": len(files), "skipped": skipped, "interrupted": interrupted}
+
+
+def _conflict_pair(f: Path) -> tuple[str, str] | None:
+    m = _CONFLICT_NAME.match(f.stem)
+    return (m["shape"], m["texture"]) if m else None
 
 
 def shape_bias(
@@ -435,33 +460,16 @@ def shape_bias(
     softmax over each category's ImageNet classes, argmax over the categories. Cost: one forward pass
     per image, ``batch_size`` at a time. ``progress``: tqdm bar (None: only on a terminal).
     """
-    _check_model(model)
+    model = _check_model(model)
+    BATCH_SIZE.check("batch_size", batch_size)
     path = _check_root(root) if root is not None else _default_root()
     cats = load_categories(categories, near=path)
-    files, shapes, textures, skipped = [], [], [], []
-    for f in _image_files(path):
-        m = _CONFLICT_NAME.match(f.stem)
-        if m and m["shape"] in cats and m["texture"] in cats:
-            files.append(f)
-            shapes.append(m["shape"])
-            textures.append(m["texture"])
-        else:
-            skipped.append(f.relative_to(path).as_posix())
-    if not files:
-        raise StimuliError(
-            f"{path}: no cue-conflict images; expected files named SHAPEi-TEXTUREj.png (e.g. cat3-elephant1.png) "
-            f"with SHAPE and TEXTURE among {', '.join(cats)}"
-            + (f" ({len(skipped)} other files ignored, e.g. {skipped[0]})" if skipped else "")
-        )
-    matrix = aggregation_matrix(cats)
-    scores, tops, interrupted = _classify(model, files, matrix, batch_size=batch_size, progress=progress, desc="shape bias")
+    files, pairs, skipped = _sorted_stimuli(path, cats, _conflict_pair,
+                                            "no cue-conflict images; expected files named SHAPEi-TEXTUREj.png (e.g. cat3-elephant1.png) "
+                                            "with SHAPE and TEXTURE")
+    decisions, common = _decide(model, path, cats, files, pairs, skipped, batch_size=batch_size, progress=progress,
+                                desc="shape bias")
     names = list(cats)
-    chosen = scores.argmax(dim=1).tolist() if len(scores) else []
-    decisions = [
-        Decision(file=f.relative_to(path).as_posix(), shape=s, texture=t, decision=names[c], top_class=int(top),
-                 top_label=_label(model, int(top)))
-        for f, s, t, c, top in zip(files, shapes, textures, chosen, tops.tolist())
-    ]
     per = {name: CategoryCounts(name) for name in names}
     confusion = torch.zeros(len(names), len(names), dtype=torch.long)
     where = {name: i for i, name in enumerate(names)}
@@ -485,14 +493,8 @@ def shape_bias(
         excluded=len(decisions) - conflicts,
         decisions=decisions,
         per_category=list(per.values()),
-        categories=cats,
-        scores=scores,
         confusion=confusion,
-        root=str(path),
-        model_name=getattr(model, "name", type(model).__name__),
-        total=len(files),
-        skipped=skipped,
-        interrupted=interrupted,
+        **common,
     )
 
 
@@ -512,35 +514,23 @@ def shape_accuracy(
     set (default: the folder's name; ``silhouettes`` and ``edges`` have published references in
     :data:`PUBLISHED_SHAPE_ACCURACY`).
     """
-    _check_model(model)
+    model = _check_model(model)
+    BATCH_SIZE.check("batch_size", batch_size)
     path = _check_root(root)
     cats = load_categories(categories, near=path)
-    files, truth, skipped = [], [], []
-    for f in _image_files(path):
+
+    def category_of(f: Path) -> tuple[str, str] | None:
         name = f.parent.name if f.parent != path else None
         if name not in cats:
             m = _LEADING_NAME.match(f.stem)
             name = m["name"] if m else None
-        if name in cats:
-            files.append(f)
-            truth.append(name)
-        else:
-            skipped.append(f.relative_to(path).as_posix())
-    if not files:
-        raise StimuliError(
-            f"{path}: no shape-only images; expected CATEGORY/*.png with CATEGORY among {', '.join(cats)}"
-            + (f" ({len(skipped)} other files ignored, e.g. {skipped[0]})" if skipped else "")
-        )
+        return None if name is None else (name, name)
+
+    files, pairs, skipped = _sorted_stimuli(path, cats, category_of, "no shape-only images; expected CATEGORY/*.png with CATEGORY")
     kind = kind or path.name
-    matrix = aggregation_matrix(cats)
-    scores, tops, interrupted = _classify(model, files, matrix, batch_size=batch_size, progress=progress, desc=kind)
+    decisions, common = _decide(model, path, cats, files, pairs, skipped, batch_size=batch_size, progress=progress,
+                                desc=kind)
     names = list(cats)
-    chosen = scores.argmax(dim=1).tolist() if len(scores) else []
-    decisions = [
-        Decision(file=f.relative_to(path).as_posix(), shape=t, texture=t, decision=names[c], top_class=int(top),
-                 top_label=_label(model, int(top)))
-        for f, t, c, top in zip(files, truth, chosen, tops.tolist())
-    ]
     per: dict[str, tuple[int, int]] = {}
     for d in decisions:
         k, n = per.get(d.shape, (0, 0))
@@ -553,13 +543,7 @@ def shape_accuracy(
         n=len(decisions),
         per_category={c: per[c] for c in names if c in per},
         decisions=decisions,
-        categories=cats,
-        scores=scores,
-        root=str(path),
-        model_name=getattr(model, "name", type(model).__name__),
-        total=len(files),
-        skipped=skipped,
-        interrupted=interrupted,
+        **common,
     )
 
 
@@ -569,7 +553,7 @@ def shape_accuracy(
 def bias_figure(result: ShapeBias, accuracies: Sequence[ShapeAccuracy] = (), *, title: str | None = None) -> Any:
     """Per shape category, the share of shape decisions among shape + texture decisions (the layout of
     Geirhos et al.'s figure 4, shape on the left), with the model's mean, humans and ResNet-50."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: imported when a figure is drawn
 
     rows = result.per_category
     wide = bool(accuracies)
@@ -605,8 +589,6 @@ def bias_figure(result: ShapeBias, accuracies: Sequence[ShapeAccuracy] = (), *, 
 
 
 def _accuracy_panel(ax: Any, accuracies: Sequence[ShapeAccuracy]) -> None:
-    import numpy as np
-
     names = [a.kind for a in accuracies]
     x = np.arange(len(names))
     refs = [("model", [a.accuracy for a in accuracies], "#4c72b0"),
@@ -628,7 +610,7 @@ def _accuracy_panel(ax: Any, accuracies: Sequence[ShapeAccuracy]) -> None:
 
 def accuracy_figure(result: ShapeAccuracy, *, title: str | None = None) -> Any:
     """Accuracy per category as bars, with the overall accuracy and the published references."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: imported when a figure is drawn
 
     names = list(result.per_category)
     acc = [k / n if n else math.nan for k, n in result.per_category.values()]
@@ -657,6 +639,7 @@ __all__ = [
     "ShapeAccuracy",
     "ShapeBias",
     "StimuliError",
+    "StimuliRun",
     "aggregation_matrix",
     "category_scores",
     "find_stimuli",

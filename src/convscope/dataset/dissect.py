@@ -45,13 +45,14 @@ small dataset in this format (Broden itself is about 1 GB per resolution).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,11 +61,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
+from ..images import load_image
 from ..inspect.picture import Pictured
-from ..probe import Capture, forward_fast, module_device, module_of, resolve_layer
-from .folder import DatasetError, ImageSource, save_tensors
+from ..models import Model, as_model
+from ..options import Option
+from ..probe import Capture, forward_fast, resolve_layer
+from ..progress import tqdm
+from ..render import matrix_grid
+from .folder import (
+    BATCH_SIZE,
+    SAVE_EVERY,
+    Batch,
+    DatasetError,
+    ImageSource,
+    check_any_scored,
+    check_state_path,
+    model_fingerprint,
+    resume_state,
+    save_state,
+)
 from .topk import merge_topk
 
 #: Label columns of ``index.csv``: the first four name mask PNGs, the last two whole-image labels.
@@ -78,8 +94,15 @@ STATE_FORMAT = "convscope-dissect/1"
 CHUNK_ELEMENTS = 1 << 25
 
 
+#: Images kept per unit for :meth:`Dissection.grid`.
+TOP_K = Option(int, 4, "images kept per unit for the picture", minimum=1, maximum=1000)
+#: Index rows used (the first N); ``None``: all.
+MAX_IMAGES = Option(int, None, "use the first N images of the index", minimum=1)
+
+
 class DissectError(DatasetError):
-    """A dissection that cannot run: a malformed Broden dataset, a bad option, a mismatched saved state."""
+    """A dissection that cannot run: a malformed Broden dataset or a bad option. (A saved state of another run
+    raises :class:`~convscope.dataset.folder.StateMismatchError`, as in every resumable analysis.)"""
 
 
 # ============================================================================ the dataset
@@ -180,8 +203,7 @@ def open_broden(root: str | os.PathLike, categories: Sequence[str] | None = None
     if not index:
         raise DissectError(f"{root / 'index.csv'}: no images listed")
     if max_images is not None:
-        if max_images < 1:
-            raise DissectError(f"max_images must be at least 1, got {max_images}")
+        MAX_IMAGES.check("max_images", max_images)
         index = index[:max_images]
     labels = _read_csv(root / "label.csv")
     names: dict[int, str] = {}
@@ -484,12 +506,9 @@ class Dissection(Pictured):
         """Rows = units (default: the ``rows`` best by IoU), columns = their top images, each with the unit's
         mask (activation upsampled, > T_u) tinted and outlined; row label = unit, concept and IoU.
 
-        Runs one forward pass (stopped at the layer) over the images shown; ``model`` is needed if the run was
-        made with a plain module.
+        Runs one forward pass (stopped at the layer) over the images shown; ``model``: default :attr:`model`.
         """
-        from ..render import matrix_grid
-
-        model = model if model is not None else self.model
+        model = as_model(model) if model is not None else self.model
         if model is None:
             raise DissectError("drawing needs the model (pass model=...)")
         all_units = self.units()
@@ -499,11 +518,10 @@ class Dissection(Pictured):
         wanted = sorted({i for u in chosen for i in self.top_images[u].tolist() if i >= 0})
         if not wanted:
             raise DissectError("no images were scored; nothing to draw")
-        module = module_of(model)
-        prep = _Preprocessor(model, module_device(module))
-        pictures = {i: _load_rgb(Path(self.sources[i])) for i in wanted}
+        module = model.module
+        pictures = {i: load_image(self.sources[i]) for i in wanted}
         with torch.no_grad(), Capture(module, [self.layer], stop=True) as cap:
-            x = prep.preprocess([pictures[i] for i in wanted])
+            x = whole_image_input(model, [pictures[i] for i in wanted])
             forward_fast(module, x, cap.forward)
             act = cap.activations[self.layer].float()
         position = {i: j for j, i in enumerate(wanted)}
@@ -524,12 +542,6 @@ class Dissection(Pictured):
                            cell=cell, pad=2, title=f"Network Dissection of {self.layer}: unit masks (activation above its {100 * self.quantile:g}th percentile)")
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    from ..images import load_image
-
-    return load_image(str(path))
-
-
 def _outlined(pic: Image.Image, mask: np.ndarray) -> Image.Image:
     """``pic`` with ``mask`` (any resolution, resized nearest) tinted yellow inside and outlined in red."""
     m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(pic.size, Image.Resampling.NEAREST)) > 0
@@ -543,29 +555,14 @@ def _outlined(pic: Image.Image, mask: np.ndarray) -> Image.Image:
 # ============================================================================ the run
 
 
-class _Preprocessor:
-    """Broden images fed whole (resized to the model's input size, never cropped, so masks stay aligned)."""
-
-    def __init__(self, model: Any, device: torch.device):
-        self.device = device
-        self.size = tuple(model.input_size) if hasattr(model, "input_size") and not isinstance(model, nn.Module) else None
-        self.mean = getattr(model, "mean", (0.0, 0.0, 0.0)) if not isinstance(model, nn.Module) else (0.0, 0.0, 0.0)
-        self.std = getattr(model, "std", (1.0, 1.0, 1.0)) if not isinstance(model, nn.Module) else (1.0, 1.0, 1.0)
-
-    def preprocess(self, pictures: list[Image.Image]) -> torch.Tensor:
-        arrays = []
-        for p in pictures:
-            if self.size is not None and p.size != (self.size[1], self.size[0]):
-                p = p.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-            arrays.append(np.asarray(p, dtype=np.float32) / 255.0)
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise DissectError(f"images of different sizes {sorted(shapes)} in one batch; a plain module needs equal sizes "
-                               "(wrap it with cs.load_model(module, input_size=...))")
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous().to(self.device)
+def whole_image_input(model: Model, pictures: list[Image.Image]) -> torch.Tensor:
+    """Broden images fed whole: resized (bilinear) to the model's input size, never cropped, so the masks stay
+    aligned, then normalised with the model's mean/std (:meth:`~convscope.Model.from_pixels`)."""
+    h, w = model.input_size
+    arrays = [np.asarray(p if p.size == (w, h) else p.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+              for p in pictures]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return model.from_pixels(x).contiguous().to(model.device)
 
 
 def tail_size(n: int, quantile: float) -> int:
@@ -589,16 +586,25 @@ def quantile_from_tail(tail: torch.Tensor, n: int, quantile: float) -> torch.Ten
 
 
 class _Histogram:
-    """Per-unit fixed-size histograms whose range grows by doubling the bin width (merging neighbours)."""
+    """Per-unit fixed-size histograms whose range grows by doubling the bin width (merging neighbours).
 
-    def __init__(self, values: torch.Tensor, bins: int = HISTOGRAM_BINS):
-        self.bins = bins
+    ``counts`` (U, bins) float64, ``lo`` (U,): the left edge, ``width`` (U,): the bin width; a saved state
+    holds exactly these three tensors.
+    """
+
+    def __init__(self, counts: torch.Tensor, lo: torch.Tensor, width: torch.Tensor):
+        self.bins = int(counts.shape[1])
+        self.counts, self.lo, self.width = counts, lo, width
+
+    @classmethod
+    def of(cls, values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> _Histogram:
+        """A histogram of ``values`` (U, n) whose range starts at their min/max (the max at half the bins)."""
         lo = values.amin(dim=1).double()
         hi = values.amax(dim=1).double()
-        self.lo = lo
-        self.width = ((hi - lo) / (bins / 2)).clamp_min(1e-12)
-        self.counts = torch.zeros(values.shape[0], bins, dtype=torch.float64, device=values.device)
-        self.add(values)
+        width = ((hi - lo) / (bins / 2)).clamp_min(1e-12)
+        hist = cls(torch.zeros(values.shape[0], bins, dtype=torch.float64, device=values.device), lo, width)
+        hist.add(values)
+        return hist
 
     def add(self, values: torch.Tensor) -> None:
         v = values.double()
@@ -657,8 +663,11 @@ def dissect(
 ) -> Dissection:
     """Network Dissection (Bau et al., CVPR 2017) of ``layer`` over the Broden dataset at ``broden_root``.
 
-    ``model``: a :class:`~convscope.Model` (images are resized whole to its input size and normalised with its
-    mean/std, no crop, so the masks stay aligned) or a plain module (images fed as [0, 1] RGB at their own size).
+    ``model``: a :class:`~convscope.Model` or a plain module (:func:`convscope.as_model`: ImageNet mean/std,
+    224 px); images are resized whole to its input size and normalised with its mean/std, no crop, so the masks
+    stay aligned (:func:`whole_image_input`). A saved state of another run raises
+    :class:`~convscope.dataset.folder.StateMismatchError`; a dataset whose every image is unreadable,
+    :class:`~convscope.dataset.folder.UnreadableImagesError`.
     ``categories``: which concept categories to score (default all). ``quantile``: per-unit activation threshold
     (0.995). ``iou_threshold``: a detector's best IoU must exceed it (0.04). ``max_images``: the first N index rows.
     ``top_k``: images kept per unit for the picture. ``quantile_memory``: bytes allowed for the exact per-unit
@@ -670,19 +679,19 @@ def dissect(
     Cost: two forward passes per image (each stopped at ``layer``). Memory: units x labels float64 counters
     plus the threshold tail. Returns a :class:`Dissection`; Ctrl-C returns what is done (``interrupted``).
     """
-    from ..progress import tqdm
-
+    model = as_model(model)
     if not 0 < quantile < 1:
         raise DissectError(f"quantile must be between 0 and 1, got {quantile}")
-    if batch_size < 1 or save_every < 1 or top_k < 1:
-        raise DissectError("batch_size, save_every and top_k must be at least 1")
-    module = module_of(model)
+    BATCH_SIZE.check("batch_size", batch_size)
+    SAVE_EVERY.check("save_every", save_every)
+    TOP_K.check("top_k", top_k)
+    module = model.module
     resolve_layer(module, layer)
-    device = module_device(module)
+    device = model.device
+    path = check_state_path(state)
     ds = open_broden(broden_root, categories, max_images=max_images)
     paths = [str(ds.image_path(i)) for i in range(len(ds))]
     source = ImageSource(paths)
-    prep = _Preprocessor(model, device)
     total = len(ds)
     K = len(ds.categories)
     L = len(ds.names)
@@ -692,38 +701,43 @@ def dissect(
     cat_matrix[used, cat_of[used]] = 1
     cat_matrix = cat_matrix.to(device)
     keep = torch.where(cat_of >= 0, torch.arange(L), torch.zeros(L, dtype=torch.long))
-    from .folder import model_fingerprint, same_model
-
     meta = {"format": STATE_FORMAT, "layer": layer, "quantile": quantile, "categories": ds.categories, "count": total,
             "root": str(Path(broden_root).resolve()), "model": model_fingerprint(module)}
     st: dict[str, Any] = {"stage": "thresholds", "processed": 0, "scored": 0, "skipped": []}
     t: dict[str, torch.Tensor] = {}
-    path = Path(state) if state is not None else None
-    if path is not None and path.exists():
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            saved = json.loads(payload.pop("meta"))
-        except Exception as exc:
-            raise DissectError(f"{path}: not a readable dissection state ({type(exc).__name__}: {exc}); delete it to start over") from None
-        for key in ("format", "layer", "quantile", "categories", "count", "root"):
-            if saved.get(key) != meta[key]:
-                raise DissectError(f"{path}: saved for {key} {saved.get(key)!r}, this run has {meta[key]!r}; use another state file")
-        if not same_model(saved.get("model", {}), meta["model"]):
-            raise DissectError(f"{path}: saved for a different model; use another state file")
+    resumed = resume_state(path, STATE_FORMAT, "dissection", meta, ("layer", "quantile", "categories", "count", "root"))
+    if resumed is not None:
+        saved, tensors = resumed
         st = saved["progress"]
-        t = {k: v.to(device) for k, v in payload.items()}
+        t = {k: v.to(device) for k, v in tensors.items()}
 
     def save() -> None:
-        if path is None:
-            return
-        from ..render.core import write_text_atomic
-
-        payload = {"meta": json.dumps({**meta, "progress": st}), **{k: v.cpu() for k, v in t.items()}}
-        save_tensors(payload, path)
-        write_text_atomic(json.dumps({**meta, "progress": st}, indent=1), str(path) + ".json")
+        if path is not None:
+            described = {**meta, "progress": st}
+            save_state(path, {"meta": json.dumps(described), **{k: v.cpu() for k, v in t.items()}}, described)
 
     report = progress if callable(progress) else None
     disable = True if report else (None if progress is None else not progress)
+
+    def stream(stage: str, desc: str) -> Iterator[Batch]:
+        """One pass over the images from ``st["processed"]`` on; after each batch the progress, skipped files
+        and periodic saves are booked (a batch interrupted by Ctrl-C counts as not done)."""
+        bar = tqdm(total=total, initial=st["processed"], desc=f"dissect {layer}: {desc}", unit="img", leave=False, disable=disable)
+        batches = source.batches(lambda pictures: whole_image_input(model, pictures), batch_size, start=st["processed"])
+        try:
+            for n_batch, batch in enumerate(batches, 1):
+                yield batch
+                st["processed"] = batch.stop
+                st["skipped"] += [list(s) for s in batch.skipped]
+                bar.update(batch.stop - batch.start)
+                if report:
+                    report(stage, st["processed"], total)
+                if n_batch % save_every == 0:
+                    save()
+        finally:
+            batches.close()
+            bar.close()
+
     start = time.perf_counter()
     interrupted = False
     hist: _Histogram | None = None
@@ -738,44 +752,31 @@ def dissect(
         try:
             # ---------------------------------------------------------------- pass 1: thresholds
             if st["stage"] == "thresholds":
-                bar = tqdm(total=total, initial=st["processed"], desc=f"dissect {layer}: thresholds", unit="img", leave=False, disable=disable)
                 if "hist_counts" in t:
-                    hist = _Histogram.__new__(_Histogram)
-                    hist.bins, hist.counts, hist.lo, hist.width = HISTOGRAM_BINS, t["hist_counts"], t["hist_lo"], t["hist_width"]
-                batches = source.batches(prep, batch_size, start=st["processed"])
-                try:
-                    for n_batch, batch in enumerate(batches, 1):
-                        if batch.x is not None:
-                            act = activations(batch.x)
-                            U, h, w = act.shape[1:]
-                            if "map_size" not in st:
-                                st["map_size"] = [int(h), int(w)]
-                                m = tail_size(total * h * w, quantile)
-                                st["exact"] = U * m * 4 <= quantile_memory
-                                st["tail"] = m
-                            vals = act.permute(1, 0, 2, 3).reshape(U, -1)
-                            if st["exact"]:
-                                kept = torch.cat([t["tail"], vals], dim=1) if "tail" in t else vals
-                                t["tail"] = torch.topk(kept, min(st["tail"], kept.shape[1]), dim=1, sorted=False).values
+                    hist = _Histogram(t["hist_counts"], t["hist_lo"], t["hist_width"])
+                with contextlib.closing(stream("thresholds", "thresholds")) as batches:
+                    for batch in batches:
+                        if batch.x is None:
+                            continue
+                        act = activations(batch.x)
+                        U, h, w = act.shape[1:]
+                        if "map_size" not in st:
+                            st["map_size"] = [int(h), int(w)]
+                            m = tail_size(total * h * w, quantile)
+                            st["exact"] = U * m * 4 <= quantile_memory
+                            st["tail"] = m
+                        vals = act.permute(1, 0, 2, 3).reshape(U, -1)
+                        if st["exact"]:
+                            kept = torch.cat([t["tail"], vals], dim=1) if "tail" in t else vals
+                            t["tail"] = torch.topk(kept, min(st["tail"], kept.shape[1]), dim=1, sorted=False).values
+                        else:
+                            if hist is None:
+                                hist = _Histogram.of(vals)
                             else:
-                                if hist is None:
-                                    hist = _Histogram(vals)
-                                else:
-                                    hist.add(vals)
-                                t.update(hist_counts=hist.counts, hist_lo=hist.lo, hist_width=hist.width)
-                            st["scored"] += int(act.shape[0])
-                        st["processed"] = batch.stop
-                        st["skipped"] += [list(s) for s in batch.skipped]
-                        bar.update(batch.stop - batch.start)
-                        if report:
-                            report("thresholds", st["processed"], total)
-                        if n_batch % save_every == 0:
-                            save()
-                finally:
-                    batches.close()
-                    bar.close()
-                if not st["scored"]:
-                    raise DissectError("no image of the dataset could be read")
+                                hist.add(vals)
+                            t.update(hist_counts=hist.counts, hist_lo=hist.lo, hist_width=hist.width)
+                        st["scored"] += int(act.shape[0])
+                check_any_scored(st["scored"], st["skipped"])
                 h, w = st["map_size"]
                 n = st["scored"] * h * w
                 if st["exact"]:
@@ -798,29 +799,18 @@ def dissect(
             if st["stage"] == "iou":
                 thr32 = t["thresholds"].float().view(1, -1, 1, 1)
                 P = ds.mask_size[0] * ds.mask_size[1]
-                bar = tqdm(total=total, initial=st["processed"], desc=f"dissect {layer}: IoU", unit="img", leave=False, disable=disable)
-                batches = source.batches(prep, batch_size, start=st["processed"])
-                try:
-                    for n_batch, batch in enumerate(batches, 1):
-                        if batch.x is not None:
-                            act = activations(batch.x)
-                            U = act.shape[1]
-                            idx = batch.index.tolist()
-                            _tally(act, thr32, [ds.labels(i) for i in idx], ds.mask_size, keep, cat_matrix, t, P)
-                            score = act.amax(dim=(2, 3)).T
-                            t["top_values"], t["top_index"], _ = merge_topk(
-                                t["top_values"], t["top_index"], None,
-                                score, batch.index.to(device).unsqueeze(0).expand(U, -1), None, top_k)
-                        st["processed"] = batch.stop
-                        st["skipped"] += [list(s) for s in batch.skipped]
-                        bar.update(batch.stop - batch.start)
-                        if report:
-                            report("iou", st["processed"], total)
-                        if n_batch % save_every == 0:
-                            save()
-                finally:
-                    batches.close()
-                    bar.close()
+                with contextlib.closing(stream("iou", "IoU")) as batches:
+                    for batch in batches:
+                        if batch.x is None:
+                            continue
+                        act = activations(batch.x)
+                        U = act.shape[1]
+                        idx = batch.index.tolist()
+                        _tally(act, thr32, [ds.labels(i) for i in idx], ds.mask_size, keep, cat_matrix, t, P)
+                        score = act.amax(dim=(2, 3)).T
+                        t["top_values"], t["top_index"], _ = merge_topk(
+                            t["top_values"], t["top_index"], None,
+                            score, batch.index.to(device).unsqueeze(0).expand(U, -1), None, top_k)
                 st["stage"] = "done"
         except KeyboardInterrupt:
             interrupted = True
@@ -875,7 +865,7 @@ def _tally(act: torch.Tensor, thr: torch.Tensor, labels: list[tuple[list[np.ndar
         t["unit_area"] += (masks.sum(dim=2).T @ has).double()
 
 
-def _result(model: Any, layer: str, ds: Broden, st: dict[str, Any], t: dict[str, torch.Tensor], quantile: float,
+def _result(model: Model, layer: str, ds: Broden, st: dict[str, Any], t: dict[str, torch.Tensor], quantile: float,
             iou_threshold: float, interrupted: bool, seconds: float, paths: list[str], top_k: int) -> Dissection:
     L = len(ds.names)
     label_category = [ds.categories[c] if c >= 0 else None for c in ds.category_of]
@@ -885,7 +875,7 @@ def _result(model: Any, layer: str, ds: Broden, st: dict[str, Any], t: dict[str,
                           torch.zeros(0, L, dtype=torch.float64), torch.zeros(0, L, dtype=torch.float64), torch.zeros(0, len(ds.categories)),
                           torch.zeros(L), torch.zeros(0, top_k, dtype=torch.long), paths, ds.mask_size,
                           tuple(st.get("map_size", (0, 0))), 0, len(ds), [], interrupted, st["stage"], seconds,
-                          str(ds.root), None if isinstance(model, nn.Module) else model)
+                          str(ds.root), model)
     inter = t["inter"].cpu()
     cat_of = torch.tensor(ds.category_of)
     unit_area = t["unit_area"].cpu()
@@ -899,5 +889,4 @@ def _result(model: Any, layer: str, ds: Broden, st: dict[str, Any], t: dict[str,
     return Dissection(layer, quantile, iou_threshold, ds.categories, ds.names, label_category, t["thresholds"].cpu(),
                       t["threshold_error"].cpu(), bool(st.get("exact", True)), iou, inter, unit_area[:, :len(ds.categories)],
                       t["label_area"].cpu(), top, paths, ds.mask_size, tuple(st["map_size"]), int(st["processed"]), len(ds),
-                      [(int(i), str(r)) for i, r in st["skipped"]], interrupted, st["stage"], seconds, str(ds.root),
-                      None if isinstance(model, nn.Module) else model)
+                      [(int(i), str(r)) for i, r in st["skipped"]], interrupted, st["stage"], seconds, str(ds.root), model)

@@ -33,10 +33,16 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from ..files import write_text
+from ..images import load_image
 from ..inspect.errors import LayerKindError
 from ..inspect.picture import Pictured
-from ..probe import Capture, forward_fast, guard, module_device, module_of, name_of, resolve_layer
-from .folder import DatasetError, open_images, save_tensors, tensor_picture
+from ..models import as_model, check_input, output_logits
+from ..options import Option
+from ..probe import Capture, forward_fast, guard, name_of, resolve_layer
+from ..progress import tqdm
+from ..render import font, grid
+from .folder import BATCH_SIZE, DatasetError, check_any_scored, open_images, save_tensors, tensor_picture
 
 POOLS = ("avg", "max")
 METRICS = ("cosine", "euclidean")
@@ -47,6 +53,13 @@ TSNE_MAX_POINTS = 10_000
 #: Early exaggeration factor and how long it lasts; momentum before and after the switch (van der Maaten 2008/2014).
 EXAGGERATION, EXAGGERATION_ITERS = 12.0, 250
 MOMENTUM_START, MOMENTUM_FINAL = 0.5, 0.8
+#: Neighbours returned by :meth:`Embedding.neighbours`.
+NEIGHBOURS = Option(int, 8, "neighbours to find", minimum=1, maximum=100_000)
+#: Side of :meth:`Embedding.map_image`'s square canvas, and of each thumbnail, in pixels.
+MAP_SIZE = Option(int, 1200, "map width and height in pixels", minimum=64, maximum=8192)
+THUMB = Option(int, 48, "thumbnail size in pixels", minimum=2, maximum=512)
+#: t-SNE iterations.
+ITERATIONS = Option(int, 1000, "t-SNE iterations", minimum=1, maximum=100_000)
 
 
 class EmbeddingError(DatasetError):
@@ -141,17 +154,12 @@ class Embedding(Pictured):
         if self.model is None:
             raise EmbeddingError("embedding an image needs the model that made this embedding "
                                  "(embedding.model, or load_embedding(path, model=...))")
-        module = module_of(self.model)
         if isinstance(query, torch.Tensor):
-            from ..models.model import check_input
-
-            x = check_input(query, device=module_device(module), channels=None)
-        elif hasattr(self.model, "preprocess"):
-            x = self.model.preprocess(query)
+            x = check_input(query, device=self.model.device, channels=self.model.channels)
         else:
-            raise EmbeddingError("a plain nn.Module can only embed preprocessed tensors; wrap it with cs.load_model(...)")
+            x = self.model.preprocess(query)
         with torch.no_grad():
-            feats, _ = _run(module, x, self.layer, self.head, self.pool, predict=False)
+            feats, _ = _run(self.model.module, x, self.layer, self.head, self.pool, predict=False)
         return feats[0]
 
     def distances(self, query: Any, metric: str = "cosine") -> torch.Tensor:
@@ -165,8 +173,7 @@ class Embedding(Pictured):
         model, layer and pooling) or a feature vector (C,). ``metric``: ``"cosine"`` (1 - cosine similarity;
         a zero vector is at distance 1 from everything) or ``"euclidean"``.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise EmbeddingError(f"k must be a whole number >= 1, got {k!r}")
+        NEIGHBOURS.check("k", k)
         d = self.distances(query, metric)
         order = torch.sort(d, stable=True).indices[:k]
         return [Neighbour(r, int(i), self.sources[int(i)], float(d[i])) for r, i in enumerate(order.tolist(), 1)]
@@ -190,7 +197,7 @@ class Embedding(Pictured):
         if len(self) < 2:
             raise EmbeddingError(f"a map needs at least 2 images, the embedding has {len(self)}")
         if device is None:
-            device = module_device(module_of(self.model)) if self.model is not None else self.features.device
+            device = self.model.device if self.model is not None else self.features.device
         if method == "pca":
             coords = pca(self.features, dims)
         elif method == "tsne":
@@ -217,10 +224,8 @@ class Embedding(Pictured):
         return self._transform(source)
 
     def _transform(self, item: Any) -> Image.Image:
-        if self.model is not None and hasattr(self.model, "transform_image"):
+        if self.model is not None:
             return self.model.transform_image(item)
-        from ..images import load_image
-
         return load_image(item)
 
     def _thumbnails_available(self, images: Any) -> bool:
@@ -239,8 +244,8 @@ class Embedding(Pictured):
         coords = torch.as_tensor(coords).detach().float().cpu()
         if coords.ndim != 2 or coords.shape != (len(self), 2):
             raise EmbeddingError(f"coords must be ({len(self)}, 2), got {tuple(coords.shape)}")
-        if size < 64 or thumb < 2:
-            raise EmbeddingError("size must be at least 64 and thumb at least 2 pixels")
+        MAP_SIZE.check("size", size)
+        THUMB.check("thumb", thumb)
         if thumbnails is None:
             thumbnails = self._thumbnails_available(images)
         elif thumbnails and not self._thumbnails_available(images):
@@ -257,8 +262,6 @@ class Embedding(Pictured):
         offset = (size - 2 * margin - span * scale) / 2  # centre the shorter axis, keep the aspect ratio
         xy = ((coords - lo) * scale + margin + offset).round().long()
         xy[:, 1] = size - 1 - xy[:, 1] + band  # y up
-        from ..render.core import _font
-
         if thumbnails:
             for row in torch.argsort(-coords[:, 1], stable=True).tolist():  # top first, lower ones drawn over
                 tile = self.picture(row, images).copy()
@@ -272,12 +275,12 @@ class Embedding(Pictured):
                 draw.ellipse((x - r, y - r, x + r, y + r), fill=c, outline=(40, 40, 40))
         if title:
             what = f"{self.method or 'map'} of {len(self)} images, features: {self.where}"
-            draw.text((6, 5), what, fill=(0, 0, 0), font=_font(15))
-        font = _font(12)
+            draw.text((6, 5), what, fill=(0, 0, 0), font=font(15))
+        small = font(12)
         for j, (name, count, c) in enumerate(legend[:10]):
             y = size + band + 4 + 16 * j
             draw.rectangle((8, y + 2, 20, y + 13), fill=c)
-            draw.text((26, y), f"{name} ({count})", fill=(0, 0, 0), font=font)
+            draw.text((26, y), f"{name} ({count})", fill=(0, 0, 0), font=small)
         return canvas
 
     def _class_colours(self) -> tuple[list[tuple[int, int, int]], list[tuple[str, int, tuple[int, int, int]]]]:
@@ -285,7 +288,7 @@ class Embedding(Pictured):
         grey = (150, 150, 150)
         if self.predictions is None:
             return [grey] * len(self), []
-        from matplotlib import colormaps
+        from matplotlib import colormaps  # heavy: imported when a map is drawn
 
         cmap = colormaps["tab20"]
         classes, counts = torch.unique(self.predictions, return_counts=True)
@@ -303,8 +306,6 @@ class Embedding(Pictured):
     def neighbours_image(self, query: Any, k: int = 8, metric: str = "cosine", *,
                          images: Sequence[Any] | torch.Tensor | None = None, cell: int = 128) -> Image.Image:
         """The query and its ``k`` nearest neighbours in a row, each labelled with its rank and distance."""
-        from ..render import grid
-
         found = self.neighbours(query, k, metric)
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             first = self.picture(int(query), images)
@@ -341,8 +342,6 @@ class Embedding(Pictured):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tensors with ``torch.save`` (plain tensors only) and a JSON sidecar ``PATH.json`` with the
         sources and settings; both atomically. Read back with :func:`load_embedding`."""
-        from ..render.core import write_text_atomic
-
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {"features": self.features.cpu(), "positions": self.positions.cpu()}
         if self.predictions is not None:
@@ -357,7 +356,7 @@ class Embedding(Pictured):
                 "model": getattr(self.model, "name", None),
                 "class_names": {str(c): (self.labels[c] if self.labels and c < len(self.labels) else f"class {c}") for c in used},
                 "sources": self.sources}
-        write_text_atomic(json.dumps(meta, indent=1), str(sidecar_path(path)))
+        write_text(json.dumps(meta, indent=1), sidecar_path(path))
         return path
 
     def __str__(self) -> str:
@@ -374,8 +373,9 @@ def load_embedding(path: str | os.PathLike, model: Any = None) -> Embedding:
     """Read an :meth:`Embedding.save` file (``torch.load(weights_only=True)``) and its JSON sidecar.
 
     ``model``: the model that made it, needed only to embed new query images and to draw thumbnails
-    exactly as the network saw them.
+    exactly as the network saw them (a plain module is wrapped by :func:`convscope.as_model`).
     """
+    model = as_model(model) if model is not None else None
     path = Path(path)
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
@@ -387,7 +387,7 @@ def load_embedding(path: str | os.PathLike, model: Any = None) -> Embedding:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(tensors, dict) or "features" not in tensors:
         raise EmbeddingError(f"{path}: not a convscope embedding (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     names = meta.get("class_names") or {}
-    labels = list(getattr(model, "labels", None) or [])
+    labels = list(model.labels) if model is not None else []
     if not labels and names:
         top = max(int(c) for c in names) + 1
         labels = [names.get(str(c), f"class {c}") for c in range(top)]
@@ -516,8 +516,6 @@ def tsne(x: torch.Tensor, dims: int = 2, *, perplexity: float = 30.0, iterations
     (the paper's preprocessing; ``None`` keeps them). Memory O(N^2): at most ``max_points`` points. The
     same inputs, seed and device give the same map.
     """
-    from ..progress import tqdm
-
     x = _check_points(x)
     n = x.shape[0]
     if n > max_points:
@@ -527,8 +525,7 @@ def tsne(x: torch.Tensor, dims: int = 2, *, perplexity: float = 30.0, iterations
         raise EmbeddingError(f"t-SNE needs at least 3 points, got {n}")
     if init not in ("pca", "random"):
         raise EmbeddingError(f"unknown init {init!r}; choose pca or random")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise EmbeddingError(f"iterations must be a whole number >= 1, got {iterations!r}")
+    ITERATIONS.check("iterations", iterations)
     if learning_rate == "auto":
         lr = max(n / EXAGGERATION / 4, 50.0)
     elif isinstance(learning_rate, (int, float)) and learning_rate > 0:
@@ -634,8 +631,6 @@ def _run(module: nn.Module, x: torch.Tensor, layer: str | None, head: str | None
     (eval mode, no in-place activations, hook removed in ``finally``); the full pass gives the logits too.
     Otherwise :class:`~convscope.probe.Capture` records the layer, stopping there unless ``predict``.
     """
-    from ..models.model import output_logits
-
     if layer is None:
         assert head is not None
         seen: dict[str, torch.Tensor] = {}
@@ -686,15 +681,14 @@ def embed(model: Any, images: Any, layer: str | None = None, *, pool: str = "avg
     Memory: N x C float32 on the CPU (1,280 features: 5 kB per image), fine for the datasets people
     browse; only one batch of images is in memory at a time. ``progress``: a tqdm bar (``None``: only on
     a terminal) or a callable ``(done, total)``. Ctrl-C stops and returns the rows done (``interrupted``).
+    ``model``: a :class:`~convscope.Model` or a plain module (:func:`convscope.as_model`). A run whose every
+    file is unreadable raises :class:`~convscope.dataset.folder.UnreadableImagesError`.
     """
-    from ..progress import tqdm
-
-
+    model = as_model(model)
     if pool not in POOLS:
         raise EmbeddingError(f"unknown pool {pool!r}; choose {' or '.join(POOLS)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EmbeddingError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    module = module_of(model)
+    BATCH_SIZE.check("batch_size", batch_size)
+    module = model.module
     if layer is not None:
         if isinstance(layer, nn.Module):
             layer = name_of(module, layer)
@@ -703,8 +697,7 @@ def embed(model: Any, images: Any, layer: str | None = None, *, pool: str = "avg
     else:
         head = _head(module)
     predict = (layer is None) if predict is None else bool(predict)
-    device = module_device(module)
-    source = open_images(images, device)
+    source = open_images(images, model.device)
     total = None if source.names is None else len(source.names)
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     skipped: list[tuple[int, str]] = []
@@ -713,7 +706,7 @@ def embed(model: Any, images: Any, layer: str | None = None, *, pool: str = "avg
     report = progress if callable(progress) else None
     bar = tqdm(total=total, desc=f"embed {layer or 'penultimate'}", unit="img", leave=False,
                disable=True if report else (None if progress is None else not progress))
-    batches = source.batches(model, batch_size)
+    batches = source.batches(model.preprocess, batch_size)
     done = 0
     try:
         with torch.no_grad():
@@ -741,13 +734,14 @@ def embed(model: Any, images: Any, layer: str | None = None, *, pool: str = "avg
     if not kept:
         if interrupted:
             raise KeyboardInterrupt
-        raise EmbeddingError(f"no image could be embedded ({len(skipped)} unreadable)")
+        check_any_scored(0, skipped)
+        raise EmbeddingError("no image to embed")
     positions = torch.cat([k[1] for k in kept])
     paths = source.paths
     return Embedding(layer=layer, head=head, pool=pool, features=torch.cat([k[0] for k in kept]), positions=positions,
                      sources=[paths[i] for i in positions.tolist()] if paths is not None else [None] * len(positions),
                      predictions=torch.cat([k[2] for k in kept]) if predict else None,
                      probabilities=torch.cat([k[3] for k in kept]) if predict else None,
-                     labels=list(getattr(model, "labels", None) or []) or None, total=total, skipped=skipped,
+                     labels=list(model.labels) if predict else None, total=total, skipped=skipped,
                      interrupted=interrupted, seconds=time.perf_counter() - start, model=model)
 

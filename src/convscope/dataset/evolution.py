@@ -53,15 +53,25 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..errors import LayerNotFoundError, suggestion
+from .. import models  # models.load_model looked up at call time (tests replace it to watch loading)
+from ..errors import InputShapeError, LayerNotFoundError, suggestion
+from ..images import SAMPLES
 from ..inspect.errors import LayerKindError
 from ..inspect.picture import Pictured
-from ..probe import Capture, forward_fast, module_device, module_of, resolve_layer
-from .folder import DatasetError, SkippedImagesWarning, open_images
+from ..models import Model, as_model, output_logits
+from ..options import Option
+from ..probe import Capture, forward_fast, module_device, resolve_layer
+from ..progress import tqdm
+from ..render import figure_to_image, matrix_grid, titled
+from .folder import BATCH_SIZE, DatasetError, Preprocess, SkippedImagesWarning, open_images
 
 FEATURES = ("pooled", "spatial")
 #: Filters per layer whose kernels are kept for :meth:`Evolution.filters_image`.
 KEEP_FILTERS = 64
+#: Probe images used at most: every layer holds two n x n float64 Gram matrices (10,000 -> 0.8 GB each).
+MAX_IMAGES = Option(int, 256, "probe images at most", minimum=2, maximum=10_000)
+#: Side of the pooled grid of ``features="spatial"``.
+GRID = Option(int, 4, "side of the pooled map of spatial CKA features", minimum=1, maximum=64)
 
 
 class EvolutionError(DatasetError):
@@ -206,12 +216,13 @@ class Evolution(Pictured):
         checkpoint. Each tile is scaled on its own: grey = 0, ``w / (2 max|w|) + 0.5``, so early, small
         weights stay visible. ``layer=None``: the first measured layer.
         """
-        from ..render import matrix_grid, titled
-
         if max_filters < 1:
             raise EvolutionError(f"max_filters must be at least 1, got {max_filters}")
         layer = self.layers[0] if layer is None else layer
         self._layer_index(layer)
+        if layer not in self.kernels:
+            raise EvolutionError(f"layer {layer!r} has no weights to draw (it was measured for CKA only); "
+                                 f"layers with filters: {', '.join(self.kernels) or 'none'}")
         rows = [i for i, d in enumerate(self.done) if d]
         k = self.kernels[layer][rows, :max_filters].double()
         rgb = k.ndim == 5
@@ -234,10 +245,8 @@ class Evolution(Pictured):
     def curves_image(self, *, width: float = 11.0, height: float = 3.6, dpi: int = 100) -> Image.Image:
         """Line plots over checkpoints, one line per layer (colour = depth): CKA to the final checkpoint
         (with top-1 agreement dashed), weight drift from the final and drift from the previous checkpoint."""
-        from matplotlib import colormaps
+        from matplotlib import colormaps  # heavy: imported when a figure is drawn
         from matplotlib.figure import Figure
-
-        from ..render import figure_to_image
 
         fig = Figure(figsize=(width, height), dpi=dpi)
         axes = fig.subplots(1, 3)
@@ -259,7 +268,7 @@ class Evolution(Pictured):
         if n <= 10:
             axes[0].legend(fontsize=7, loc="lower right")
         else:
-            from matplotlib.cm import ScalarMappable
+            from matplotlib.cm import ScalarMappable  # heavy: imported when a figure is drawn
             from matplotlib.colors import Normalize
             from matplotlib.ticker import MaxNLocator
 
@@ -292,38 +301,23 @@ def _label(item: Any, i: int) -> str:
     return f"checkpoint {i}"
 
 
-def _is_model(item: Any) -> bool:
-    return hasattr(item, "module") and isinstance(item.module, nn.Module) and hasattr(item, "preprocess")
-
-
 def _signature(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(p.shape)) for name, p in module.named_parameters()]
 
 
-class _Loaded:
-    """One checkpoint, loaded (for files) or borrowed (for modules and Models) for the time of its pass."""
-
-    def __init__(self, item: Any, *, arch: str | None, num_classes: int | None, device: Any, trust: bool):
-        self.owned = isinstance(item, (str, os.PathLike))
-        if self.owned:
-            from ..models import load_model
-
-            self.model: Any = load_model(item, arch=arch, num_classes=num_classes, device=device, trust=trust)
-        elif isinstance(item, nn.Module) or _is_model(item):
-            self.model = item
-        else:
-            raise EvolutionError(f"a checkpoint must be a file path, a convscope Model or an nn.Module, got {type(item).__name__}")
-        self.module = module_of(self.model)
+def _load(item: Any, *, arch: str | None, num_classes: int | None, device: Any, trust: bool) -> Model:
+    """One checkpoint as a Model: loaded from its file (freed after its pass), or a Model / module borrowed."""
+    if isinstance(item, (str, os.PathLike)):
+        return models.load_model(item, arch=arch, num_classes=num_classes, device=device, trust=trust)
+    if isinstance(item, (Model, nn.Module)):
+        return as_model(item)
+    raise EvolutionError(f"a checkpoint must be a file path, a convscope Model or an nn.Module, got {type(item).__name__}")
 
 
-def _preprocessor(model: Any) -> Any:
-    """A Model that only preprocesses (the checkpoint's own settings), so no checkpoint has to stay loaded."""
-    from ..models.model import Model
-
-    if _is_model(model):
-        return Model(module=nn.Identity(), input_size=model.input_size, mean=model.mean, std=model.std, labels=["-"],
-                     resize_size=model.resize_size, interpolation=model.interpolation)
-    return Model(module=nn.Identity(), input_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), labels=["-"])
+def _preprocessor(model: Model) -> Preprocess:
+    """The checkpoint's preprocessing alone (a Model around ``nn.Identity``), so no checkpoint stays loaded."""
+    return Model(module=nn.Identity(), input_size=model.input_size, mean=model.mean, std=model.std, labels=["-"],
+                 resize_size=model.resize_size, interpolation=model.interpolation).preprocess
 
 
 def _features(act: torch.Tensor, mode: str, grid: int, layer: str) -> torch.Tensor:
@@ -372,27 +366,19 @@ def evolution(
     keeps the checkpoints done (``interrupted``). Returns an :class:`Evolution`; see the module docstring
     for the formulas.
     """
-    from ..progress import tqdm
-
-    from ..models.model import output_logits
-
-    single = isinstance(checkpoints, (str, os.PathLike, nn.Module)) or _is_model(checkpoints)
+    single = isinstance(checkpoints, (str, os.PathLike, nn.Module, Model))
     items = [checkpoints] if single else list(checkpoints)
     if len(items) < 2:
         raise EvolutionError(f"evolution needs at least two checkpoints, got {len(items)}")
     if features not in FEATURES:
         raise EvolutionError(f"unknown features {features!r}; choose {' or '.join(FEATURES)}")
-    for name, value in (("batch_size", batch_size), ("max_images", max_images), ("grid", grid)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise EvolutionError(f"{name} must be a whole number >= 1, got {value!r}")
-    if max_images < 2:
-        raise EvolutionError("CKA needs at least 2 probe images (max_images >= 2)")
+    BATCH_SIZE.check("batch_size", batch_size)
+    MAX_IMAGES.check("max_images", max_images)  # CKA needs at least 2 probe images
+    GRID.check("grid", grid)
     names = [_label(c, i) for i, c in enumerate(items)] if labels is None else [str(s) for s in labels]
     if len(names) != len(items):
         raise EvolutionError(f"{len(names)} labels for {len(items)} checkpoints")
     if images is None:
-        from ..images import SAMPLES
-
         images = [f"sample:{s}" for s in SAMPLES]
     target_t = None if targets is None else torch.as_tensor(targets, dtype=torch.long).flatten().cpu()
 
@@ -419,10 +405,10 @@ def evolution(
     weighted: list[str] = []
     try:
         for step, idx in enumerate(order):
-            loaded = _Loaded(items[idx], arch=arch, num_classes=num_classes, device=device, trust=trust)
+            loaded = _load(items[idx], arch=arch, num_classes=num_classes, device=device, trust=trust)
             module = loaded.module
             if step == 0:
-                prep = _preprocessor(loaded.model)
+                prep = _preprocessor(loaded)
                 state["signature"] = _signature(module)
                 chosen = _choose_layers(module, layers)
                 weighted = [n for n in chosen if isinstance(getattr(resolve_layer(module, n), "weight", None), torch.Tensor)]
@@ -433,7 +419,7 @@ def evolution(
                 _check_same(state["signature"], _signature(module), names[idx], names[T - 1])
             weights = {n: resolve_layer(module, n).weight.detach().float().cpu().clone() for n in weighted}
             grams, top1 = _probe(module, chosen, images, prep, batch_size, max_images, features, grid, skipped,
-                                 quiet=step > 0, state=state, logits_of=output_logits)
+                                 quiet=step > 0, state=state)
             del loaded, module
             if step == 0:
                 state["final_weights"] = weights
@@ -515,8 +501,8 @@ def _check_same(ref: list[tuple[str, tuple[int, ...]]], sig: list[tuple[str, tup
     raise EvolutionError(f"{name} is not the architecture of {final}: extra parameter(s) {', '.join(extra[:3])}")
 
 
-def _probe(module: nn.Module, layers: list[str], images: Any, prep: Any, batch_size: int, max_images: int,
-           features: str, grid: int, skipped: list, *, quiet: bool, state: dict, logits_of: Callable) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def _probe(module: nn.Module, layers: list[str], images: Any, prep: Preprocess, batch_size: int, max_images: int,
+           features: str, grid: int, skipped: list, *, quiet: bool, state: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Centred n x n Gram matrices of every layer's features on the probe images, and the top-1 classes."""
     device = module_device(module)
     source = open_images(images, torch.device("cpu"))
@@ -544,8 +530,8 @@ def _probe(module: nn.Module, layers: list[str], images: Any, prep: Any, batch_s
                             raise LayerKindError(f"layer {n!r} is never called in the model's forward pass")
                         rows[n].append(_features(act, features, grid, n).cpu())
                     try:
-                        logits = logits_of(out)
-                    except Exception:
+                        logits = output_logits(out)
+                    except InputShapeError:  # no class scores in the output: no agreement to measure
                         logits = None
                     if logits is None or logits.ndim != 2:
                         classifier = False

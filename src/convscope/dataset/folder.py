@@ -5,7 +5,13 @@ the folder, compared as text), reads them with :func:`convscope.load_image`, pre
 model's own :meth:`~convscope.Model.preprocess` and yields fixed-size batches. A file that cannot be read
 (corrupt, truncated, not an image) is skipped and counted, never fatal: the batch simply holds fewer
 images, :attr:`ImageSource.skipped` names every skipped file with the reason, and one
-:class:`SkippedImagesWarning` summarises them when a pass ends.
+:class:`SkippedImagesWarning` summarises them when a pass ends. A run whose every file is unreadable has
+nothing to analyse: the analyses raise :class:`UnreadableImagesError` (:func:`check_any_scored`).
+
+Saved run states (:func:`save_state` / :func:`load_state`) are shared by every resumable analysis, and so
+are their errors: :class:`StateFileError` for a file that is not a state, :class:`StateMismatchError` for
+a state of another run. The options every run takes are declared once here (:data:`BATCH_SIZE`,
+:data:`SAVE_EVERY`) and checked by the Python API and the command line alike.
 
 Files are chosen by suffix (:data:`IMAGE_SUFFIXES`, any case); hidden files and folders (names starting
 with ``.``) are left out. Nothing is kept in memory beyond one batch.
@@ -14,10 +20,11 @@ with ``.``) are left out. Nothing is kept in memory beyond one batch.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +34,19 @@ from PIL import Image
 from torch import nn
 
 from ..errors import ConvscopeError, ImageError
-from ..images import IMAGE_SUFFIXES, list_images
-from ..files import atomic_write
+from ..files import atomic_write, check_output_path, write_text
+from ..images import IMAGE_SUFFIXES, list_images, load_image  # the one list and lister, re-exported
+from ..models import Model, check_input
+from ..options import Option
+from ..render import normalize
+
+#: Options every streaming analysis takes, declared once (the Python API checks them, the CLI parses them).
+BATCH_SIZE = Option(int, 32, "images per forward pass", minimum=1, maximum=4096)
+SAVE_EVERY = Option(int, 20, "save the state every N batches", minimum=1, maximum=1_000_000)
+
+#: What a batch of pictures goes through: a list of PIL images -> a preprocessed tensor (N, C, H, W).
+Preprocess = Callable[[list[Any]], torch.Tensor]
+
 
 class SkippedImagesWarning(UserWarning):
     """Some files of a stream could not be read and were skipped (see :attr:`ImageSource.skipped`)."""
@@ -36,6 +54,18 @@ class SkippedImagesWarning(UserWarning):
 
 class DatasetError(ConvscopeError, ValueError):
     """A dataset that cannot be streamed: a missing folder, a folder without images, a bad option."""
+
+
+class UnreadableImagesError(DatasetError):
+    """Every image of a run was unreadable: there is nothing to analyse (the reasons of the first few are given)."""
+
+
+class StateFileError(DatasetError):
+    """A saved run state that cannot be read: not a state file at all, truncated, or written by something else."""
+
+
+class StateMismatchError(DatasetError):
+    """A saved state that belongs to a different run (another analysis, other inputs, options or model)."""
 
 
 @dataclass
@@ -113,22 +143,17 @@ class ImageSource:
 
     def load(self, position: int) -> Any:
         """The picture at ``position`` as a validated RGB PIL image (raises :class:`ImageError`)."""
-        from ..images import load_image
-
         return load_image(self._items[position])
 
-    def batches(self, model: Any, batch_size: int = 32, *, start: int = 0) -> Iterator[Batch]:
+    def batches(self, preprocess: Preprocess, batch_size: int = 32, *, start: int = 0) -> Iterator[Batch]:
         """Preprocessed batches of ``batch_size`` sources from position ``start`` on.
 
-        ``model``: a :class:`~convscope.Model` (its ``preprocess`` makes the tensors). Unreadable images are
-        left out of their batch and recorded in :attr:`skipped`; when the pass ends (also early, when the
-        caller stops iterating) one :class:`SkippedImagesWarning` lists how many and the first few.
+        ``preprocess``: makes the tensor of a list of pictures (usually :meth:`convscope.Model.preprocess`).
+        Unreadable images are left out of their batch and recorded in :attr:`skipped`; when the pass ends
+        (also early, when the caller stops iterating) one :class:`SkippedImagesWarning` lists how many and
+        the first few.
         """
-        if batch_size < 1:
-            raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
-        if not hasattr(model, "preprocess"):
-            raise DatasetError("reading image files needs a convscope Model (cs.load_model(module, input_size=..., "
-                               "mean=..., std=...)) that knows the preprocessing; a plain nn.Module needs tensors")
+        BATCH_SIZE.check("batch_size", batch_size)
         already = len(self.skipped)
         try:
             for lo in range(start, len(self._items), batch_size):
@@ -141,7 +166,7 @@ class ImageSource:
                     except ImageError as exc:
                         skipped.append((i, str(exc)))
                 self.skipped.extend(skipped)
-                x = model.preprocess(pictures) if pictures else None
+                x = preprocess(pictures) if pictures else None
                 yield Batch(x=x, index=torch.tensor(index, dtype=torch.long), start=lo, stop=hi, skipped=skipped)
         finally:
             new = self.skipped[already:]
@@ -151,9 +176,13 @@ class ImageSource:
 
 def skipped_summary(skipped: Sequence[tuple[int, str]], show: int = 3) -> str:
     """One line: how many images were skipped and the first ``show`` reasons."""
+    return f"skipped {len(skipped)} unreadable image(s): {skipped_reasons(skipped, show)}"
+
+
+def skipped_reasons(skipped: Sequence[tuple[int, str]], show: int = 3) -> str:
+    """The first ``show`` reasons, ``; ``-separated, and how many more there are."""
     first = "; ".join(reason for _, reason in skipped[:show])
-    more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
-    return f"skipped {len(skipped)} unreadable image(s): {first}{more}"
+    return first + (f"; and {len(skipped) - show} more" if len(skipped) > show else "")
 
 
 class TensorSource:
@@ -176,9 +205,10 @@ class TensorSource:
     def fingerprint(self) -> str | None:
         return None
 
-    def batches(self, model: Any, batch_size: int, *, start: int = 0) -> Iterator[Batch]:
-        from ..models.model import check_input
-
+    def batches(self, preprocess: Preprocess | None, batch_size: int, *, start: int = 0) -> Iterator[Batch]:
+        """Batches of ``batch_size`` tensors from position ``start`` on (``preprocess`` is not used: tensors are
+        taken as already preprocessed)."""
+        BATCH_SIZE.check("batch_size", batch_size)
         items: Iterable[Any] = [self.images] if isinstance(self.images, torch.Tensor) else self.images
         pos = 0
         for t in items:
@@ -240,14 +270,74 @@ def save_tensors(tensors: dict[str, Any], path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
-def tensor_picture(model: Any, t: torch.Tensor) -> Image.Image:
-    """A preprocessed input (C, H, W) or (1, C, H, W) as a picture: the model's ``deprocess`` when it has one."""
+def tensor_picture(model: Model | None, t: torch.Tensor) -> Image.Image:
+    """A preprocessed input (C, H, W) or (1, C, H, W) as a picture: the model's :meth:`~convscope.Model.deprocess`
+    for three channels; without a model (an embedding read back alone) or for other channel counts (plain
+    modules take any), min..max in grey levels."""
     t = t.detach()
     if t.ndim == 4:
         t = t[0]
-    if model is not None and hasattr(model, "deprocess"):
+    if model is not None and t.shape[0] == 3:
         return model.deprocess(t)
-    from ..render import normalize
+    a = normalize(t.float().mean(0, keepdim=True).cpu())
+    return Image.fromarray((a[0] * 255 + 0.5).astype("uint8")).convert("RGB")
 
-    a = normalize(t.float().cpu())  # plain module: no known normalisation, show min..max
-    return Image.fromarray((a.transpose(1, 2, 0) * 255 + 0.5).astype("uint8")).convert("RGB")
+
+def check_any_scored(scored: int, skipped: Sequence[tuple[int, str]]) -> None:
+    """Raise :class:`UnreadableImagesError` when a run read files but none of them could be used."""
+    if scored == 0 and skipped:
+        raise UnreadableImagesError(f"none of the {len(skipped)} image(s) could be read: {skipped_reasons(skipped)}")
+
+
+def check_state_path(state: str | os.PathLike | None) -> Path | None:
+    """The state file as a path, checked before any work: not a directory, in a folder that can be written."""
+    if state is None:
+        return None
+    return check_output_path(state, what="state file")
+
+
+def save_state(path: Path, payload: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """A run state: ``payload`` (plain tensors and strings) with ``torch.save`` and a JSON ``manifest`` in
+    ``PATH.json``, both written atomically."""
+    save_tensors(payload, path)
+    write_text(json.dumps(manifest, indent=1), Path(str(path) + ".json"))
+
+
+def resume_state(path: Path | None, state_format: str, what: str, meta: dict[str, Any], keys: Sequence[str]
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The state saved at ``path`` (see :func:`load_state`), checked to belong to this run: ``None`` when there is
+    none yet. A saved value of one of ``keys`` other than ``meta``'s, or other weights (``meta["model"]``, a
+    :func:`model_fingerprint`), raise :class:`StateMismatchError` naming what differs."""
+    if path is None or not path.exists():
+        return None
+    saved, tensors = load_state(path, state_format, what)
+    for key in keys:
+        if saved.get(key) != meta[key]:
+            raise StateMismatchError(f"{path}: saved for {key} {saved.get(key)!r}, this run asks for {meta[key]!r}; "
+                                     "use another state file or delete this one")
+    if not same_model(saved.get("model", {}), meta["model"]):
+        raise StateMismatchError(f"{path}: saved for a different model ({saved.get('model')} vs {meta['model']}); "
+                                 "use another state file or delete this one")
+    return saved, tensors
+
+
+def load_state(path: Path, state_format: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a :func:`save_state` file (``torch.load(weights_only=True)``): its description (the JSON string
+    under ``"meta"``) and its tensors. A file that is not such a state raises :class:`StateFileError` in one
+    line; a state of another analysis (``format`` other than ``state_format``) :class:`StateMismatchError`."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many kinds for a file that is not its own (pickle, zip, EOF, text)
+        payload = None
+    meta = None
+    if isinstance(payload, dict) and isinstance(payload.get("meta"), str):
+        try:
+            meta = json.loads(payload["meta"])
+        except ValueError:
+            meta = None
+    if not isinstance(meta, dict):
+        raise StateFileError(f"{path}: not a convscope {what} state file; delete it or choose another state file")
+    if meta.get("format") != state_format:
+        raise StateMismatchError(f"{path}: a state of format {meta.get('format')!r}, not a {what} state ({state_format!r}); "
+                                 "choose another state file")
+    return meta, {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}

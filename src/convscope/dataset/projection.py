@@ -6,7 +6,7 @@ the backward signal from that unit alone to the input: the layer's gradient is s
 calls alike, applied through :class:`convscope.probe.Capture`):
 
 - ``"deconvnet"`` (Zeiler & Fergus): the ReLU is applied to the backward signal, whatever the forward
-  activation was (:data:`convscope.attribution.gradients.DECONV_RULES`); max pooling unpools to the
+  activation was (:data:`convscope.probe.DECONV_RULES`); max pooling unpools to the
   recorded maxima (the "switches"), convolutions apply their transposed filters;
 - ``"guided"`` (Springenberg et al. 2015, guided backpropagation): the signal passes where both the
   forward input and the backward signal are positive;
@@ -29,13 +29,18 @@ import torch
 from PIL import Image
 
 from ..errors import ConvscopeError
-from ..probe import BackwardRule, Capture, backward_rules, forward_fast, module_of, resolve_layer
+from ..models import as_model
+from ..options import Option
+from ..probe import BackwardRule, Capture, backward_rules, forward_fast, resolve_layer
+from ..progress import tqdm
 
 #: Backward rules a projection can use (see the module docstring).
 METHODS = ("deconvnet", "guided", "gradient")
 #: How a projection is drawn: ``"signed"`` (0.5 + x / (2 max|x|), grey = 0, in colour) or ``"abs"``
 #: (max over colour channels of |x| / max|x|, grey levels, black = 0).
 SCALES = ("signed", "abs")
+#: Units per forward + backward pass.
+BATCH_SIZE = Option(int, 16, "units per forward + backward pass", minimum=1, maximum=4096)
 
 
 class ProjectionError(ConvscopeError, ValueError):
@@ -89,13 +94,11 @@ def unit_gradients(
     whose incoming gradient is a one-hot per row (Zeiler & Fergus: "all other activations in the layer
     set to zero"). ``method``: one of :data:`METHODS`. Parameters get no gradients; the model is
     restored on exit. Ctrl-C stops between batches and returns the rows done (``interrupted=True``).
+    ``model``: a :class:`~convscope.Model` or a plain module.
     """
-    from ..progress import tqdm
-
     rules = projection_rules(method)
-    if batch_size < 1:
-        raise ProjectionError(f"batch_size must be at least 1, got {batch_size}")
-    module = module_of(model)
+    BATCH_SIZE.check("batch_size", batch_size)
+    module = as_model(model).module
     resolve_layer(module, layer)
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
         raise ProjectionError("x must be a float tensor (M, C, H, W): one input per unit")
@@ -252,8 +255,6 @@ def project_hits(
     values: list[torch.Tensor] = []
     batches = 0
     interrupted = False
-    from ..progress import tqdm
-
     starts = range(0, len(hits), batch_size)
     bar = tqdm(starts, desc=f"{method} {layer}", unit="batch",
                disable=None if (progress is None and len(starts) > 2) else not progress, leave=False)

@@ -34,29 +34,37 @@ from torch import nn
 
 from ..inspect.errors import LayerKindError
 from ..inspect.picture import Pictured
-from ..probe import (
-    Capture,
-    ReceptiveField,
-    forward_fast,
-    layer_table,
-    module_device,
-    module_of,
-    resolve_layer,
+from ..models import Model, as_model
+from ..options import Option
+from ..probe import Capture, ReceptiveField, forward_fast, resolve_layer
+from ..progress import tqdm
+from ..render import matrix_grid
+from .folder import (
+    BATCH_SIZE,
+    SAVE_EVERY,
+    DatasetError,
+    StateMismatchError,
+    check_any_scored,
+    check_state_path,
+    model_fingerprint,
+    open_images,
+    resume_state,
+    save_state,
+    tensor_picture,
 )
-from .folder import DatasetError, model_fingerprint, open_images, same_model, save_tensors, tensor_picture
+from .projection import BATCH_SIZE as PROJECT_BATCH_SIZE
+from .projection import METHODS, SCALES, Projections, project_hits
 
 REDUCES = ("max", "mean")
 STATE_FORMAT = "convscope-topk/1"
 #: Channels drawn by ``TopK.image`` / ``TopK.grid()`` when none are named.
 DEFAULT_ROWS = 16
+#: Images kept per channel: memory grows with channels x min(k, images seen), so k is bounded.
+K = Option(int, 9, "images kept per channel", minimum=1, maximum=100_000)
 
 
 class TopKError(DatasetError):
     """A top-k option that cannot be used (k < 1, an unknown reduce, a channel out of range...)."""
-
-
-class StateMismatchError(TopKError):
-    """A saved state that belongs to a different run (other inputs, layer, k, channels, reduce or model)."""
 
 
 # ============================================================================ result
@@ -122,7 +130,7 @@ class TopK(Pictured):
         try:
             return self.channels.index(int(channel))
         except ValueError:
-            raise TopKError(f"channel {channel} was not part of this run (channels: {_ranges(self.channels)})") from None
+            raise TopKError(f"channel {channel} was not part of this run (channels: {channel_ranges(self.channels)})") from None
 
     def box(self, y: int, x: int) -> tuple[int, int, int, int]:
         """Input box (top, left, bottom, right) seen by unit (y, x), clipped to the input picture."""
@@ -190,7 +198,7 @@ class TopK(Pictured):
         return self._transform(source)
 
     def _transform(self, item: Any) -> Image.Image:
-        if self.model is None or not hasattr(self.model, "transform_image"):
+        if self.model is None:
             raise TopKError("reading images back needs the convscope Model (result.model) that made this result")
         return self.model.transform_image(item)
 
@@ -216,11 +224,9 @@ class TopK(Pictured):
         outside the image left grey so patches keep their place; ``mode="image"`` (default for ``"mean"``):
         whole pictures, with the patch box drawn in red for ``"max"``; ``mode="projection"``: each patch
         followed by the unit's projection into it (:meth:`projected` with ``method``, drawn with ``scale``;
-        ``model`` is needed when the run was made with a plain module). ``channels``: which rows (default:
+        ``model``: default :attr:`model`). ``channels``: which rows (default:
         the first :data:`DEFAULT_ROWS` of the run).
         """
-        from ..render import matrix_grid
-
         mode = mode or ("patch" if self.reduce == "max" and self.receptive_field is not None else "image")
         if mode not in ("patch", "image", "projection"):
             raise TopKError(f"unknown mode {mode!r}; choose patch, image or projection")
@@ -244,23 +250,15 @@ class TopK(Pictured):
             for h in self.hits(c):
                 p = pic(h.image)
                 tiles.append(_padded_patch(p, self._unclipped(h)) if mode == "patch" else _boxed(p, h.box))
-            rows.append(tiles or [Image.new("RGB", (1, 1), (255, 255, 255))])
-        if cell is None:
-            side = max(max(t.size) for r in rows for t in r)
-            cell = max(48, min(96, side))
+            rows.append(tiles)
         text = None
         if title:
             text = f"{self.layer}: top {self.k} of {self.processed - len(self.skipped)} images by {self.reduce} response"
             text += "" if self.complete or self.total is None else f" ({self.processed}/{self.total} done)"
-        return matrix_grid(rows, row_labels=[f"ch {c}" for c in chosen],
-                           column_labels=[str(j + 1) for j in range(max(len(r) for r in rows))],
-                           cell=cell, pad=2, title=text)
+        return _channel_grid(rows, chosen, cell, text, lambda j: str(j + 1))
 
     def _projection_grid(self, chosen: list[int], images: Any, cell: int | None, title: bool, method: str, scale: str,
                          model: Any, batch_size: int) -> Image.Image:
-        from ..render import matrix_grid
-        from .projection import SCALES
-
         if scale not in SCALES:
             raise TopKError(f"unknown projection scale {scale!r}; choose {' or '.join(SCALES)}")
         proj = self.projected(model, chosen, method=method, images=images, batch_size=batch_size)
@@ -272,18 +270,13 @@ class TopK(Pictured):
                 if h.image not in cache:
                     cache[h.image] = self.picture(h.image, images)
                 tiles += [_padded_patch(cache[h.image], self._unclipped(h)), proj.picture(m, scale)]
-            rows.append(tiles or [Image.new("RGB", (1, 1), (255, 255, 255))])
-        if cell is None:
-            side = max(max(t.size) for r in rows for t in r)
-            cell = max(48, min(96, side))
+            rows.append(tiles)
         text = None
         if title:
             text = (f"{self.layer}: top {self.k} patches, each followed by its {method} projection "
                     f"({'grey = 0' if scale == 'signed' else '|x|, black = 0'})")
             text += " (interrupted)" if proj.interrupted else ""
-        width = max(len(r) for r in rows)
-        labels = [str(j // 2 + 1) if j % 2 == 0 else "" for j in range(width)]
-        return matrix_grid(rows, row_labels=[f"ch {c}" for c in chosen], column_labels=labels, cell=cell, pad=2, title=text)
+        return _channel_grid(rows, chosen, cell, text, lambda j: str(j // 2 + 1) if j % 2 == 0 else "")
 
     # ------------------------------------------------------------------ projections and dead units
     def projected(self, model: Any = None, channels: Sequence[int] | None = None, *, method: str = "deconvnet",
@@ -297,19 +290,16 @@ class TopK(Pictured):
         receptive-field box, the same box as the patch. All hits of all channels are batched: each batch of
         ``batch_size`` hits costs one forward pass (stopped at the layer) and one backward pass.
 
-        ``model``: the convscope Model or module that made this run (default: :attr:`model`); ``images``:
+        ``model``: the convscope Model (or plain module) that made this run (default: :attr:`model`); ``images``:
         the same in-memory inputs, when the run was not made from files (see :meth:`picture`). ``channels``
         default to every channel of the run. Returns a :class:`~convscope.dataset.projection.Projections`.
         """
-        from .projection import METHODS, Projections, project_hits
-
         if method not in METHODS:
             raise TopKError(f"unknown projection method {method!r}; choose {', '.join(METHODS)}")
         if self.reduce != "max" or self.receptive_field is None:
             raise TopKError("projections need reduce='max' (a unit position per hit) and a layer with a receptive field")
-        if batch_size < 1:
-            raise TopKError(f"batch_size must be at least 1, got {batch_size}")
-        model = model if model is not None else self.model
+        PROJECT_BATCH_SIZE.check("batch_size", batch_size)
+        model = as_model(model) if model is not None else self.model
         if model is None:
             raise TopKError("projections need the model: pass the module this run was made with")
         chosen = list(channels) if channels is not None else list(self.channels)
@@ -318,12 +308,11 @@ class TopK(Pictured):
         crops, values, batches, interrupted = project_hits(
             model, self.layer, hits, lambda idx: self._inputs(model, idx, images),
             lambda y, x: self.receptive_field.box(y, x), method=method, batch_size=batch_size, progress=progress)
-        std = tuple(model.std) if hasattr(model, "std") and not isinstance(model, nn.Module) else None
         return Projections(layer=self.layer, method=method, channels=[h[0] for h in hits], ranks=[h[2].rank for h in hits],
                            images=[h[1] for h in hits], units=[(h[2].y, h[2].x) for h in hits],
                            boxes=[self.receptive_field.box(h[2].y, h[2].x) for h in hits], crops=crops, values=values,
                            forward_passes=batches, backward_passes=batches, seconds=time.perf_counter() - start,
-                           interrupted=interrupted, std=std)
+                           interrupted=interrupted, std=tuple(model.std))
 
     def projections(self, model: Any, channel: int, method: str = "deconvnet",
                     images: Sequence[Any] | torch.Tensor | None = None, *, scale: str = "signed",
@@ -333,29 +322,22 @@ class TopK(Pictured):
         See :meth:`projected` for the method; ``scale="signed"`` shows 0.5 + x / (2 max|x|) per picture
         (Zeiler & Fergus's grey = 0 display, in colour), ``"abs"`` the largest |x| over colours, black = 0.
         """
-        from .projection import SCALES
-
         if scale not in SCALES:
             raise TopKError(f"unknown projection scale {scale!r}; choose {' or '.join(SCALES)}")
         self.row(channel)
         return self.projected(model, [channel], method=method, images=images, batch_size=batch_size).pictures(channel, scale)
 
-    def _inputs(self, model: Any, idx: list[int], images: Sequence[Any] | torch.Tensor | None) -> torch.Tensor:
+    def _inputs(self, model: Model, idx: list[int], images: Sequence[Any] | torch.Tensor | None) -> torch.Tensor:
         """Preprocessed inputs (N, C, H, W) of positions ``idx``, on the model's device."""
-        device = module_device(module_of(model))
         if images is not None:
             items = [images[i] for i in idx]
             if all(isinstance(t, torch.Tensor) for t in items):
-                return torch.stack([t[0] if t.ndim == 4 else t for t in items]).to(device)
-            if not hasattr(model, "preprocess") or isinstance(model, nn.Module):
-                raise TopKError("a plain module cannot preprocess pictures: pass the input tensors as images=")
-            return model.preprocess(list(items)).to(device)
+                return torch.stack([t[0] if t.ndim == 4 else t for t in items]).to(model.device)
+            return model.preprocess(list(items))
         missing = [i for i in idx if self._source(i) is None]
         if missing:
             raise TopKError(f"input {missing[0]} was an in-memory image, which is not kept; pass images=<the same inputs>")
-        if not hasattr(model, "preprocess") or isinstance(model, nn.Module):
-            raise TopKError("reading images back needs the convscope Model that made this result")
-        return model.preprocess([self._source(i) for i in idx]).to(device)
+        return model.preprocess([self._source(i) for i in idx])
 
     def dead(self, threshold: float = 0.0) -> list[int]:
         """Channels whose largest response over every image scored is at most ``threshold`` (never fire).
@@ -388,6 +370,18 @@ class TopK(Pictured):
                 f"{self.processed - len(self.skipped)} images ({state}, {len(self.skipped)} skipped)")
 
 
+def _channel_grid(rows: list[list[Image.Image]], channels: list[int], cell: int | None, title: str | None,
+                  column_label: Callable[[int], str]) -> Image.Image:
+    """One row of tiles per channel (an empty row gets a white dot); ``cell``: tile size (default: the largest
+    tile, 48..96 px); ``column_label(j)``: the label of column ``j``."""
+    rows = [tiles or [Image.new("RGB", (1, 1), (255, 255, 255))] for tiles in rows]
+    if cell is None:
+        cell = max(48, min(96, max(max(t.size) for r in rows for t in r)))
+    width = max(len(r) for r in rows)
+    return matrix_grid(rows, row_labels=[f"ch {c}" for c in channels], column_labels=[column_label(j) for j in range(width)],
+                       cell=cell, pad=2, title=title)
+
+
 def _padded_patch(picture: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
     """The box (top, left, bottom, right), possibly reaching outside ``picture``; outside is grey."""
     top, left, bottom, right = box
@@ -409,7 +403,8 @@ def _boxed(picture: Image.Image, box: tuple[int, int, int, int] | None) -> Image
     return out
 
 
-def _ranges(channels: Sequence[int]) -> str:
+def channel_ranges(channels: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (the ``--channels`` syntax)."""
     parts, i = [], 0
     while i < len(channels):
         j = i
@@ -463,9 +458,6 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Ten
     return v.gather(1, order), torch.cat([indices, new_indices], dim=1).gather(1, order), kept_positions
 
 
-# ============================================================================ inputs
-
-
 # ============================================================================ saved state
 
 
@@ -476,39 +468,19 @@ def sidecar_path(state: str | os.PathLike) -> Path:
 
 def _save_state(path: Path, run: _Run, meta: dict[str, Any], names: list[str | None] | None) -> None:
     """Tensors (and the run's description as a JSON string) with ``torch.save``, then a JSON manifest; both atomic."""
-    from ..render.core import write_text_atomic
-
     progress = {"processed": run.processed, "scored": run.scored, "skipped": [list(s) for s in run.skipped]}
     payload: dict[str, Any] = {"meta": json.dumps({**meta, **progress})}
     if run.values is not None:
         payload.update(values=run.values.cpu(), indices=run.indices.cpu(), positions=run.positions.cpu())
-    save_tensors(payload, path)
     manifest = {**meta, **progress, "state_file": path.name,
                 "files": None if names is None else [n if n is not None else "<memory>" for n in names]}
-    write_text_atomic(json.dumps(manifest, indent=1), str(sidecar_path(path)))
+    save_state(path, payload, manifest)
 
 
-def _load_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        meta = json.loads(payload["meta"])
-    except Exception as exc:  # unreadable, truncated, not ours
-        raise TopKError(f"{path}: not a readable top-k state file ({type(exc).__name__}: {exc}); delete it to start over") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise TopKError(f"{path}: state format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
-    return meta, {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
-
-
-def _check_state(path: Path, saved: dict[str, Any], meta: dict[str, Any]) -> None:
-    for key, what in (("layer", "layer"), ("k", "k"), ("reduce", "reduce"), ("channels", "channels")):
-        if saved.get(key) != meta[key]:
-            raise StateMismatchError(f"{path}: saved for {what} {saved.get(key)!r}, this run asks for {meta[key]!r}; "
-                                     "use another --state file or delete this one")
+def _check_inputs(path: Path, saved: dict[str, Any], meta: dict[str, Any]) -> None:
     if saved.get("count") != meta["count"] or saved.get("files_sha256") != meta["files_sha256"]:
         raise StateMismatchError(f"{path}: saved for a different list of inputs ({_list_difference(path, saved, meta)}); "
-                                 "use another --state file or delete this one")
-    if not same_model(saved.get("model", {}), meta["model"]):
-        raise StateMismatchError(f"{path}: saved for a different model ({saved.get('model')} vs {meta['model']})")
+                                 "use another state file or delete this one")
 
 
 def _list_difference(path: Path, saved: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -557,18 +529,19 @@ def top_activations(
     inputs can be checked only by their count. ``progress``: a tqdm bar (``None``: only on a terminal),
     or a callable ``(processed, total)`` called after every batch.
 
+    ``model``: a :class:`~convscope.Model`, or a plain module (:func:`convscope.as_model`: files are then
+    read with the documented plain-module preprocessing). A run whose every file is unreadable raises
+    :class:`~convscope.dataset.folder.UnreadableImagesError`; some unreadable files are listed, not fatal.
+    Memory: channels x min(k, images) values; ``k`` is at most :data:`K`'s maximum.
+
     Ctrl-C stops the run and returns what is done (``interrupted=True``). Returns a :class:`TopK`.
     """
-    from ..progress import tqdm
-
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise TopKError(f"k must be a whole number >= 1, got {k!r}")
+    model = as_model(model)
+    K.check("k", k)
     if reduce not in REDUCES:
         raise TopKError(f"unknown reduce {reduce!r}; choose {' or '.join(REDUCES)}")
-    if batch_size < 1:
-        raise TopKError(f"batch_size must be at least 1, got {batch_size}")
-    if save_every < 1:
-        raise TopKError(f"save_every must be at least 1, got {save_every}")
+    BATCH_SIZE.check("batch_size", batch_size)
+    SAVE_EVERY.check("save_every", save_every)
     wanted = None if channels is None else [int(c) for c in channels]
     if wanted is not None:
         if not wanted:
@@ -577,9 +550,10 @@ def top_activations(
             raise TopKError("channels holds duplicates")
         if min(wanted) < 0:
             raise TopKError(f"channel {min(wanted)} is negative")
-    module = module_of(model)
+    module = model.module
     resolve_layer(module, layer)
-    device = module_device(module)
+    device = model.device
+    path = check_state_path(state)
     source = open_images(images, device)
     names = source.names
     meta: dict[str, Any] = {
@@ -588,12 +562,12 @@ def top_activations(
         "root": None if source.root is None else str(Path(source.root).resolve()), "model": model_fingerprint(module),
     }
     total = meta["count"]
-    path = Path(state) if state is not None else None
     run = _Run(None, None, None, 0, 0, ())
     shape: dict[str, Any] = {}
-    if path is not None and path.exists():
-        saved, tensors = _load_state(path)
-        _check_state(path, saved, {**meta, "_names": names})
+    resumed = resume_state(path, STATE_FORMAT, "top-k", meta, ("layer", "k", "reduce", "channels"))
+    if resumed is not None:
+        saved, tensors = resumed
+        _check_inputs(path, saved, {**meta, "_names": names})
         run = _Run(tensors.get("values"), tensors.get("indices"), tensors.get("positions"), int(saved["processed"]),
                    int(saved["scored"]), tuple((int(i), str(r)) for i, r in saved.get("skipped", [])))
         if run.values is not None:
@@ -609,7 +583,7 @@ def top_activations(
     report = progress if callable(progress) else None
     bar = tqdm(total=total, initial=run.processed, desc=f"top-k {layer}", unit="img",
                disable=True if report else (None if progress is None else not progress), leave=False)
-    batches = source.batches(model, batch_size, start=run.processed)
+    batches = source.batches(model.preprocess, batch_size, start=run.processed)
     try:
         with torch.no_grad(), Capture(module, [layer], stop=True) as cap:
             try:
@@ -619,7 +593,7 @@ def top_activations(
                         act = _activation(module, cap, batch.x, layer)
                         if not shape:
                             shape = _first_shapes(module, batch.x, act, wanted, layer)
-                            values, indices, positions = _empty(len(shape["rows"]), k, device)
+                            values, indices, positions = _empty(len(shape["rows"]), device)
                         elif tuple(batch.x.shape[-2:]) != tuple(shape["input_size"]):
                             raise TopKError(f"input {batch.start} is {tuple(batch.x.shape[-2:])}, earlier inputs were "
                                             f"{tuple(shape['input_size'])}; every input must have the same size")
@@ -647,6 +621,8 @@ def top_activations(
     if total is None and not interrupted:
         total = run.processed  # an iterable of unknown length: its end is now known
     save()
+    if not interrupted:
+        check_any_scored(run.scored, run.skipped)
     return _result(model, layer, reduce, k, source, run, shape, total, interrupted, time.perf_counter() - start)
 
 
@@ -669,25 +645,22 @@ def _first_shapes(module: nn.Module, x: torch.Tensor, act: torch.Tensor, wanted:
             "map_size": tuple(int(s) for s in act.shape[-2:])}
 
 
-def _empty(rows: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (torch.full((rows, k), -math.inf, device=device), torch.full((rows, k), -1, dtype=torch.long, device=device),
-            torch.full((rows, k), -1, dtype=torch.long, device=device))
+def _empty(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nothing kept yet: (rows, 0) tensors, which :func:`merge_topk` grows to min(k, images seen) columns."""
+    return (torch.empty((rows, 0), device=device), torch.empty((rows, 0), dtype=torch.long, device=device),
+            torch.empty((rows, 0), dtype=torch.long, device=device))
 
 
-def _receptive_field(model: Any, layer: str, input_size: tuple[int, int]) -> ReceptiveField | None:
-    if not isinstance(model, nn.Module) and hasattr(model, "layers") and tuple(getattr(model, "input_size", ())) == tuple(input_size):
-        rows = model.layers()
-    else:
-        rows = layer_table(model, (1, 3, *input_size))
-    return next((r.receptive_field for r in rows if r.name == layer), None)
+def _receptive_field(model: Model, layer: str, input_size: tuple[int, int]) -> ReceptiveField | None:
+    return next((r.receptive_field for r in model.layers(input_size) if r.name == layer), None)
 
 
-def _result(model: Any, layer: str, reduce: str, k: int, source: Any, run: _Run, shape: dict[str, Any],
+def _result(model: Model, layer: str, reduce: str, k: int, source: Any, run: _Run, shape: dict[str, Any],
             total: int | None, interrupted: bool, seconds: float) -> TopK:
     if not shape:  # nothing scored (every file skipped, or interrupted at once)
         empty = torch.zeros((0, 0))
         return TopK(layer, reduce, k, [], empty, empty.long(), empty.long().view(0, 0, 2), source.paths, run.processed, total,
-                    list(run.skipped), (0, 0), (0, 0), None, interrupted, seconds, model if not isinstance(model, nn.Module) else None)
+                    list(run.skipped), (0, 0), (0, 0), None, interrupted, seconds, model)
     kept = min(k, run.scored)
     values = run.values[:, :kept].cpu()
     indices = run.indices[:, :kept].cpu()
@@ -699,4 +672,4 @@ def _result(model: Any, layer: str, reduce: str, k: int, source: Any, run: _Run,
     return TopK(layer=layer, reduce=reduce, k=k, channels=[int(c) for c in shape["rows"]], values=values, indices=indices,
                 positions=positions, sources=source.paths, processed=run.processed, total=total, skipped=list(run.skipped),
                 input_size=input_size, map_size=tuple(int(s) for s in shape["map_size"]), receptive_field=rf,
-                interrupted=interrupted, seconds=seconds, model=None if isinstance(model, nn.Module) else model)
+                interrupted=interrupted, seconds=seconds, model=model)

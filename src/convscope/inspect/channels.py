@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..models import Model
+from ..render import figure_to_image
 from .errors import ViewOptionError
 from .features import layer_output, model_input
 from .picture import Pictured
@@ -54,7 +56,9 @@ class ChannelResponse(Pictured):
         return [(int(i), float(s)) for i, s in zip(idx.tolist(), values.tolist())]
 
     def figure(self, top: int = 5, index: int | None = None, *, title: str | None = None) -> Any:
-        """A matplotlib ``Figure`` (no pyplot): every channel's mean, the ``top`` channels annotated."""
+        """A matplotlib ``Figure`` (no pyplot; shows itself in Jupyter): every channel's mean, the ``top``
+        channels annotated."""
+        # heavy (matplotlib): loaded only when a figure is drawn
         from ..render.figures import channel_response_figure
 
         n = self.means.shape[0]
@@ -67,8 +71,6 @@ class ChannelResponse(Pictured):
 
     def to_image(self, top: int = 5, index: int | None = None, *, dpi: int = 100) -> Image.Image:
         """:meth:`figure` rendered to a PIL image."""
-        from ..render import figure_to_image
-
         return figure_to_image(self.figure(top, index), dpi=dpi)
 
     def __str__(self) -> str:
@@ -76,13 +78,13 @@ class ChannelResponse(Pictured):
         return f"{self.layer}: {self.means.shape[1]} channels; top 5: {top}"
 
 
-def channel_means(model: Any, x: Any, layer: str) -> ChannelResponse:
+def channel_means(model: Model | torch.nn.Module, x: Any, layer: str) -> ChannelResponse:
     """Mean activation of every channel of ``layer`` for each image: (N, C), from one forward pass.
 
-    ``x``: an image (with a :class:`~convscope.Model`), a list of images, or a preprocessed tensor
-    (N, 3, H, W). The forward pass stops right after ``layer``; the model is left as it was.
+    ``model``: a :class:`~convscope.Model` or a plain module (:func:`~convscope.models.as_model`).
+    ``x``: an image, a list of images, or a preprocessed tensor (N, C, H, W). The forward pass stops right after ``layer``; the model is left as it was.
     """
-    t = model_input(model, x)
+    model, t = model_input(model, x)
     act = layer_output(model, t, layer).float()
     return ChannelResponse(
         layer=layer,

@@ -30,9 +30,10 @@ from PIL import Image
 from torch import nn
 
 from ..errors import suggestion
-from ..probe import module_of, name_of, resolve_layer
+from ..models import Model, as_model
+from ..render import grid, matrix_grid, titled
 from .errors import LayerKindError, ViewOptionError
-from .filters import ConvWeights, FilterSet, conv_layers
+from .filters import ConvWeights, FilterSet, conv_layer, conv_layers
 from .picture import Pictured
 
 #: Layers drawn by :meth:`ModelHealth.to_image` (the first ones that have flagged filters).
@@ -125,8 +126,6 @@ class FilterHealth(ConvWeights, Pictured):
 
     def to_image(self, *, cell: int | None = None, title: bool = True) -> Image.Image:
         """The flagged filters (grey = 0), labelled with their index and why (``dead``, or the aliasing score)."""
-        from ..render import grid, matrix_grid, titled
-
         flagged = self.flagged
         caption = (f"{self.layer}: {len(self.dead)} dead, {len(self.aliased)} aliased of {self.out_channels} filters "
                    f"{self.kernel_size[0]}x{self.kernel_size[1]} stride {self.stride[0]}")
@@ -185,8 +184,6 @@ class ModelHealth(Pictured):
         """The flagged filters of the first :data:`PICTURE_LAYERS` layers that have any, stacked."""
         shown = [h.to_image() for h in self.layers if h.flagged][:PICTURE_LAYERS]
         if not shown:
-            from ..render import titled
-
             return titled(Image.new("RGB", (240, 24), (255, 255, 255)), f"no dead or aliased filters in {len(self.layers)} conv layers")
         width = max(p.size[0] for p in shown)
         canvas = Image.new("RGB", (width, sum(p.size[1] + 8 for p in shown)), (255, 255, 255))
@@ -201,7 +198,7 @@ class ModelHealth(Pictured):
 
 
 def filter_health(
-    model: Any,
+    model: Model | nn.Module,
     layer: str | None = None,
     *,
     dead_fraction: float = 1e-3,
@@ -214,7 +211,8 @@ def filter_health(
     A filter is dead when all zero or its L2 norm is at most ``dead_fraction`` x the layer's median. The
     aliasing score is the share of spectral energy above half Nyquist (module docstring); a filter is
     aliased above ``alias_threshold`` (default 0.75: more high frequency than random
-    noise, which scores about 0.69), only in layers with stride > 1 unless ``strided_only=False``. Reads weights
+    noise, which scores about 0.69), only in layers with stride > 1 unless ``strided_only=False``.
+    ``model``: a :class:`~convscope.Model` or a plain module (:func:`~convscope.models.as_model`). Reads weights
     only (no forward pass); the model is not changed. Returns :class:`FilterHealth` for one layer,
     :class:`ModelHealth` (one summary row per conv layer) for ``layer=None``.
     """
@@ -224,19 +222,13 @@ def filter_health(
         raise ViewOptionError(f"alias_threshold is a share of energy in [0, 1], got {alias_threshold}")
     if fft_size < 2:
         raise ViewOptionError(f"fft_size must be at least 2, got {fft_size}")
-    module = module_of(model)
+    model = as_model(model)
     options = (dead_fraction, alias_threshold, strided_only, fft_size)
     if layer is not None:
-        conv = resolve_layer(module, layer)
-        name = layer if isinstance(layer, str) else name_of(module, conv)
-        if not isinstance(conv, nn.Conv2d):
-            convs = conv_layers(module)
-            hint = suggestion(name, convs) or (f"; convolutions include {', '.join(convs[:5])}" if convs else "; the model has no Conv2d")
-            raise LayerKindError(f"layer {name!r} is a {type(conv).__name__}, not a Conv2d{hint}")
-        return _layer_health(name, conv, *options)
+        return _layer_health(*conv_layer(model, layer), *options)
     start = time.perf_counter()
-    named = dict(module.named_modules())
-    names = conv_layers(module)
+    named = dict(model.module.named_modules())
+    names = conv_layers(model)
     if not names:
         raise LayerKindError("the model has no Conv2d layer")
     layers = [_layer_health(n, named[n], *options) for n in names]

@@ -8,33 +8,30 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from ..errors import InputShapeError
-from ..probe import Capture, module_of
+from ..models import Model, as_model, default_layer
+from ..probe import Capture
+from ..render import colorize, grid, normalize, titled
 from .errors import LayerKindError, ViewOptionError
 from .picture import Pictured
 
 SORTS = ("index", "mean", "max")
 
 
-def model_input(model: Any, x: Any) -> torch.Tensor:
-    """``x`` as a validated (N, 3, H, W) float tensor on the model's device.
+def model_input(model: Model | torch.nn.Module, x: Any) -> tuple[Model, torch.Tensor]:
+    """The :class:`~convscope.Model` (:func:`~convscope.models.as_model`) and ``x`` as a validated float
+    tensor (N, C, H, W) on its device.
 
-    A :class:`~convscope.Model` accepts images (path, PIL, array, ``sample:NAME``) and tensors; a plain
-    ``nn.Module`` needs a tensor.
+    Images (path, PIL, array, ``sample:NAME``) go through the model's preprocessing (a plain module gets
+    :data:`~convscope.models.PLAIN_MODULE_DEFAULTS`); a tensor is taken as already preprocessed, and a
+    plain module is then read at the tensor's own size.
     """
-    if not isinstance(model, nn.Module) and hasattr(model, "as_input"):
-        return model.as_input(x)
-    if not isinstance(x, torch.Tensor):
-        raise InputShapeError("a plain nn.Module needs a tensor input; wrap it with cs.load_model(module) to pass images")
-    from ..models import check_input
-
-    device = next((p.device for p in module_of(model).parameters()), x.device)
-    return check_input(x, device=device, channels=None)
+    m = as_model(model, input_size=tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) else None)
+    return m, m.as_input(x)
 
 
-def layer_output(model: Any, x: torch.Tensor, layer: str) -> torch.Tensor:
+def layer_output(model: Model | torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     """The activation (N, C, h, w) of ``layer`` for input ``x``, detached.
 
     One forward pass that stops right after the layer (``Capture(stop=True)``); the model is restored
@@ -118,8 +115,6 @@ class FeatureMaps(Pictured):
         title: bool = True,
     ) -> Image.Image:
         """The chosen feature maps as a labelled grid (labels are channel numbers)."""
-        from ..render import colorize, grid, normalize, titled
-
         if scale not in ("channel", "layer"):
             raise ViewOptionError(f"unknown scale {scale!r}; choose channel or layer")
         idx = self.order(sort, max_channels, channels)
@@ -146,7 +141,7 @@ class FeatureMaps(Pictured):
 
 
 def feature_maps(
-    model: Any,
+    model: Model | torch.nn.Module,
     x: Any,
     layer: str,
     *,
@@ -156,8 +151,8 @@ def feature_maps(
 ) -> FeatureMaps:
     """The output of ``layer`` for one image: activations (C, h, w) plus a grid picture of the maps.
 
-    ``x``: an image (path, PIL, array, ``sample:NAME``; needs a :class:`~convscope.Model`) or a tensor
-    (1, 3, H, W) already preprocessed. Costs one forward pass, stopped after ``layer``. ``max_channels``,
+    ``model``: a :class:`~convscope.Model` or a plain module (:func:`~convscope.models.as_model`).
+    ``x``: an image (path, PIL, array, ``sample:NAME``) or a tensor (1, C, H, W) already preprocessed. Costs one forward pass, stopped after ``layer``. ``max_channels``,
     ``sort`` (``"index"``, ``"mean"``, ``"max"``) and ``channels`` (explicit indices) only choose what
     the picture shows; ``activations`` always holds every channel.
     """
@@ -165,20 +160,18 @@ def feature_maps(
         raise ViewOptionError(f"unknown sort {sort!r}; choose {', '.join(SORTS)}")
     if max_channels is not None and max_channels < 1:
         raise ViewOptionError(f"max_channels must be at least 1, got {max_channels}")
-    t = model_input(model, x)
+    model, t = model_input(model, x)
     if t.shape[0] != 1:
         raise InputShapeError(f"feature_maps shows one image, got a batch of {t.shape[0]}; pass x[i:i+1] (channel_means takes batches)")
     act = layer_output(model, t, layer)
-    picture = None
-    if hasattr(model, "deprocess") and not isinstance(model, nn.Module):
-        picture = model.deprocess(t)
+    picture = model.deprocess(t) if t.shape[1] == 3 else None  # the image as the network saw it
     fm = FeatureMaps(layer=layer, activations=act[0], picture=picture, max_channels=max_channels, sort=sort,
                      channels=list(channels) if channels is not None else None)
     fm.order()  # validates explicit channels now rather than at display time
     return fm
 
 
-def stage_layers(model: Any, n: int = 3) -> list[str]:
+def stage_layers(model: Model | torch.nn.Module, n: int = 3) -> list[str]:
     """``n`` layers at increasing depth for a tour of feature maps: the output of stages at spread resolutions.
 
     Spatial layers are grouped by output resolution (a stage ends where the resolution drops); each
@@ -186,9 +179,8 @@ def stage_layers(model: Any, n: int = 3) -> list[str]:
     ``bn2`` on EfficientNet-Lite0; ``features.3``, ``features.15``, ``features`` on VGG-16). The last one is the last spatial
     layer (``default_layer(model, "cam")``); the others are spread evenly over the stages before it.
     """
-    from ..probe import default_layer, layer_table
-
-    rows = model.layers() if hasattr(model, "layers") and not isinstance(model, nn.Module) else layer_table(model)
+    model = as_model(model)
+    rows = model.layers()
     spatial = [r for r in rows if r.is_spatial and r.output_shape is not None]
     groups: dict[tuple[int, ...], list[Any]] = {}
     for r in spatial:

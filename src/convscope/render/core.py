@@ -38,6 +38,7 @@ def normalize(x: Any, *, symmetric: bool = False, eps: float = 1e-12) -> np.ndar
 
 def colorize(values: Any, cmap: str = "jet", *, normalized: bool = True) -> Image.Image:
     """A 2-D map -> RGB image through a matplotlib colour map (``normalized``: values already in [0, 1])."""
+    # heavy (matplotlib): loaded on the first coloured picture, not at CLI start
     from matplotlib import colormaps
 
     a = to_numpy(values)
@@ -65,11 +66,15 @@ def overlay(image: Image.Image, heatmap: Any, *, alpha: float = 0.5, cmap: str =
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont:
+def font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's built-in font at ``size`` pixels (the one typeface of every picture convscope draws)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # pragma: no cover - old Pillow
         return ImageFont.load_default()
+
+
+_font = font  # old private name, kept until dataset/embed.py imports `font` (then delete)
 
 
 def grid(
@@ -103,30 +108,30 @@ def grid(
         tiles.append(img)
     tw = max(t.size[0] for t in tiles)
     th = max(t.size[1] for t in tiles)
-    font = _font(max(10, min(14, tw // 8)))
-    label_h = (font.size + 4) if labels else 0  # type: ignore[attr-defined]
+    face = font(max(10, min(14, tw // 8)))
+    label_h = (face.size + 4) if labels else 0  # type: ignore[attr-defined]
     title_h = 22 if title else 0
     width = columns * (tw + pad) + pad
     height = title_h + rows * (th + label_h + pad) + pad
     canvas = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((pad, 4), title, fill=(0, 0, 0), font=_font(15))
+        draw.text((pad, 4), title, fill=(0, 0, 0), font=font(15))
     for i, tile in enumerate(tiles):
         r, c = divmod(i, columns)
         x = pad + c * (tw + pad)
         y = title_h + pad + r * (th + label_h + pad)
         canvas.paste(tile, (x + (tw - tile.size[0]) // 2, y + (th - tile.size[1]) // 2))
         if labels and i < len(labels):
-            text = _fit(draw, str(labels[i]), font, tw)
-            draw.text((x, y + th + 2), text, fill=(0, 0, 0), font=font)
+            text = _fit(draw, str(labels[i]), face, tw)
+            draw.text((x, y + th + 2), text, fill=(0, 0, 0), font=face)
     return canvas
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
+def _fit(draw: ImageDraw.ImageDraw, text: str, face: ImageFont.ImageFont, width: int) -> str:
+    if draw.textlength(text, font=face) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
+    while text and draw.textlength(text + "…", font=face) > width:
         text = text[:-1]
     return text + "…"
 
@@ -175,30 +180,30 @@ def matrix_grid(
     if not tiles or not tiles[0]:
         raise ValueError("matrix_grid needs at least one tile")
     rows, columns = len(tiles), max(len(r) for r in tiles)
-    font = _font(10)
+    face = font(10)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left = (int(max(probe.textlength(str(t), font=font) for t in row_labels)) + 6) if row_labels else 0
-    col_h = (font.size + 4) if column_labels else 0  # type: ignore[attr-defined]
+    left = (int(max(probe.textlength(str(t), font=face) for t in row_labels)) + 6) if row_labels else 0
+    col_h = (face.size + 4) if column_labels else 0  # type: ignore[attr-defined]
     title_h = 22 if title else 0
     top = title_h + col_h
     width = left + columns * (cell + pad) + pad
     height = top + rows * (cell + pad) + pad
     if title:
-        width = max(width, int(probe.textlength(title, font=_font(15))) + 2 * pad + 4)
+        width = max(width, int(probe.textlength(title, font=font(15))) + 2 * pad + 4)
     canvas = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((pad + 2, 4), title, fill=(0, 0, 0), font=_font(15))
+        draw.text((pad + 2, 4), title, fill=(0, 0, 0), font=font(15))
     if column_labels:
-        widest = max(probe.textlength(str(t), font=font) for t in column_labels)
+        widest = max(probe.textlength(str(t), font=face) for t in column_labels)
         every = max(1, math.ceil((widest + 4) / (cell + pad)))
         for j, text in enumerate(column_labels):
             if j % every == 0:
-                draw.text((left + pad + j * (cell + pad), title_h + 1), str(text), fill=(60, 60, 60), font=font)
+                draw.text((left + pad + j * (cell + pad), title_h + 1), str(text), fill=(60, 60, 60), font=face)
     for i, row in enumerate(tiles):
         y = top + pad + i * (cell + pad)
         if row_labels and i < len(row_labels):
-            draw.text((2, y + max(0, (cell - font.size) // 2)), str(row_labels[i]), fill=(60, 60, 60), font=font)  # type: ignore[attr-defined]
+            draw.text((2, y + max(0, (cell - face.size) // 2)), str(row_labels[i]), fill=(60, 60, 60), font=face)  # type: ignore[attr-defined]
         for j, tile in enumerate(row):
             tile = tile.convert("RGB")
             if tile.size != (cell, cell):
@@ -210,6 +215,7 @@ def matrix_grid(
 
 def figure_to_image(figure: Any, *, dpi: int | None = None) -> Image.Image:
     """Render a matplotlib ``Figure`` with the Agg backend (no pyplot, no global state) -> RGB PIL image."""
+    # heavy (matplotlib): only when a figure is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(figure)
@@ -222,10 +228,10 @@ def figure_to_image(figure: Any, *, dpi: int | None = None) -> Image.Image:
 
 def titled(image: Image.Image, title: str, *, size: int = 15, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """``image`` under a one-line title band (22 px high); the canvas widens when the title is longer."""
-    font = _font(size)
+    face = font(size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = max(image.size[0], int(probe.textlength(title, font=font)) + 8)
+    width = max(image.size[0], int(probe.textlength(title, font=face)) + 8)
     canvas = Image.new("RGB", (width, image.size[1] + 22), background)
-    ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0), font=font)
+    ImageDraw.Draw(canvas).text((4, 4), title, fill=(0, 0, 0), font=face)
     canvas.paste(image.convert("RGB"), (0, 22))
     return canvas

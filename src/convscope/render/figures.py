@@ -1,13 +1,30 @@
-"""Matplotlib figures, built as ``Figure`` objects with the Agg canvas: no pyplot, no global state."""
+"""Matplotlib figures, built as ``Figure`` objects with the Agg canvas: no pyplot, no global state.
+
+Every figure convscope returns is a :class:`Figure`: a ``matplotlib.figure.Figure`` that also shows
+itself in Jupyter (``_repr_png_``) without ``%matplotlib inline``. Importing this module loads
+matplotlib, so modules that only sometimes draw a figure import it where they draw.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import matplotlib.figure
 import numpy as np
 
-from .core import to_numpy
+from .core import figure_to_image, png_bytes, to_numpy
+
+
+class Figure(matplotlib.figure.Figure):
+    """A matplotlib figure that Jupyter displays as a PNG picture with no backend set up (``_repr_png_``).
+
+    Build it like ``matplotlib.figure.Figure`` (``Figure(figsize=..., layout="constrained")``); draw
+    it to a PIL image with :func:`convscope.render.figure_to_image`.
+    """
+
+    def _repr_png_(self) -> bytes:
+        return png_bytes(figure_to_image(self))
 
 
 def channel_response_figure(
@@ -20,15 +37,13 @@ def channel_response_figure(
     size: tuple[float, float] = (9.0, 3.2),
     marks: Sequence[int] = (),
     marks_label: str = "",
-) -> Any:
+) -> Figure:
     """Plot one value per channel (e.g. mean activations (C,)) as thin bars; label the ``top`` largest.
 
     ``marks``: channels to flag with a grey triangle under the axis (e.g. dead filters), explained by
-    ``marks_label`` in a legend. Returns a ``matplotlib.figure.Figure``; render it with
-    :func:`convscope.render.figure_to_image`.
+    ``marks_label`` in a legend. Returns a :class:`Figure` (a ``matplotlib.figure.Figure`` that Jupyter
+    shows as a picture); render it with :func:`convscope.render.figure_to_image`.
     """
-    from matplotlib.figure import Figure
-
     v = to_numpy(values).astype(np.float64).ravel()
     fig = Figure(figsize=size, dpi=100, layout="constrained")
     ax = fig.add_subplot()

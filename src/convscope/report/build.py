@@ -18,7 +18,12 @@ from typing import Any
 
 from PIL import Image
 
+from .. import __version__
 from ..errors import ConvscopeError, suggestion
+from ..images import load_image
+from ..models.model import as_model
+from ..progress import tqdm
+from ..render import data_uri
 from .sections import ReportContext, Section, all_sections
 
 
@@ -63,8 +68,6 @@ class Report:
 
 def figure_html(image: Image.Image, caption: str = "", *, alt: str = "", width: int | None = None) -> str:
     """An embedded picture with a one-sentence caption (``caption`` is HTML; ``alt`` plain text)."""
-    from ..render import data_uri
-
     style = f' style="max-width:{int(width)}px"' if width else ""
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
     return f'<figure><img src="{data_uri(image)}" alt="{html.escape(alt or "figure")}"{style}>{cap}</figure>'
@@ -144,30 +147,28 @@ def render_report(
     image_name: str | None = None,
     options: dict[str, Any] | None = None,
     sections: Sequence[str] | None = None,
-    progress: bool | None = None,
+    progress: bool = True,
 ) -> Report:
     """Run every section on ``image`` and assemble the HTML page; section errors become error boxes.
 
-    ``model``: a :class:`~convscope.Model`. ``image``: path, PIL image, array or ``sample:NAME``.
+    ``model``: a :class:`~convscope.Model` (a plain module gets :func:`~convscope.models.as_model`'s
+    defaults). ``image``: path, PIL image, array or ``sample:NAME``.
     ``options`` are handed to every section (``ReportContext.options``). ``sections``: keys to run
-    (default: all registered). ``progress``: a tqdm bar over sections (``None``: only on a terminal).
-    ``KeyboardInterrupt`` is never swallowed.
+    (default: all registered). ``progress``: a bar over the sections, and the sections' own bars, on a
+    terminal (``False``: none). ``KeyboardInterrupt`` is never swallowed.
     """
-    from ..progress import tqdm
-
-    from .. import __version__
-    from ..images import load_image
-
+    model = as_model(model)
     chosen = select_sections(sections)
     if image_name is None:
         image_name = image if isinstance(image, str) else "image"
     img = load_image(image)
     picture = model.transform_image(img)
     x = model.preprocess(img)
-    ctx = ReportContext(model=model, image=picture, image_name=str(image_name), x=x, options=dict(options or {}), cache={})
+    ctx = ReportContext(model=model, image=picture, image_name=str(image_name), x=x, options=dict(options or {}), cache={},
+                        progress=progress)
     start = time.perf_counter()
     results: list[SectionResult] = []
-    bar = tqdm(chosen, desc="report", unit="section", disable=(None if progress is None else not progress), leave=False)
+    bar = tqdm(chosen, desc="report", unit="section", disable=None if progress else True, leave=False)
     for sec in bar:
         bar.set_postfix_str(sec.key)
         t0 = time.perf_counter()
@@ -185,18 +186,11 @@ def render_report(
     return Report(html=page, sections=results, seconds=total)
 
 
-def build_report(
-    model: Any,
-    image: Any,
-    image_name: str | None = None,
-    options: dict[str, Any] | None = None,
-    *,
-    sections: Sequence[str] | None = None,
-    progress: bool | None = None,
-) -> str:
-    """The report as one self-contained HTML string (see :func:`render_report`, which also returns
-    per-section timings and failures)."""
-    return render_report(model, image, image_name=image_name, options=options, sections=sections, progress=progress).html
+def build_report(model: Any, image: Any, image_name: str | None = None, options: dict[str, Any] | None = None,
+                 **kwargs: Any) -> str:
+    """The report as one self-contained HTML string; ``kwargs`` (``sections``, ``progress``) as for
+    :func:`render_report`, which also returns per-section timings and failures."""
+    return render_report(model, image, image_name=image_name, options=options, **kwargs).html
 
 
 def _page(model: Any, ctx: ReportContext, results: list[SectionResult], total: float, version: str) -> str:

@@ -5,60 +5,42 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Any
 
+from ..attribution import attribute, get_method
+from ..attribution.metrics import deletion, insertion
+from ..render import grid
 from .build import figure_html, table_html
 from .sections import ReportContext, section
 
-#: Methods shown, in order, with the settings used in the report (kept cheap: one image, CPU-friendly).
-REPORT_METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("gradcam", {}),
-    ("guided_gradcam", {}),
-    ("saliency", {}),
-    ("integrated_gradients", {"steps": 32, "baseline": "black"}),
-    ("occlusion", {"window": 16, "stride": 8}),
-]
+#: Methods shown, in order; each runs with its registered preview settings (``MethodSpec.preview``).
+REPORT_METHODS: tuple[str, ...] = ("gradcam", "guided_gradcam", "saliency", "integrated_gradients", "occlusion")
 
 
 @section("Attribution: why this class", order=30)
 def attribution(ctx: ReportContext) -> str:
     """Maps of the top class by five methods over the image, with deletion (lower is better) and insertion
     (higher is better) AUCs of the target's probability; ``options["attribution_steps"]`` (default 25)
-    sets the number of steps of those curves. Methods absent from the registry are skipped."""
-    from ..attribution import attribute, method_names
-    from ..render import grid
-
-    available = set(method_names())
-    try:
-        from ..attribution.metrics import deletion, insertion
-    except ImportError:  # metrics not built yet
-        deletion = insertion = None
+    sets the number of steps of those curves."""
     steps = int(ctx.options.get("attribution_steps", 25))
-    pictures, labels, rows, skipped = [], [], [], []
+    pictures, labels, rows = [], [], []
     target = None
-    for name, options in REPORT_METHODS:
-        if name not in available:
-            skipped.append(name)
-            continue
+    for name in REPORT_METHODS:
+        spec = get_method(name)
         start = time.perf_counter()
-        a = attribute(ctx.model, ctx.x, name, target=target, **options)
+        a = attribute(ctx.model, ctx.x, name, target=target, progress=ctx.progress, **spec.preview)
         seconds = time.perf_counter() - start
         target = int(a.target[0])
-        family = _family(name)
-        pictures.append(a.heatmap(cmap="inferno") if family == "gradient" else a.overlay(ctx.image))
+        pictures.append(spec.draw(a, ctx.image))
         labels.append(name)
-        del_auc = ins_auc = "–"
-        if deletion is not None:
-            del_auc = f"{float(deletion(ctx.model, ctx.x, a, steps=steps).auc[0]):.3f}"
-            ins_auc = f"{float(insertion(ctx.model, ctx.x, a, steps=steps).auc[0]):.3f}"
+        del_auc = float(deletion(ctx.model, ctx.x, a, steps=steps, progress=ctx.progress).auc[0])
+        ins_auc = float(insertion(ctx.model, ctx.x, a, steps=steps, progress=ctx.progress).auc[0])
         note = ""
         if "completeness_error" in a.extras:
             note = f"completeness error {float(a.extras['completeness_error'][0]):.1%}"
-        setting = ", ".join(f"{k}={v}" for k, v in options.items())
-        rows.append([name, a.layer or "input", setting, f"{a.forward_passes} + {a.backward_passes}", f"{seconds:.2f}", del_auc, ins_auc, note])
-    if not pictures:
-        return "<p>No attribution method is available.</p>"
-    label = ctx.model.label(target) if hasattr(ctx.model, "label") else str(target)
+        setting = ", ".join(f"{k}={v}" for k, v in spec.preview.items())
+        rows.append([name, a.layer or "input", setting, f"{a.forward_passes} + {a.backward_passes}", f"{seconds:.2f}",
+                     f"{del_auc:.3f}", f"{ins_auc:.3f}", note])
+    label = ctx.model.label(target)
     figure = figure_html(
         grid(pictures, labels=labels, columns=len(pictures), cell=200),
         f"Evidence for <b>{html.escape(label)}</b> ({target}). Pixel methods (saliency, guided Grad-CAM, "
@@ -75,11 +57,4 @@ def attribution(ctx: ReportContext) -> str:
         "pixels first (a good map makes the probability fall fast: low AUC); insertion adds them to a blank "
         "image (high AUC is good).</p>"
     )
-    tail = f"<p>Not available in this build: {html.escape(', '.join(skipped))}.</p>" if skipped else ""
-    return lead + figure + table + tail
-
-
-def _family(name: str) -> str:
-    from ..attribution import get_method
-
-    return get_method(name).family
+    return lead + figure + table

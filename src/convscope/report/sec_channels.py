@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from ..inspect import channel_means
+from ..inspect import channel_means, feature_maps
 from ..probe import default_layer
 from ..render import grid, normalize, overlay
 from .build import figure_html, table_html
@@ -30,8 +30,6 @@ def channels(ctx: ReportContext) -> str:
     )
     fm = ctx.cache.get("feature_maps", {}).get(layer)  # the feature-map section may have computed it
     if fm is None:
-        from ..inspect import feature_maps
-
         fm = feature_maps(ctx.model, ctx.x, layer, channels=[i for i, _ in top])
     tiles = [overlay(ctx.image, normalize(fm.activations[i]), alpha=0.6) for i, _ in top]
     overlays = grid(tiles, labels=[f"channel {i}: {v:.3g}" for i, v in top], cell=160, columns=min(len(tiles), 6))

@@ -11,7 +11,11 @@ import html
 
 import torch
 
+from ..probe import Capture
 from ..render import grid
+from ..synthesis import invert_layers, render_channels, visualize
+from ..synthesis.dream import default_dream_layer
+from ..synthesis.style import default_layers
 from .build import figure_html
 from .sections import ReportContext, section
 
@@ -19,11 +23,6 @@ from .sections import ReportContext, section
 @section("Synthesis: what units respond to", order=80)
 def synthesis(ctx: ReportContext) -> str:
     """A batched channel gallery, an image of the predicted class, and reconstructions from three depths."""
-    from ..probe import Capture
-    from ..synthesis import invert_layers, render_channels, visualize
-    from ..synthesis.dream import default_dream_layer
-    from ..synthesis.style import default_layers
-
     steps = int(ctx.options.get("synthesis_steps", 24))
     size = int(ctx.options.get("synthesis_size", 64))
     count = int(ctx.options.get("synthesis_channels", 8))

@@ -12,8 +12,11 @@ Sections are discovered automatically and shown in ``order``. Fragments embed im
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -21,7 +24,8 @@ from PIL import Image
 
 @dataclass
 class ReportContext:
-    """Everything a section may use: the model, the image (as the network sees it), its input tensor."""
+    """Everything a section may use: the model, the image (as the network sees it), its input tensor, and
+    whether long loops may draw progress bars (``progress``: pass it on as ``progress=``)."""
 
     model: Any
     image: Image.Image
@@ -29,6 +33,7 @@ class ReportContext:
     x: Any  # torch.Tensor (1, 3, H, W)
     options: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)  # results shared between sections
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,7 @@ def section(title: str, *, order: int = 100, key: str | None = None) -> Callable
 
 def all_sections() -> list[Section]:
     """Every registered section, in order (imports every ``sec_*`` module once)."""
-    import importlib
-    import pkgutil
-
-    from .. import report
-
-    for m in pkgutil.iter_modules(report.__path__):
+    for m in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if m.name.startswith("sec_"):
-            importlib.import_module(f"{report.__name__}.{m.name}")
+            importlib.import_module(f"{__package__}.{m.name}")
     return sorted(SECTIONS.values(), key=lambda s: s.order)

@@ -13,8 +13,9 @@ last spatial layer (``filters``: the first convolution).
 ``GET /api/info``
     ``{"model", "input_size": [h, w], "num_classes", "labels", "device", "default_layer", "first_conv",
     "layers": [{"name", "type", "output_shape", "channels", "spatial", "conv", "params",
-    "receptive_field", "receptive_field_size"}], "methods": [{"name", "family", "passes",
-    "uses_layer", "summary", "paper", "options": [{"name", "type", "default", "help", "choices"}]}],
+    "receptive_field", "receptive_field_size"}], "methods": [MethodSpec.to_json(): {"name", "family",
+    "passes", "uses_layer", "summary", "paper", "view", "preview", "options": [{"name", "type", "default",
+    "help", "choices", "minimum", "maximum", "range"}]}],
     "samples": [{"name", "id", "description"}], "limits": {...}}``.
 ``POST /api/image``
     Body: the raw bytes of an image file in any format :func:`convscope.load_image` reads (PNG, JPEG,
@@ -27,10 +28,10 @@ last spatial layer (``filters``: the first convolution).
     ``{"image", "predictions": [{"rank", "index", "label", "probability"}]}`` (softmax).
 ``GET /api/explain?image=IMAGE&method=gradcam&layer=LAYER&target=T&view=auto&alpha=0.5&threshold=0.5&opt.KEY=VALUE``
     Runs :func:`convscope.attribute`. ``target``: class index or label (default: the top class).
-    ``opt.KEY=VALUE``: method options, typed by the registry's ``parse_option`` like ``convscope explain
-    --option``. ``view``: ``overlay`` (map over the image), ``heatmap``, ``mask`` (only the important
-    region kept, map >= ``threshold``) or ``auto`` (heatmap for pixel-gradient methods, overlay
-    otherwise, as the CLI does). Answers ``{"image" (PNG data URI), "width", "height", "method",
+    ``opt.KEY=VALUE``: method options, typed and bounded by the registry's ``parse_option`` like
+    ``convscope explain --option`` (out of range: a 400 naming the option and its range). ``view``:
+    ``overlay`` (map over the image), ``heatmap``, ``mask`` (only the important region kept, map >=
+    ``threshold``) or ``auto`` (the method's own view, ``MethodSpec.view``, as the CLI draws it). Answers ``{"image" (PNG data URI), "width", "height", "method",
     "family", "layer", "target": {"index", "label"}, "forward_passes", "backward_passes", "passes",
     "seconds", "options", "extras"}``.
 ``GET /api/activations?image=IMAGE&layer=LAYER&max=64&sort=index``
@@ -56,10 +57,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -67,7 +67,15 @@ from typing import Any
 
 import torch
 
+from ..attribution import attribute, get_method, method_names
+from ..attribution.registry import parse_option
 from ..errors import ConvscopeError
+from ..images import SAMPLES, load_image
+from ..inspect import channel_means, conv_layers, feature_maps, filters
+from ..options import Option
+from ..probe import default_layer
+from ..render import data_uri
+from ..synthesis import visualize
 
 #: Largest upload accepted, in bytes (a 413 beyond).
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -153,31 +161,17 @@ class Query:
             raise ApiError(f"missing query parameter {name!r}")
         return value
 
-    def integer(self, name: str, default: int, low: int | None = None, high: int | None = None, why: str = "") -> int:
+    def value(self, name: str, option: Option) -> Any:
+        """The parameter parsed and checked by ``option`` (its default when absent); out of range is a
+        400 naming the parameter and its range."""
         raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ApiError(f"{name} must be a whole number, got {raw!r}") from None
-        if low is not None and value < low:
-            raise ApiError(f"{name} must be at least {low}, got {value}")
-        if high is not None and value > high:
-            raise ApiError(f"{name} must be at most {high}{why}, got {value}")
-        return value
+        return option.default if raw is None else option.parse(name, raw)
+
+    def integer(self, name: str, default: int, low: int | None = None, high: int | None = None) -> int:
+        return self.value(name, Option(int, default, "", minimum=low, maximum=high))
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ApiError(f"{name} must be a number, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ApiError(f"{name} must lie in [{low:g}, {high:g}], got {raw}")
-        return value
+        return self.value(name, Option(float, default, "", minimum=low, maximum=high))
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default) or default
@@ -277,15 +271,11 @@ class Explorer:
         except ConvscopeError as exc:
             return Response(400, {"error": one_line(exc)})
         except Exception as exc:  # a bug: one line to the client, the traceback to the log
-            import traceback
-
             traceback.print_exc()
             return Response(500, {"error": f"internal error: {type(exc).__name__}: {one_line(exc)}"})
 
     # ------------------------------------------------------------------ images
     def _sample(self, image_id: str) -> StoredImage:
-        from ..images import load_image
-
         img = load_image(image_id)
         return StoredImage(image_id, img.width, img.height, self.model.preprocess(img))
 
@@ -293,8 +283,6 @@ class Explorer:
         return self.images.get(query.required("image"), self._sample)
 
     def _describe_image(self, stored: StoredImage) -> dict[str, Any]:
-        from ..render import data_uri
-
         return {"id": stored.id, "width": stored.width, "height": stored.height,
                 "preview": data_uri(self.model.deprocess(stored.x))}
 
@@ -320,11 +308,6 @@ class Explorer:
         return self._info
 
     def _build_info(self) -> dict[str, Any]:
-        from ..attribution import METHODS, method_names
-        from ..images import SAMPLES
-        from ..inspect.filters import conv_layers
-        from ..probe import default_layer
-
         model = self.model
         convs = set(conv_layers(model))
         layers = []
@@ -341,27 +324,7 @@ class Explorer:
                 "receptive_field": None if rf is None else str(rf),
                 "receptive_field_size": None if rf is None or rf.size is None else list(rf.size),
             })
-        methods = []
-        for name in method_names():
-            spec = METHODS[name]
-            methods.append({
-                "name": spec.name,
-                "family": spec.family,
-                "passes": spec.passes,
-                "uses_layer": spec.uses_layer,
-                "summary": spec.summary,
-                "paper": spec.paper,
-                "options": [
-                    {
-                        "name": key,
-                        "type": [t.__name__ for t in (opt.type if isinstance(opt.type, tuple) else (opt.type,))],
-                        "default": json_safe(opt.default),
-                        "help": opt.help,
-                        "choices": None if opt.choices is None else json_safe(list(opt.choices)),
-                    }
-                    for key, opt in spec.options.items()
-                ],
-            })
+        methods = [get_method(name).to_json() for name in method_names()]
         try:
             default = default_layer(model, "cam")
         except ConvscopeError:
@@ -389,8 +352,6 @@ class Explorer:
         layer = query.text("layer")
         if layer is not None:
             return layer
-        from ..probe import default_layer
-
         return default_layer(self.model, kind)
 
     # ------------------------------------------------------------------ model endpoints
@@ -404,10 +365,6 @@ class Explorer:
         ]}
 
     def explain(self, query: Query, body: bytes) -> dict[str, Any]:
-        from ..attribution import attribute, get_method
-        from ..attribution.registry import parse_option
-        from ..render import data_uri
-
         stored = self.image(query)
         spec = get_method(query.text("method", "gradcam") or "gradcam")
         layer = query.text("layer") if spec.uses_layer else None
@@ -419,16 +376,10 @@ class Explorer:
         with self.lock:
             target = None if target_text is None else self.model.class_index(target_text)
             start = time.perf_counter()
-            a = attribute(self.model, stored.x, spec.name, target=target, layer=layer, **options)
+            a = attribute(self.model, stored.x, spec.name, target=target, layer=layer, progress=False, **options)
             seconds = time.perf_counter() - start
-            if view == "auto":
-                view = "heatmap" if spec.family == "gradient" else "overlay"
-            if view == "heatmap":
-                picture = a.heatmap(cmap="inferno" if spec.family == "gradient" else "jet")
-            elif view == "mask":
-                picture = a.mask(threshold=threshold)
-            else:
-                picture = a.overlay(alpha=alpha)
+            view = spec.view if view == "auto" else view
+            picture = spec.draw(a, view=view, alpha=alpha, threshold=threshold)
         t = int(a.target[0])
         extras = {}
         if "completeness_error" in a.extras:
@@ -453,9 +404,6 @@ class Explorer:
         }
 
     def activations(self, query: Query, body: bytes) -> dict[str, Any]:
-        from ..inspect import feature_maps
-        from ..render import data_uri
-
         stored = self.image(query)
         top = query.integer("max", 64, 1, MAX_GRID)
         sort = query.choice("sort", "index", ("index", "mean", "max"))
@@ -469,8 +417,6 @@ class Explorer:
                 "shown": min(c, top), "sort": sort, "zero_channels": zero}
 
     def channels(self, query: Query, body: bytes) -> dict[str, Any]:
-        from ..inspect import channel_means
-
         stored = self.image(query)
         top = query.integer("top", 8, 1, MAX_GRID)
         with self.lock:
@@ -481,9 +427,6 @@ class Explorer:
                 "top": [{"channel": c, "mean": v} for c, v in resp.top(top)]}
 
     def filters(self, query: Query, body: bytes) -> dict[str, Any]:
-        from ..inspect import filters
-        from ..render import data_uri
-
         top = query.integer("max", 64, 1, MAX_GRID)
         scale = query.choice("scale", "symmetric", ("symmetric", "minmax"))
         with self.lock:
@@ -494,12 +437,9 @@ class Explorer:
                 "kernel": list(fs.kernel_size), "kind": fs.kind, "dead": list(fs.dead)}
 
     def visualize(self, query: Query, body: bytes) -> dict[str, Any]:
-        from ..render import data_uri
-        from ..synthesis import visualize
-
         objective = query.required("objective")
-        steps = query.integer("steps", 64, 1, MAX_STEPS, " (the explorer caps steps to stay interactive)")
-        size = query.integer("size", 128, 16, MAX_SIZE, " (the explorer caps the size to stay interactive)")
+        steps = query.integer("steps", 64, 1, MAX_STEPS)  # capped to keep the page interactive
+        size = query.integer("size", 128, 16, MAX_SIZE)
         seed = query.integer("seed", 0, 0, 2**31 - 1)
         with self.lock:
             start = time.perf_counter()
@@ -511,18 +451,11 @@ class Explorer:
 
 
 def decode_image(data: bytes):
-    """Uploaded bytes -> validated RGB PIL image, through :func:`convscope.load_image` (never unpickled).
-
-    The bytes go to a private temporary file so the same checks apply as for files on disk
-    (decompression bombs, truncation, EXIF orientation, odd modes); error messages say ``upload``.
-    """
-    from ..images import load_image
-
-    with tempfile.TemporaryDirectory(prefix="convscope-upload-") as folder:
-        path = os.path.join(folder, "upload")
-        with open(path, "wb") as f:
-            f.write(data)
-        try:
-            return load_image(path, max_pixels=MAX_UPLOAD_PIXELS)
-        except ConvscopeError as exc:
-            raise ApiError(one_line(exc).replace(path, "upload")) from None
+    """Uploaded bytes -> validated RGB PIL image, through :func:`convscope.load_image` (never unpickled):
+    the same checks as for files on disk (decompression bombs, truncation, EXIF orientation, odd modes),
+    in memory; error messages say ``upload``."""
+    try:
+        return load_image(data, max_pixels=MAX_UPLOAD_PIXELS)
+    except ConvscopeError as exc:
+        message = one_line(exc).replace("uploaded image: ", "", 1)
+        raise ApiError(f"upload: {message}") from None

@@ -98,17 +98,22 @@ class Handler(BaseHTTPRequestHandler):
         self._json(Response(403, {"error": f"requests must address this server by its own name, not {host or 'no host'!r}"}))
         return True
 
+    def _static(self, path: str) -> bool:
+        """Send the page file at ``path`` (a HEAD gets its headers only); False when ``path`` is none."""
+        if path not in STATIC:
+            return False
+        name, content_type = STATIC[path]
+        self._send(200, static_file(name), content_type)
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self._host_refused():
             return
         url = urlsplit(self.path)
-        if url.path in STATIC:
-            name, content_type = STATIC[url.path]
-            self._send(200, static_file(name), content_type)
+        if self._static(url.path):
             return
-        params = parse_qs(url.query, keep_blank_values=True)
         if url.path.startswith("/api/"):
-            self._json(self.server.explorer.handle("GET", url.path, params))
+            self._json(self.server.explorer.handle("GET", url.path, parse_qs(url.query, keep_blank_values=True)))
         else:
             self._json(Response(404, {"error": f"no such page: {url.path}"}))
 
@@ -116,10 +121,7 @@ class Handler(BaseHTTPRequestHandler):
         if self._host_refused():
             return
         url = urlsplit(self.path)
-        if url.path in STATIC:
-            name, content_type = STATIC[url.path]
-            self._send(200, static_file(name), content_type)
-        else:
+        if not self._static(url.path):
             self._json(Response(404 if url.path not in self.server.explorer.paths() else 405,
                                 {"error": f"HEAD is only for the page, not {url.path}"}))
 

@@ -5,7 +5,9 @@ Feature visualisation (:func:`visualize`, :func:`render_channels`, :func:`multis
 texture and style (:func:`texture`, :func:`style_transfer`) and adversarial / fooling images
 (:func:`adversarial`, :func:`fooling_image`), fast feed-forward style (:func:`train_fast_style`,
 :func:`stylize`). Pieces are replaceable: objectives, parameterisations,
-transforms and regularisers live in their own modules.
+transforms and regularisers live in their own modules. Every result is a :class:`SynthesisResult`
+(shown as a picture in Jupyter). Every entry point takes a :class:`~convscope.Model` or a plain
+``nn.Module`` (converted once by :func:`~convscope.models.as_model`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .objectives import (
     parse_objective,
 )
 from .render import Rendering, evaluate, multiscale, render, render_channels, visualize
+from .result import SynthesisResult
 from .style import StyleResult, gram, style_transfer, texture
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "Inversion",
     "PerturbationStudy",
     "StyleResult",
+    "SynthesisResult",
     "adversarial",
     "gram",
     "style_transfer",

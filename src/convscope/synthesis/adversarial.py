@@ -13,47 +13,42 @@ target's log-probability until the model is ``confidence`` sure.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from ..progress import tqdm
 
 from ..errors import ConvscopeError, TargetError
-from ..models.model import Prediction, check_input, output_logits
+from ..models import Model, Prediction, check_input, output_logits
 from ..probe import guard
+from .bounds import check_size
 from .network import Network, NotDifferentiableError, network
 from .objectives import LOGITS, Objective
-from .render import Rendering, pixels_to_pil, render
+from .params import pixel_image
+from .render import Rendering, render
+from .result import SynthesisResult, interruptible, seeded
 
 
 def predictions(net: Network, logits: torch.Tensor, top: int = 5) -> list[Prediction]:
     """Top-``top`` softmax predictions of each row of ``logits``."""
     probs = logits.detach().float().softmax(dim=1)
     values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
-    out = []
-    for val, idx in zip(values.tolist(), indices.tolist()):
-        names = [net.labels[i] if net.labels and i < len(net.labels) else f"class {i}" for i in idx]
-        out.append(Prediction(idx, names, val))
-    return out
+    return [Prediction(idx, [net.model.label(i) for i in idx], val) for val, idx in zip(values.tolist(), indices.tolist())]
 
 
-@dataclass
-class AdversarialResult:
+@dataclass(repr=False)
+class AdversarialResult(SynthesisResult):
     """An adversarial batch: ``input`` (N, 3, H, W) in the model's input space, ready to feed.
 
     ``perturbation``: ``{"linf": (N,), "l2": (N,)}`` norms of (adversarial - original) in pixel units;
     ``before``/``after``: top-5 predictions; ``success``: (N,) target reached (targeted) or the
-    prediction changed (untargeted); ``target_probability``: (N,) after the attack (targeted only).
+    prediction changed (untargeted); ``target_probability``: (N,) after the attack (targeted only);
+    ``history``: the loss per step.
     """
 
-    input: torch.Tensor
     original: torch.Tensor
-    pixels: torch.Tensor
     perturbation: dict[str, torch.Tensor]
     before: list[Prediction]
     after: list[Prediction]
@@ -65,17 +60,7 @@ class AdversarialResult:
     steps: int
     forward_passes: int
     backward_passes: int
-    seconds: float
-    history: list[float] = field(default_factory=list)
     target_probability: torch.Tensor | None = None
-
-    @property
-    def images(self) -> list[Image.Image]:
-        return pixels_to_pil(self.pixels)
-
-    @property
-    def image(self) -> Image.Image:
-        return self.images[0]
 
 
 def _project(delta: torch.Tensor, p0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -94,7 +79,7 @@ def _direction(g: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def adversarial(
-    model: Any,
+    model: Model | Any,
     x: Any,
     target: int | str | Sequence[int] | torch.Tensor | None = None,
     *,
@@ -136,15 +121,12 @@ def adversarial(
     if not alpha > 0:
         raise ConvscopeError(f"step size must be positive, got {alpha}")
     if isinstance(x, torch.Tensor):
-        x0 = check_input(x, device=net.device).detach()
-    elif net.model is not None:
-        x0 = net.model.preprocess(x)
+        x0 = check_input(x, device=net.device, channels=net.model.channels).detach()
     else:
-        raise ConvscopeError("a plain nn.Module needs a preprocessed tensor")
+        x0 = net.preprocess(x)
     n = x0.shape[0]
     p0 = net.to_pixels(x0).clamp(0, 1)
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
-    t0 = time.perf_counter()
+    gen = seeded(seed)
     history: list[float] = []
     with guard(net.module, eval=True, freeze=True, no_inplace=True):
         with torch.no_grad():
@@ -156,24 +138,26 @@ def adversarial(
             r = torch.rand(p0.shape, generator=gen) * 2 - 1 if norm == "linf" else torch.randn(p0.shape, generator=gen)
             delta = _project(r.to(p0) * (eps if norm == "linf" else eps / (r[0].numel() ** 0.5)), p0, eps, norm)
         done = 0
-        for _ in tqdm(range(steps), desc=f"{method} {norm}", disable=None if progress is None else not progress, leave=False):
-            d = delta.detach().requires_grad_(True)
-            logits = output_logits(net.module(net.normalize(p0 + d)))
-            if not logits.requires_grad:
-                raise NotDifferentiableError("the model's output does not depend differentiably on its input")
-            loss = F.cross_entropy(logits, labels, reduction="sum")
-            (g,) = torch.autograd.grad(loss, d)
-            sign = -1.0 if targets is not None else 1.0
-            delta = _project(delta + sign * alpha * _direction(g, norm), p0, eps, norm)
-            done += 1
-            history.append(float(loss.detach()) / n)
-            if early_stop:
-                pred = logits.detach().argmax(1)
-                ok = (pred == targets) if targets is not None else (pred != labels)
-                if bool(ok.all()):
-                    # the check ran on the previous iterate; keep it only if it is the current one
-                    delta = d.detach()
-                    break
+        with interruptible(steps, f"{method} {norm}", progress) as run:
+            for _ in range(steps):
+                d = delta.detach().requires_grad_(True)
+                logits = output_logits(net.module(net.normalize(p0 + d)))
+                if not logits.requires_grad:
+                    raise NotDifferentiableError("the model's output does not depend differentiably on its input")
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+                (g,) = torch.autograd.grad(loss, d)
+                sign = -1.0 if targets is not None else 1.0
+                delta = _project(delta + sign * alpha * _direction(g, norm), p0, eps, norm)
+                done += 1
+                run.tick()
+                history.append(float(loss.detach()) / n)
+                if early_stop:
+                    pred = logits.detach().argmax(1)
+                    ok = (pred == targets) if targets is not None else (pred != labels)
+                    if bool(ok.all()):
+                        # the check ran on the previous iterate; keep it only if it is the current one
+                        delta = d.detach()
+                        break
         pixels = (p0 + delta).detach()
         xa = net.normalize(pixels)
         with torch.no_grad():
@@ -186,8 +170,8 @@ def adversarial(
         perturbation={"linf": diff.abs().amax(1).cpu(), "l2": diff.norm(dim=1).cpu()},
         before=predictions(net, logits0), after=predictions(net, logits1), success=success.cpu(),
         target=targets.cpu() if targets is not None else None, method=method, norm=norm, eps=float(eps),
-        steps=done, forward_passes=done + 2, backward_passes=done, seconds=time.perf_counter() - t0,
-        history=history,
+        steps=done, forward_passes=done + 2, backward_passes=done, seconds=run.seconds,
+        history=history, interrupted=run.interrupted,
         target_probability=logits1.softmax(1).gather(1, targets.view(-1, 1)).squeeze(1).cpu() if targets is not None else None,
     )
 
@@ -225,7 +209,7 @@ def log_probability(cls: int) -> Objective:
 
 
 def fooling_image(
-    model: Any,
+    model: Model | Any,
     target: int | str,
     *,
     confidence: float = 0.99,
@@ -250,12 +234,9 @@ def fooling_image(
     cls = net.class_index(target)
     obj = log_probability(cls)
     goal = float(torch.log(torch.tensor(confidence)))
-    from .params import pixel_image
-
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
-    h, w = (size, size) if size else net.input_size
-    p = pixel_image((1, h, w), sd=1.0, decorrelate=False, generator=gen, device=net.device) if param == "pixel" else param
-    r = render(model, obj, param=p, steps=steps, lr=lr, transforms=None, seed=seed, progress=progress,
+    h, w = check_size(size, "fooling_image") or net.input_size
+    p = pixel_image((1, h, w), sd=1.0, decorrelate=False, generator=seeded(seed), device=net.device) if param == "pixel" else param
+    r = render(net.model, obj, param=p, steps=steps, lr=lr, transforms=None, seed=seed, progress=progress,
                mean=mean, std=std, redirect_relu=0, until=lambda v: bool((v >= goal).all()))
     r.extras["probability"] = float(torch.exp(r.objectives).mean())
     r.extras["target"] = cls

@@ -9,69 +9,57 @@ objective is the mean of squares of one layer; a channel objective dreams one fe
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from ..progress import tqdm
 
 from ..errors import ConvscopeError
 from ..images import ImageLike, load_image
-from .network import NotDifferentiableError, network
+from ..models import Model, as_model
+from ..probe import Capture
+from .bounds import SIZE
+from .network import Network, NotDifferentiableError, network
 from .objectives import Objective, as_objective, layer
-from .render import capture_for, objective_values, pixels_to_pil
+from .render import capture_for, objective_values
+from .result import SynthesisResult, interruptible, pil_to_pixels, seeded
 
 
-@dataclass
-class Dream:
-    """A dreamed image: ``pixels`` (1, 3, H, W) in [0, 1], ``input`` the same in the model's input space."""
+@dataclass(repr=False)
+class Dream(SynthesisResult):
+    """A dreamed image: ``pixels`` (1, 3, H, W) in [0, 1], ``input`` the same in the model's input space;
+    ``history``: the objective at each step; ``octave_sizes``: (H, W) of each octave, coarse to fine."""
 
-    input: torch.Tensor
-    pixels: torch.Tensor
-    history: list[float]
     objective_name: str
     octave_sizes: list[tuple[int, int]]
     forward_passes: int
     backward_passes: int
-    seconds: float
-    interrupted: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def image(self) -> Image.Image:
-        return pixels_to_pil(self.pixels)[0]
 
 
 def default_dream_layer(model: Any) -> str:
     """A layer about 60% of the way through the network's spatial layers (textures and object parts)."""
-    from ..probe import layer_table
-
-    rows = model.layers() if hasattr(model, "layers") and callable(model.layers) else layer_table(model)
+    rows = as_model(model).layers()
     spatial = [r for r in rows if r.is_spatial and r.depth <= 2 and r.output_shape is not None]
     if not spatial:
         raise ConvscopeError("the model has no spatial layer to dream on")
     return spatial[int(0.6 * (len(spatial) - 1))].name
 
 
-def _pixels_of(image: ImageLike | torch.Tensor, size: int | None, net) -> torch.Tensor:
+def _pixels_of(image: ImageLike | torch.Tensor, size: int | None, net: Network) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
-        x = image if image.ndim == 4 else image.unsqueeze(0)
-        return net.to_pixels(x.detach().to(net.device, net.dtype)).clamp(0, 1)
+        return net.to_pixels(net.preprocess(image)).clamp(0, 1)
     img = load_image(image)
     if size:
         scale = size / min(img.size)
         img = img.resize((max(16, round(img.size[0] * scale)), max(16, round(img.size[1] * scale))), Image.Resampling.BICUBIC)
-    a = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    return a.to(net.device, net.dtype)
+    return pil_to_pixels(img).to(net.device, net.dtype)
 
 
 def dream(
-    model: Any,
+    model: Model | Any,
     image: ImageLike | torch.Tensor,
     objective: Objective | str | None = None,
     *,
@@ -96,46 +84,40 @@ def dream(
     """
     net = network(model, mean=mean, std=std)
     if objective is None:
-        objective = layer(default_dream_layer(model))
-    obj = as_objective(objective, model)
+        objective = layer(default_dream_layer(net.model))
+    obj = as_objective(objective, net.model)
     if octaves < 1 or octave_scale < 1 or steps < 0 or not step_size > 0 or jitter < 0:
         raise ConvscopeError("dream needs octaves >= 1, octave_scale >= 1, steps >= 0, step_size > 0, jitter >= 0")
+    SIZE.check("size", size, "dream")
     base = _pixels_of(image, size, net)
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    gen = seeded(seed)
     h, w = base.shape[2:]
     sizes = [(max(16, round(h / octave_scale**i)), max(16, round(w / octave_scale**i))) for i in range(octaves)][::-1]
     history: list[float] = []
     passes = 0
-    interrupted = False
-    t0 = time.perf_counter()
     detail = torch.zeros_like(base[:, :, : sizes[0][0], : sizes[0][1]])
-    result = base
-    bar = tqdm(total=octaves * steps, desc=f"dream {obj.name}", disable=None if progress is None else not progress, leave=False)
-    try:
-        with capture_for(net, obj) as cap:
-            for hs, ws in sizes:
-                octave_base = F.interpolate(base, size=(hs, ws), mode="bilinear", align_corners=False) if (hs, ws) != (h, w) else base
-                detail = F.interpolate(detail, size=(hs, ws), mode="bilinear", align_corners=False)
-                src = (octave_base + detail).clamp(0, 1)
-                for _ in range(steps):
-                    src = _step(net, cap, obj, src, gen, jitter, step_size, history)
-                    passes += 1
-                    bar.update(1)
-                detail = src - octave_base
-                result = src
-    except KeyboardInterrupt:
-        interrupted = True
-        result = src if "src" in locals() and src.shape == base.shape else result
-    finally:
-        bar.close()
+    result = src = base
+    with interruptible(octaves * steps, f"dream {obj.name}", progress) as run, capture_for(net, obj) as cap:
+        for hs, ws in sizes:
+            octave_base = F.interpolate(base, size=(hs, ws), mode="bilinear", align_corners=False) if (hs, ws) != (h, w) else base
+            detail = F.interpolate(detail, size=(hs, ws), mode="bilinear", align_corners=False)
+            src = (octave_base + detail).clamp(0, 1)
+            for _ in range(steps):
+                src = _step(net, cap, obj, src, gen, jitter, step_size, history)
+                passes += 1
+                run.tick()
+            detail = src - octave_base
+            result = src
+    if run.interrupted and src.shape == base.shape:
+        result = src  # interrupted during the last octave: keep its progress
     pixels = result.detach()
     return Dream(input=net.normalize(pixels), pixels=pixels, history=history, objective_name=obj.name,
-                 octave_sizes=sizes, forward_passes=passes, backward_passes=passes,
-                 seconds=time.perf_counter() - t0, interrupted=interrupted)
+                 octave_sizes=sizes, forward_passes=passes, backward_passes=passes, seconds=run.seconds,
+                 interrupted=run.interrupted)
 
 
-def _step(net, cap, obj: Objective, src: torch.Tensor, gen: torch.Generator, jitter: int, step_size: float,
-          history: list[float]) -> torch.Tensor:
+def _step(net: Network, cap: Capture, obj: Objective, src: torch.Tensor, gen: torch.Generator, jitter: int,
+          step_size: float, history: list[float]) -> torch.Tensor:
     """One normalised-gradient ascent step with a random roll (per image)."""
     n = src.shape[0]
     shifts = torch.randint(-jitter, jitter + 1, (n, 2), generator=gen).tolist() if jitter else [[0, 0]] * n

@@ -12,27 +12,24 @@ training run is practical on a CPU (Johnson: width 32, 5 blocks, 256 px crops, b
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from ..progress import tqdm
 
 from ..errors import ConvscopeError, ImageError
-from ..images import ImageLike, load_image
+from ..images import IMAGE_SUFFIXES, ImageLike, list_images, load_image
+from ..models import Model
 from ..probe import Capture
+from .bounds import SIZE
 from .network import network
-from .render import pixels_to_pil
-from .style import _pixels, default_layers, gram, gram_loss
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from .result import ShortRepr, interruptible, pil_to_pixels, pixels_to_pil, seeded
+from .style import default_layers, gram, gram_loss, image_pixels
 
 
 class _ConvLayer(nn.Sequential):
@@ -87,8 +84,8 @@ class TransformNet(nn.Module):
         return y
 
 
-@dataclass
-class FastStyleResult:
+@dataclass(repr=False)
+class FastStyleResult(ShortRepr):
     """A trained :class:`TransformNet` and its training curve (total, style and content loss per step)."""
 
     net: TransformNet
@@ -118,10 +115,7 @@ def load_transform_net(state: dict[str, Any], device: torch.device | str | None 
 def image_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Image files of a folder (recursively, sorted) or an explicit list; an empty result is an error."""
     if isinstance(data, (str, os.PathLike)):
-        root = Path(data)
-        if not root.is_dir():
-            raise ImageError(f"{root}: not a folder of content images")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = list_images(data)
     else:
         files = [Path(p) for p in data]
     if not files:
@@ -135,12 +129,11 @@ def _crop(img: Image.Image, size: int, gen: torch.Generator) -> torch.Tensor:
     img = img.resize((max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale))), Image.Resampling.BILINEAR)
     x0 = int(torch.randint(img.size[0] - size + 1, (1,), generator=gen))
     y0 = int(torch.randint(img.size[1] - size + 1, (1,), generator=gen))
-    a = np.asarray(img.crop((x0, y0, x0 + size, y0 + size)), dtype=np.float32) / 255.0
-    return torch.from_numpy(a).permute(2, 0, 1)
+    return pil_to_pixels(img.crop((x0, y0, x0 + size, y0 + size)))[0]
 
 
 def train_fast_style(
-    model: Any,
+    model: Model | Any,
     style: ImageLike | torch.Tensor,
     data: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -170,27 +163,26 @@ def train_fast_style(
     returns the network trained so far.
     """
     loss_net = network(model)
-    if steps < 1 or batch_size < 1 or size < 16 or not lr > 0:
-        raise ConvscopeError("fast style training needs steps >= 1, batch_size >= 1, size >= 16 and lr > 0")
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise ConvscopeError("fast style training needs steps >= 1, batch_size >= 1 and lr > 0")
+    SIZE.check("size", size, "train_fast_style")
     files = image_files(data)
-    s_layers, c_layers = default_layers(model)
+    s_layers, c_layers = default_layers(loss_net.model)
     s_layers = list(style_layers) if style_layers is not None else s_layers
     c_layers = list(content_layers) if content_layers is not None else c_layers[:1]
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    gen = seeded(seed)
     if net is None:
         torch.manual_seed(int(seed) if seed is not None else 0)
         net = TransformNet(width, blocks)
     net = net.to(loss_net.device).train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     result = FastStyleResult(net, [], [], [], 0, 0.0)
-    t0 = time.perf_counter()
-    images = {}
+    images: dict[int, Image.Image] = {}
     with Capture(loss_net.module, list(dict.fromkeys(s_layers + c_layers)), grads=True, stop=True) as cap:
         with torch.no_grad():
-            cap.forward(loss_net.normalize(_pixels(style, size, loss_net)))
+            cap.forward(loss_net.normalize(image_pixels(style, size, loss_net)))
             target = {n: gram(cap.activations[n]).detach() for n in s_layers}
-        bar = tqdm(total=steps, desc="style-train", disable=None if progress is None else not progress, leave=False)
-        try:
+        with interruptible(steps, "style-train", progress) as run:
             for step in range(steps):
                 picks = torch.randint(len(files), (batch_size,), generator=gen).tolist()
                 batch = []
@@ -216,16 +208,13 @@ def train_fast_style(
                 result.style_history.append(float(s_loss.detach()))
                 result.content_history.append(float(c_loss.detach()))
                 result.steps = step + 1
-                bar.update(1)
+                run.tick()
                 if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                    result.seconds = time.perf_counter() - t0
+                    result.seconds = run.seconds
                     checkpoint(step + 1, result)
-        except KeyboardInterrupt:
-            result.interrupted = True
-        finally:
-            bar.close()
     net.eval()
-    result.seconds = time.perf_counter() - t0
+    result.interrupted = run.interrupted
+    result.seconds = run.seconds
     if checkpoint is not None:
         checkpoint(result.steps, result)
     return result
@@ -240,9 +229,10 @@ def stylize(net: TransformNet, image: ImageLike | torch.Tensor, size: int | None
     else:
         img = load_image(image)
         if size:
+            SIZE.check("size", size, "stylize")
             s = size / min(img.size)
             img = img.resize((max(4, round(img.size[0] * s)), max(4, round(img.size[1] * s))), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].to(dev)
+        x = pil_to_pixels(img).to(dev)
     training = net.training
     net.eval()
     try:

@@ -12,25 +12,27 @@ of the feature maps dropped and the rest rescaled to the original norm) and repo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from ..progress import tqdm
 
 from ..errors import ConvscopeError
 from ..images import ImageLike
+from ..models import Model, as_model
 from ..probe import Capture
+from ..render import grid, png_bytes
+from .bounds import check_size
 from .network import Network, NotDifferentiableError, network
 from .regularizers import total_variation
-from .render import pixels_to_pil
+from .result import ShortRepr, SynthesisResult, interruptible, seeded
 
 
-@dataclass
-class Inversion:
+@dataclass(repr=False)
+class Inversion(SynthesisResult):
     """A reconstruction from one layer's features.
 
     ``error``: final ||phi(x) - phi_target||^2 / ||phi_target||^2; ``history``: that error per step;
@@ -38,32 +40,17 @@ class Inversion:
     """
 
     layer: str
-    input: torch.Tensor
-    pixels: torch.Tensor
     error: float
     pixel_error: float
-    history: list[float]
     steps: int
     forward_passes: int
     backward_passes: int
-    seconds: float
-    interrupted: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def image(self) -> Image.Image:
-        return pixels_to_pil(self.pixels)[0]
 
 
-def _input_of(model: Any, net: Network, image: ImageLike | torch.Tensor, size: int | None) -> torch.Tensor:
-    if isinstance(image, torch.Tensor):
-        x = image if image.ndim == 4 else image.unsqueeze(0)
-        return x.detach().to(net.device, net.dtype)
-    if net.model is None:
-        raise ConvscopeError("a plain nn.Module needs a preprocessed tensor, not an image")
-    x = net.model.preprocess(image)
-    if size and tuple(x.shape[2:]) != (size, size):
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+def _input_of(net: Network, image: ImageLike | torch.Tensor, size: int | None) -> torch.Tensor:
+    x = net.preprocess(image)
+    if size and not isinstance(image, torch.Tensor) and tuple(x.shape[2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x
 
 
@@ -75,7 +62,7 @@ def features(model: Any, x: torch.Tensor, layer: str) -> torch.Tensor:
 
 
 def invert(
-    model: Any,
+    model: Model | Any,
     image: ImageLike | torch.Tensor,
     layer: str,
     *,
@@ -103,59 +90,60 @@ def invert(
     net = network(model, mean=mean, std=std)
     if steps < 1 or not lr > 0:
         raise ConvscopeError("inversion needs steps >= 1 and a positive learning rate")
-    x0 = _input_of(model, net, image, size)
+    check_size(size, "invert")
+    x0 = _input_of(net, image, size)
     phi0 = features(net.module, x0, layer) if target is None else target.detach().to(net.device)
     norm0 = phi0.pow(2).sum().clamp_min(1e-12)
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    gen = seeded(seed)
     p = (0.5 + 1e-3 * torch.randn(x0.shape, generator=gen)).to(net.device, net.dtype).requires_grad_(True)
     opt = torch.optim.Adam([p], lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.6 * steps), int(0.85 * steps)], gamma=0.1)
     history: list[float] = []
-    done = 0
-    interrupted = False
-    t0 = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"invert {layer}", disable=None if progress is None else not progress, leave=False)
-    try:
-        with Capture(net.module, [layer], grads=True, stop=True) as cap:
-            for _ in range(steps):
-                cap.forward(net.normalize(p))
-                phi = cap.activations[layer]
-                if phi.shape != phi0.shape:
-                    raise ConvscopeError(f"target features have shape {tuple(phi0.shape)}, layer {layer!r} gives {tuple(phi.shape)}")
-                if not phi.requires_grad:
-                    raise NotDifferentiableError(f"layer {layer!r} does not depend differentiably on the input")
-                err = (phi - phi0).pow(2).sum() / norm0
-                loss = err
-                if alpha_weight:
-                    loss = loss + alpha_weight * (2 * (p - 0.5)).abs().pow(alpha).mean()
-                if tv_weight:
-                    loss = loss + tv_weight * total_variation(p, tv_beta).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                history.append(float(err.detach()))
-                done += 1
-                bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
+    with interruptible(steps, f"invert {layer}", progress) as run, \
+            Capture(net.module, [layer], grads=True, stop=True) as cap:
+        for _ in range(steps):
+            cap.forward(net.normalize(p))
+            phi = cap.activations[layer]
+            if phi.shape != phi0.shape:
+                raise ConvscopeError(f"target features have shape {tuple(phi0.shape)}, layer {layer!r} gives {tuple(phi.shape)}")
+            if not phi.requires_grad:
+                raise NotDifferentiableError(f"layer {layer!r} does not depend differentiably on the input")
+            err = (phi - phi0).pow(2).sum() / norm0
+            loss = err
+            if alpha_weight:
+                loss = loss + alpha_weight * (2 * (p - 0.5)).abs().pow(alpha).mean()
+            if tv_weight:
+                loss = loss + tv_weight * total_variation(p, tv_beta).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append(float(err.detach()))
+            run.tick()
+    done = len(history)
     pixels = p.detach().clamp(0, 1)
     x = net.normalize(pixels)
     phi = features(net.module, x, layer)
     error = float((phi - phi0).pow(2).sum() / norm0)
     pixel_error = float((pixels - net.to_pixels(x0).clamp(0, 1)).pow(2).mean().sqrt())
     return Inversion(layer=layer, input=x, pixels=pixels, error=error, pixel_error=pixel_error, history=history,
-                     steps=done, forward_passes=done + 2, backward_passes=done, seconds=time.perf_counter() - t0,
-                     interrupted=interrupted)
+                     steps=done, forward_passes=done + 2, backward_passes=done, seconds=run.seconds,
+                     interrupted=run.interrupted)
 
 
-def invert_layers(model: Any, image: ImageLike | torch.Tensor, layers: Sequence[str], **options: Any) -> list[Inversion]:
-    """:func:`invert` from each of ``layers`` with the same settings and seed (shallow to deep, side by side)."""
+def invert_layers(model: Model | Any, image: ImageLike | torch.Tensor, layers: Sequence[str], **options: Any) -> list[Inversion]:
+    """:func:`invert` from each of ``layers`` with the same settings and seed (shallow to deep, side by side).
+
+    After Ctrl-C the list ends with the interrupted inversion (its ``interrupted`` is set)."""
     if not layers:
         raise ConvscopeError("no layers to invert")
-    return [invert(model, image, name, **options) for name in layers]
+    model = as_model(model)
+    out: list[Inversion] = []
+    for name in layers:
+        out.append(invert(model, image, name, **options))
+        if out[-1].interrupted:
+            break
+    return out
 
 
 def binarize(phi: torch.Tensor) -> torch.Tensor:
@@ -183,30 +171,44 @@ PERTURBATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 }
 
 
-@dataclass
-class PerturbationStudy:
+@dataclass(repr=False)
+class PerturbationStudy(ShortRepr):
     """Inversions of perturbed features; ``errors[name]`` = (error to the perturbed target, error to the
-    original features, pixel RMSE to the original image)."""
+    original features, pixel RMSE to the original image). Shows as a labelled row of pictures in Jupyter."""
 
     layer: str
     inversions: dict[str, Inversion]
     errors: dict[str, tuple[float, float, float]]
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether Ctrl-C ended one of the inversions (the study then stops there)."""
+        return any(inv.interrupted for inv in self.inversions.values())
 
-def perturbation_study(model: Any, image: ImageLike | torch.Tensor, layer: str, *, seed: int | None = 0,
+    def picture(self) -> Image.Image:
+        """The reconstructions side by side, labelled with the perturbation."""
+        return grid([inv.image for inv in self.inversions.values()], labels=[f"{self.layer} {k}" for k in self.inversions])
+
+    def _repr_png_(self) -> bytes:
+        return png_bytes(self.picture())
+
+
+def perturbation_study(model: Model | Any, image: ImageLike | torch.Tensor, layer: str, *, seed: int | None = 0,
                        **options: Any) -> PerturbationStudy:
     """Invert ``layer``'s original, binarised and 50%-dropped features (Mahendran & Vedaldi 2015, Sec. 4)."""
     net = network(model, mean=options.get("mean"), std=options.get("std"))
-    x0 = _input_of(model, net, image, options.get("size"))
+    x0 = _input_of(net, image, options.get("size"))
     phi0 = features(net.module, x0, layer)
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    gen = seeded(seed)
     inversions: dict[str, Inversion] = {}
     errors: dict[str, tuple[float, float, float]] = {}
     for name, perturb in PERTURBATIONS.items():
         target = perturb(phi0, gen)
-        inv = invert(model, x0, layer, target=target, seed=seed, **{k: v for k, v in options.items() if k != "size"})
+        inv = invert(net.model, x0, layer, target=target, seed=seed, **{k: v for k, v in options.items() if k != "size"})
         phi = features(net.module, inv.input, layer)
         to_original = float((phi - phi0).pow(2).sum() / phi0.pow(2).sum().clamp_min(1e-12))
         inversions[name] = inv
         errors[name] = (inv.error, to_original, inv.pixel_error)
+        if inv.interrupted:
+            break
     return PerturbationStudy(layer, inversions, errors)

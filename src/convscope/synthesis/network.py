@@ -1,8 +1,10 @@
-"""The network a synthesis method optimises against: module, input normalisation, class names, device.
+"""The network a synthesis method optimises against: a :class:`~convscope.Model` plus its normalisation.
 
 Every synthesis method works on images in pixel space ([0, 1], RGB) and feeds the network through
-:meth:`Network.normalize` (the model's own mean/std). :func:`network` accepts a convscope
-:class:`~convscope.Model` or a plain ``nn.Module`` (with explicit ``mean``/``std``; default: identity).
+:meth:`Network.normalize` (the model's own mean/std). :func:`network` takes what
+:func:`convscope.models.as_model` takes: a :class:`~convscope.Model`, or a plain ``nn.Module``, which
+gets :data:`~convscope.models.PLAIN_MODULE_DEFAULTS` (ImageNet mean/std, 224 px) unless ``mean``/``std``
+are given explicitly.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import ConvscopeError
-from ..probe import module_device, module_of
+from ..images import ImageLike
+from ..models import Model, as_model
+from ..probe import module_device
 
 
 class NotDifferentiableError(ConvscopeError, RuntimeError):
@@ -24,14 +28,24 @@ class NotDifferentiableError(ConvscopeError, RuntimeError):
 
 @dataclass
 class Network:
-    """A module plus the facts synthesis needs: normalisation, labels, input size and device."""
+    """A :class:`~convscope.Model` plus the facts synthesis needs: normalisation, input size and device.
 
-    module: nn.Module
+    ``mean``/``std`` are the model's unless the caller gave others.
+    """
+
+    model: Model
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    labels: list[str] | None
     input_size: tuple[int, int]
-    model: Any = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    @property
+    def labels(self) -> list[str]:
+        """The model's class names (for a plain module: counted by one dry run when first read)."""
+        return self.model.labels
 
     @property
     def device(self) -> torch.device:
@@ -65,13 +79,16 @@ class Network:
 
     def class_index(self, target: int | str) -> int:
         """A class index from an int or a label; out of range gives a :class:`~convscope.TargetError`."""
-        from ..models.model import resolve_class
+        return self.model.class_index(target)
 
-        if self.labels is None:
-            if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
-                raise ConvscopeError(f"class {target!r}: this model has no class names, use an index")
-            return int(target)  # checked against the output width when the logits are seen
-        return resolve_class(target, self.labels)
+    def preprocess(self, image: ImageLike | torch.Tensor) -> torch.Tensor:
+        """An image (path, PIL, ``sample:NAME``) resized and cropped as the model expects, or a tensor
+        (3, H, W) / (N, 3, H, W) already in the model's input space -> (N, 3, H, W) on the device."""
+        if isinstance(image, torch.Tensor):
+            x = image if image.ndim == 4 else image.unsqueeze(0)
+            return x.detach().to(self.device, self.dtype)
+        pixels = self.model.to_pixels(self.model.preprocess(image))
+        return self.normalize(pixels).to(self.device, self.dtype)
 
 
 def network(
@@ -81,18 +98,16 @@ def network(
     std: Sequence[float] | None = None,
     input_size: int | tuple[int, int] | None = None,
 ) -> Network:
-    """Wrap a :class:`~convscope.Model` or an ``nn.Module`` (then ``mean``/``std`` default to 0/1)."""
+    """The :class:`Network` of a :class:`~convscope.Model` or an ``nn.Module`` (converted by
+    :func:`~convscope.models.as_model`); ``mean``/``std``/``input_size`` override the model's."""
     if isinstance(model, Network):
         return model
-    module = module_of(model)
-    is_model = not isinstance(model, nn.Module)
-    m = tuple(mean) if mean is not None else (tuple(model.mean) if is_model else (0.0, 0.0, 0.0))
-    s = tuple(std) if std is not None else (tuple(model.std) if is_model else (1.0, 1.0, 1.0))
-    if len(m) != 3 or len(s) != 3 or min(s) <= 0:
+    m = as_model(model)
+    mu = tuple(float(v) for v in (mean if mean is not None else m.mean))
+    sd = tuple(float(v) for v in (std if std is not None else m.std))
+    if len(mu) != 3 or len(sd) != 3 or min(sd) <= 0:
         raise ConvscopeError("mean and std need three values each, std positive")
-    labels = list(model.labels) if is_model else None
-    if input_size is None:
-        input_size = tuple(model.input_size) if is_model else (224, 224)
-    if isinstance(input_size, int):
-        input_size = (input_size, input_size)
-    return Network(module, m, s, labels, (int(input_size[0]), int(input_size[1])), model if is_model else None)
+    size = input_size if input_size is not None else m.input_size
+    if isinstance(size, int):
+        size = (size, size)
+    return Network(m, mu, sd, (int(size[0]), int(size[1])))  # type: ignore[arg-type]

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import ConvscopeError, LayerNotFoundError, TargetError, suggestion
-from ..probe import layer_names, module_of
+from ..models import as_model
+from ..probe import layer_names
 
 LOGITS = "<logits>"
 """Key under which the model's output (class scores) is passed to objective functions."""
@@ -239,8 +240,8 @@ class _Parser:
     def __init__(self, text: str, model: Any):
         self.text = text
         self.pos = 0
-        self.model = model
-        self.names = set(layer_names(module_of(model))) if model is not None else None
+        self.model = as_model(model) if model is not None else None
+        self.names = set(layer_names(self.model.module)) if self.model is not None else None
 
     def fail(self, message: str, pos: int | None = None) -> ObjectiveSyntaxError:
         return ObjectiveSyntaxError(message, self.text, self.pos if pos is None else pos)
@@ -343,9 +344,7 @@ class _Parser:
             if not label.isdigit():
                 raise self.fail("class names need a model; give a class index", start)
             return int(label)
-        from .network import network
-
-        return network(self.model).class_index(int(label) if label.isdigit() else label)
+        return self.model.class_index(int(label) if label.isdigit() else label)
 
 
 def parse_objective(text: str, model: Any = None) -> Objective:

@@ -14,27 +14,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from ..progress import tqdm
 
-from ..errors import ConvscopeError
-from ..models.model import output_logits
+from ..errors import ConvscopeError, TargetError
+from ..models import as_model, output_logits
 from ..probe import Capture
+from .bounds import BATCH, check_size
 from .network import Network, NotDifferentiableError, network
 from .objectives import LOGITS, Objective, as_objective, channel
+from .objectives import diversity as diversity_term
 from .params import ImageParam, image_param
 from .regularizers import Regularizer
+from .result import SynthesisResult, interruptible, pixels_to_pil, seeded
 from .transforms import Transform, resolve
 
+__all__ = ["Rendering", "evaluate", "multiscale", "optimize", "pixels_to_pil", "render", "render_channels", "visualize"]
 
-@dataclass
-class Rendering:
+
+@dataclass(repr=False)
+class Rendering(SynthesisResult):
     """A synthesised image batch and how it was made.
 
     ``input``: the tensor fed to the model (N, 3, H, W) in its preprocessed space (no transform), so
@@ -42,38 +45,16 @@ class Rendering:
     ``history``: mean objective per step, measured on the transformed copies the optimiser saw.
     """
 
-    input: torch.Tensor
-    pixels: torch.Tensor
     objectives: torch.Tensor
-    history: list[float]
     objective_name: str
     steps: int
     forward_passes: int
     backward_passes: int
-    seconds: float
-    interrupted: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def images(self) -> list[Image.Image]:
-        """Every image of the batch as a PIL image (8-bit)."""
-        return pixels_to_pil(self.pixels)
-
-    @property
-    def image(self) -> Image.Image:
-        """The first (often the only) image."""
-        return self.images[0]
 
     @property
     def objective(self) -> float:
         """The final objective value (mean over the batch) measured on ``input``."""
         return float(self.objectives.mean())
-
-
-def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in [0, 1] -> list of 8-bit RGB images."""
-    a = (pixels.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype("uint8")
-    return [Image.fromarray(x) for x in a]
 
 
 # ============================================================================ evaluating objectives
@@ -100,7 +81,7 @@ def evaluate(model: Any, objective: Objective | str, x: torch.Tensor, *, mean: S
              std: Sequence[float] | None = None) -> torch.Tensor:
     """The objective per image (N,) for a preprocessed input ``x`` (one forward pass, no gradient)."""
     net = network(model, mean=mean, std=std)
-    obj = as_objective(objective, model)
+    obj = as_objective(objective, net.model)
     with torch.no_grad(), capture_for(net, obj) as cap:
         return objective_values(cap, obj, x.to(net.device)).detach()
 
@@ -175,10 +156,8 @@ def optimize(
         raise ConvscopeError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
     history: list[float] = []
     done = 0
-    interrupted = False
     phases = [(min(redirect_relu, steps), _redirect_rules(net.module)), (steps - min(redirect_relu, steps), None)]
-    bar = tqdm(total=steps, desc=description, disable=None if progress is None else not progress, leave=False)
-    try:
+    with interruptible(steps, description, progress) as run:
         for count, rules in phases:
             if count <= 0:
                 continue
@@ -205,14 +184,10 @@ def optimize(
                         r.after_step(param, done)
                     history.append(float(values.detach().mean()))
                     done += 1
-                    bar.update(1)
+                    run.tick()
                     if until is not None and until(values.detach()):
-                        return history, done, interrupted
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    return history, done, interrupted
+                        return history, done, False
+    return history, done, run.interrupted
 
 
 def render(
@@ -240,14 +215,14 @@ def render(
     ``param``: ``"fourier"`` (default), ``"pixel"`` or an :class:`~convscope.synthesis.params.ImageParam`.
     ``size``: output side in pixels (default: the model's input size). ``batch``: images optimised
     together (each with its own transforms). ``seed``: seeds the initial image and every transform
-    (same seed, same image). ``mean``/``std``: normalisation for a plain ``nn.Module``. ``until``: see
+    (same seed, same image). ``mean``/``std``: normalisation instead of the model's (a plain
+    ``nn.Module`` otherwise gets :data:`~convscope.models.PLAIN_MODULE_DEFAULTS`). ``until``: see
     :func:`optimize`.
     """
     net = network(model, mean=mean, std=std)
-    obj = as_objective(objective, model)
-    h, w = _size(size, net)
-    if batch < 1:
-        raise ConvscopeError(f"batch must be >= 1, got {batch}")
+    obj = as_objective(objective, net.model)
+    h, w = check_size(size, "render") or net.input_size
+    BATCH.check("batch", batch, "render")
     gen = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
     p = param if isinstance(param, ImageParam) else image_param(param, (batch, h, w), decorrelate=decorrelate,
                                                               generator=gen, device=net.device)
@@ -271,15 +246,6 @@ def _finish(net: Network, obj: Objective, pixels: torch.Tensor, history: list[fl
         interrupted=interrupted, extras=dict(extras))
 
 
-def _size(size: int | tuple[int, int] | None, net: Network) -> tuple[int, int]:
-    if size is None:
-        return net.input_size
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    if h < 16 or w < 16:
-        raise ConvscopeError(f"image size must be at least 16 pixels, got {h}x{w}")
-    return h, w
-
-
 def visualize(
     model: Any,
     objective: Objective | str,
@@ -300,25 +266,41 @@ def visualize(
     ``decorrelate``, ``progress``, ``mean``, ``std``...). Returns a :class:`Rendering`; ``r.image`` is
     a PIL image, ``r.input`` the tensor fed to the model, ``r.objective`` the final objective value.
     """
+    model = as_model(model)
     obj = as_objective(objective, model)
     if diversity:
         if not obj.layers:
             raise ConvscopeError("diversity needs an objective that reads a layer")
-        from .objectives import diversity as diversity_term
-
         obj = obj + diversity * diversity_term(obj.layers[0])
     return render(model, obj, steps=steps, size=size, seed=seed, batch=batch, **options)
+
+
+def layer_channels(net: Network, layer: str, size: tuple[int, int]) -> int:
+    """How many channels ``layer`` outputs for one ``size`` image (one forward pass that stops there)."""
+    x = torch.full((1, 3, *size), 0.5, device=net.device, dtype=net.dtype)
+    with torch.no_grad(), Capture(net.module, [layer], stop=True) as cap:
+        cap.forward(net.normalize(x))
+        act = cap.activations[layer]
+    return int(act.shape[1]) if act.ndim >= 2 else 1
 
 
 def render_channels(model: Any, layer: str, channels: Sequence[int], **options: Any) -> Rendering:
     """Render ``channels`` of ``layer`` in one batched optimisation: image i maximises channel i.
 
     The images are independent (eval-mode model, per-image transforms), so this gives what separate
-    renderings give, for a fraction of the cost. Options as in :func:`render`.
+    renderings give, for a fraction of the cost. Options as in :func:`render`. A channel outside the
+    layer's range raises :class:`~convscope.TargetError` naming the range, before anything is allocated.
     """
+    model = as_model(model)
     channels = [int(c) for c in channels]
     if not channels:
         raise ConvscopeError("no channels to render")
+    net = network(model, mean=options.get("mean"), std=options.get("std"))
+    size = check_size(options.get("size"), "render_channels") or net.input_size
+    count = layer_channels(net, layer, size)
+    bad = [c for c in channels if not 0 <= c < count]
+    if bad:
+        raise TargetError(f"channel {bad[0]} is out of range: layer {layer!r} has {count} channels (0..{count - 1})")
     options.setdefault("seed", 0)
     return render(model, channel(layer, channels), batch=len(channels), **options)
 
@@ -351,41 +333,36 @@ def multiscale(
     high-frequency noise of pure pixel optimisation.
     """
     net = network(model, mean=mean, std=std)
-    obj = as_objective(objective, model)
+    obj = as_objective(objective, net.model)
     if start < 16 or factor < 1 or rounds < 1:
         raise ConvscopeError("multiscale needs start >= 16, factor >= 1 and rounds >= 1")
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    check_size(round(start * factor ** (rounds - 1)), "multiscale")
+    if blur is not None and not 1 <= blur <= start:
+        raise ConvscopeError(f"blur must be between 1 and the start size ({start}), got {blur}")
+    gen = seeded(seed)
     pixels = (150 + 30 * torch.rand((1, 3, start, start), generator=gen)) / 255
     pixels = pixels.to(net.device, net.dtype)
     history: list[float] = []
-    t0 = time.perf_counter()
     done = 0
-    interrupted = False
     size = float(start)
-    bar = tqdm(total=rounds * steps, desc=f"multiscale {obj.name}", disable=None if progress is None else not progress, leave=False)
-    try:
-        with capture_for(net, obj) as cap:
-            for r in range(rounds):
-                x = net.normalize(pixels).detach().requires_grad_(True)
-                opt = torch.optim.Adam([x], lr=lr, weight_decay=weight_decay)
-                for _ in range(steps):
-                    values = objective_values(cap, obj, x)
-                    if not values.requires_grad:
-                        raise NotDifferentiableError(f"the objective {obj.name!r} does not depend differentiably on the input")
-                    opt.zero_grad(set_to_none=True)
-                    (-values.sum()).backward()
-                    opt.step()
-                    history.append(float(values.detach().mean()))
-                    done += 1
-                    bar.update(1)
-                pixels = net.to_pixels(x.detach()).clamp(0, 1)
-                if r < rounds - 1:
-                    size *= factor
-                    pixels = F.interpolate(pixels, size=(int(size), int(size)), mode="bicubic", align_corners=False).clamp(0, 1)
-                    if blur:
-                        pixels = F.avg_pool2d(F.pad(pixels, (blur // 2, (blur - 1) // 2) * 2, mode="reflect"), blur, stride=1)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    return _finish(net, obj, pixels.detach(), history, done, interrupted, t0, sizes=(start, int(size)))
+    with interruptible(rounds * steps, f"multiscale {obj.name}", progress) as run, capture_for(net, obj) as cap:
+        for r in range(rounds):
+            x = net.normalize(pixels).detach().requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=lr, weight_decay=weight_decay)
+            for _ in range(steps):
+                values = objective_values(cap, obj, x)
+                if not values.requires_grad:
+                    raise NotDifferentiableError(f"the objective {obj.name!r} does not depend differentiably on the input")
+                opt.zero_grad(set_to_none=True)
+                (-values.sum()).backward()
+                opt.step()
+                history.append(float(values.detach().mean()))
+                done += 1
+                run.tick()
+            pixels = net.to_pixels(x.detach()).clamp(0, 1)
+            if r < rounds - 1:
+                size *= factor
+                pixels = F.interpolate(pixels, size=(int(size), int(size)), mode="bicubic", align_corners=False).clamp(0, 1)
+                if blur:
+                    pixels = F.avg_pool2d(F.pad(pixels, (blur // 2, (blur - 1) // 2) * 2, mode="reflect"), blur, stride=1)
+    return _finish(net, obj, pixels.detach(), history, done, run.interrupted, run.start, sizes=(start, int(size)))

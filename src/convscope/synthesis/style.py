@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from ..progress import tqdm
 
 from ..errors import ConvscopeError
 from ..images import ImageLike, load_image
+from ..models import Model, as_model
 from ..probe import Capture
+from .bounds import check_size
 from .network import Network, NotDifferentiableError, network
-from .render import pixels_to_pil
+from .result import SynthesisResult, interruptible, pil_to_pixels, seeded
 
 
 def _rows(f: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -86,17 +85,15 @@ def gram_loss(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def default_layers(model: Any) -> tuple[list[str], list[str]]:
     """(style layers, content layers): Gatys's conv1_1..conv5_1 / conv4_2 for torchvision VGG; else the
     first layer at each of the first five resolutions (style) and the fourth of them (content)."""
-    from ..probe import layer_table, module_of
-
-    module = module_of(model)
-    feats = getattr(module, "features", None)
+    model = as_model(model)
+    feats = getattr(model.module, "features", None)
     if isinstance(feats, torch.nn.Sequential):
         convs = [f"features.{i}" for i, m in enumerate(feats) if isinstance(m, torch.nn.Conv2d)]
         if len(convs) == 16:  # VGG-19
             return [convs[i] for i in (0, 2, 4, 8, 12)], [convs[9]]
         if len(convs) == 13:  # VGG-16
             return [convs[i] for i in (0, 2, 4, 7, 10)], [convs[8]]
-    rows = model.layers() if hasattr(model, "layers") and callable(model.layers) else layer_table(model)
+    rows = model.layers()
     spatial = [r for r in rows if r.is_spatial and r.output_shape is not None]
     # containers that span several resolutions (e.g. a whole ``blocks`` Sequential) say nothing about one scale
     spans = {r.name for r in spatial
@@ -111,43 +108,41 @@ def default_layers(model: Any) -> tuple[list[str], list[str]]:
     return picks, [picks[min(3, len(picks) - 1)]]
 
 
-@dataclass
-class StyleResult:
+@dataclass(repr=False)
+class StyleResult(SynthesisResult):
     """A stylised image or synthesised texture; ``history``: total loss per function evaluation.
 
     ``extras["times"]``: seconds since the call started at each evaluation (targets included).
     """
 
-    input: torch.Tensor
-    pixels: torch.Tensor
-    history: list[float]
     style_loss: float
     content_loss: float
     style_history: list[float]
     evaluations: int
-    seconds: float
     style_layers: list[str]
     content_layers: list[str]
-    interrupted: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def image(self) -> Image.Image:
-        return pixels_to_pil(self.pixels)[0]
 
 
-def _pixels(image: ImageLike | torch.Tensor, size: int | tuple[int, int] | None, net: Network) -> torch.Tensor:
+def image_pixels(image: ImageLike | torch.Tensor, size: int | tuple[int, int] | None, net: Network) -> torch.Tensor:
+    """Pixels (1, 3, H, W) in [0, 1] on the network's device from an image (path, PIL, ``sample:NAME``)
+    or a tensor already in pixel units, resized to ``size`` (a side or (H, W)) when given."""
     if isinstance(image, torch.Tensor):
         p = image if image.ndim == 4 else image.unsqueeze(0)
         p = p.detach().to(net.device, net.dtype)
     else:
-        img = load_image(image)
-        p = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].to(net.device, net.dtype)
+        p = pil_to_pixels(load_image(image)).to(net.device, net.dtype)
     if size is not None:
         hw = (size, size) if isinstance(size, int) else size
         if tuple(p.shape[2:]) != tuple(hw):
             p = F.interpolate(p, size=hw, mode="bilinear", align_corners=False, antialias=True)
     return p.clamp(0, 1)
+
+
+@torch.no_grad()
+def _project(raw: torch.Tensor, param: str) -> None:
+    """With ``param="clamp"``, project the optimised pixels onto [0, 1] in place (sigmoid needs nothing)."""
+    if param == "clamp":
+        raw.clamp_(0, 1)
 
 
 def _preserve_color(result: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
@@ -161,7 +156,7 @@ def _preserve_color(result: torch.Tensor, content: torch.Tensor) -> torch.Tensor
 
 
 def style_transfer(
-    model: Any,
+    model: Model | Any,
     content: ImageLike | torch.Tensor | None,
     styles: ImageLike | torch.Tensor | Sequence[ImageLike | torch.Tensor],
     *,
@@ -195,6 +190,7 @@ def style_transfer(
     and ``content_loss`` are the final weighted terms.
     """
     net = network(model, mean=mean, std=std)
+    check_size(size, "style_transfer")
     if steps < 1:
         raise ConvscopeError(f"steps must be >= 1, got {steps}")
     if optimizer not in ("lbfgs", "adam"):
@@ -210,24 +206,24 @@ def style_transfer(
     if len(w) != len(style_list) or (w < 0).any() or w.sum() <= 0:
         raise ConvscopeError("style weights: one non-negative weight per style image, not all zero")
     w = (w / w.sum()).tolist()
-    s_layers, c_layers = default_layers(model)
+    s_layers, c_layers = default_layers(net.model)
     s_layers = list(style_layers) if style_layers is not None else s_layers
     c_layers = list(content_layers) if content_layers is not None else c_layers
     if content is None:
         c_layers, content_weight = [], 0.0
     layers = list(dict.fromkeys(s_layers + c_layers))
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    gen = seeded(seed)
     # targets in the layout the optimised image will have: losses then compare like with like (no copies)
     layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last else (lambda t: t)
     t0 = time.perf_counter()
     with Capture(net.module, layers, grads=True, stop=True) as cap:
         # targets: computed once
         with torch.no_grad():
-            cp = _pixels(content, size, net) if content is not None else None
+            cp = image_pixels(content, size, net) if content is not None else None
             hw = tuple(cp.shape[2:]) if cp is not None else ((size, size) if isinstance(size, int) else tuple(size or net.input_size))
             target_grams = {name: 0 for name in s_layers}
             for weight, s in zip(w, style_list):
-                cap.forward(layout(net.normalize(_pixels(s, hw, net))))
+                cap.forward(layout(net.normalize(image_pixels(s, hw, net))))
                 for name in s_layers:
                     target_grams[name] = target_grams[name] + weight * gram(cap.activations[name]).detach()
             target_content = {}
@@ -252,12 +248,9 @@ def style_transfer(
         style_hist: list[float] = []
         times: list[float] = []
         last = {"style": 0.0, "content": 0.0}
-        bar = tqdm(total=steps, desc="texture" if content is None else "style", disable=None if progress is None else not progress, leave=False)
 
         def closure() -> torch.Tensor:
-            if param == "clamp":  # projected: every evaluation sees a valid image
-                with torch.no_grad():
-                    raw.clamp_(0, 1)
+            _project(raw, param)  # every evaluation sees a valid image
             opt.zero_grad(set_to_none=True)
             cap.forward(net.normalize(image()))
             acts = cap.activations
@@ -271,11 +264,10 @@ def style_transfer(
             times.append(time.perf_counter() - t0)
             style_hist.append(float(style_weight * s_loss.detach()))
             last["style"], last["content"] = style_hist[-1], float(content_weight * c_loss.detach())
-            bar.update(1)
+            run.tick()
             return loss
 
-        interrupted = False
-        try:
+        with interruptible(steps, "texture" if content is None else "style", progress) as run:
             if optimizer == "lbfgs":
                 opt: torch.optim.Optimizer = torch.optim.LBFGS([raw], lr=lr or 1.0, max_iter=steps, max_eval=steps,
                                                                 tolerance_grad=0, tolerance_change=0, history_size=100,
@@ -283,32 +275,24 @@ def style_transfer(
                 while len(history) < steps:
                     before = len(history)
                     opt.step(closure)
-                    if param == "clamp":
-                        with torch.no_grad():
-                            raw.clamp_(0, 1)
+                    _project(raw, param)
                     if len(history) == before:
                         break
             else:
                 opt = torch.optim.Adam([raw], lr=lr or 0.02)
                 for _ in range(steps):
                     opt.step(closure)
-                    if param == "clamp":
-                        with torch.no_grad():
-                            raw.clamp_(0, 1)
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            bar.close()
+                    _project(raw, param)
     pixels = image().detach().clamp(0, 1)
     if preserve_color and cp is not None:
         pixels = _preserve_color(pixels, cp)
     return StyleResult(input=net.normalize(pixels), pixels=pixels, history=history, style_loss=last["style"],
                        content_loss=last["content"], style_history=style_hist, evaluations=len(history),
                        seconds=time.perf_counter() - t0, style_layers=s_layers, content_layers=c_layers,
-                       interrupted=interrupted, extras={"times": times})
+                       interrupted=run.interrupted, extras={"times": times})
 
 
-def texture(model: Any, style: ImageLike | torch.Tensor | Sequence[ImageLike | torch.Tensor], **options: Any) -> StyleResult:
+def texture(model: Model | Any, style: ImageLike | torch.Tensor | Sequence[ImageLike | torch.Tensor], **options: Any) -> StyleResult:
     """Texture synthesis (Gatys et al. 2015): match the style image's Gram matrices from noise.
 
     Same options as :func:`style_transfer` (``init`` is always noise).
