@@ -34,6 +34,15 @@ class LayerNotFoundError(ConvscopeError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class LayerKindError(ConvscopeError, ValueError):
+    """A layer that exists but does not fit the view or analysis: not a convolution for ``filters``, no
+    feature maps (an (N, C, H, W) output) for ``feature_maps``, ``channel_means`` or a dataset analysis."""
+
+
+class ViewOptionError(ConvscopeError, ValueError):
+    """An option value a view cannot use (``depth=0``, ``max_filters=0``, an unknown ``sort``...)."""
+
+
 class TargetError(ConvscopeError, ValueError):
     """A class index or target that does not fit the model or the batch."""
 

@@ -71,12 +71,12 @@ def check_output_path(path: str | os.PathLike, suffixes: Iterable[str] | None = 
     compared case-insensitively), not an existing directory, its folder existing (or creatable) and writable.
     Raises :class:`OutputPathError` with one line; creates nothing."""
     p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{p}: is a directory; give a file name for the {what}")
     if suffixes is not None:
         allowed = tuple(s.lower() for s in suffixes)
         if p.suffix.lower() not in allowed:
             raise OutputPathError(f"{p}: unsupported {what} type {p.suffix or '(no suffix)'!r}; use one of {', '.join(allowed)}")
-    if p.is_dir():
-        raise OutputPathError(f"{p}: is a directory; give a file name for the {what}")
     folder = p.parent if str(p.parent) else Path(".")
     existing = folder
     while not existing.exists():  # the nearest folder that exists must let us create the rest

@@ -106,13 +106,16 @@ class Option:
         raise OptionError(f"{where} must be {self.range_text()}, got {raw!r}")
 
     def argtype(self, name: str) -> Callable[[str], Any]:
-        """An argparse ``type=`` that parses and checks, reporting the range in argparse's one-line error."""
+        """An argparse ``type=`` that parses and checks, reporting the range in argparse's one-line error
+        (``argument --steps: must be an int in 1..4096, got 0``: argparse names the option already)."""
+        named = f"option {name!r} "
 
         def parse(text: str) -> Any:
             try:
                 return self.parse(name, text)
             except OptionError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
+                message = str(exc)
+                raise argparse.ArgumentTypeError(message.removeprefix(named)) from None
 
         parse.__name__ = type_name(self.type)
         parse.option = self  # type: ignore[attr-defined]  # lets tests and help texts read the bounds

@@ -705,11 +705,3 @@ def choose_layer(rows: Sequence[LayerInfo], kind: str = "cam") -> str:
     same = [r for r in same if "Pool" not in r.type] or same
     top = [r for r in same if r.depth == min(s.depth for s in same)]
     return top[-1].name
-
-
-def default_layer(model: Any, kind: str = "cam") -> str:
-    """Moved to :func:`convscope.models.default_layer` (which takes a Model or a plain module); this
-    forwarder stays until every caller imports it from there."""
-    from .models import default_layer as models_default_layer  # import cycle: models imports the probe
-
-    return models_default_layer(model, kind)

@@ -182,10 +182,9 @@ def test_mask_keeps_only_the_important_region(builtin, chelsea_x):
 def test_every_numeric_option_declares_its_bounds():
     for name in method_names():
         for key, opt in METHODS[name].options.items():
-            if set(opt.types) & {int, float} and opt.choices is None and key not in ("baseline", "fill"):
-                assert opt.minimum is not None, f"{name}.{key} has no minimum"
-                if key != "channel":  # a channel index is bounded by the layer, checked when it is known
-                    assert opt.maximum is not None, f"{name}.{key} has no maximum"
+            if set(opt.types) & {int, float} and opt.choices is None:
+                assert opt.minimum is not None and opt.maximum is not None, f"{name}.{key} has no bounds"
+                assert opt.minimum <= opt.maximum and opt.finite
 
 
 @pytest.mark.parametrize(("method", "options", "needle"), [

@@ -157,9 +157,41 @@ def test_bad_output_path_is_one_line_exit_2_before_any_work(command, case, tmp_p
     assert sorted(os.listdir(inputs["folder"])) == ["a.png"]
 
 
+# Other files a command writes: options named like outputs (``--state``, ``--save``, ``--*-out``), checked the
+# same way (no suffix rule: a state file may have any name).
+def _is_extra_output(action: argparse.Action) -> bool:
+    return "-o" not in action.option_strings and bool(action.option_strings) and (
+        action.dest.endswith("_out") or action.dest in ("state", "save"))
+
+
+EXTRA_WRITERS = sorted((c, a.option_strings[-1]) for c, p in COMMANDS.items() for a in _options(p) if _is_extra_output(a))
+
+#: Options that only write when another option is given.
+NEEDS = {"--neighbours-out": ["--neighbours", "sample:chelsea"]}
+
+
+@pytest.mark.parametrize("command, option, case", [_case(c, f"{o}-{case}", o, case) for c, o in EXTRA_WRITERS
+                                                   for case in BAD_OUTPUTS[1:]])
+def test_other_bad_output_paths_too(command, option, case, tmp_path, inputs, no_model, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    action = next(a for a in _options(COMMANDS[command]) if option in a.option_strings)
+    suffix = os.path.splitext(str(action.metavar or ""))[1] or ".png"
+    bad = _bad_output(case, out_dir, suffix)
+    good = str(tmp_path / f"fine{_suffix(COMMANDS[command])}")
+    argv = _argv(command, good, inputs) + [option, bad, *NEEDS.get(option, [])]
+    code, _, err = run_cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, f"exit {code}, stderr:\n{err}"
+    assert bad in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert len(list(out_dir.rglob("*"))) == 1  # only what the test made
+
+
 def test_every_writer_is_covered():
     assert {"filters", "activations", "channels", "diagnose"} <= set(WRITERS)
     assert len(WRITERS) >= 10
+    assert ("topk", "--state") in EXTRA_WRITERS and ("embed", "--save") in EXTRA_WRITERS
 
 
 # ---------------------------------------------------------------- (c) numeric options declare and enforce bounds

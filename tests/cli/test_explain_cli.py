@@ -61,12 +61,15 @@ def test_explain_list_shows_every_method_with_options(capsys):
         (["--method", "integrated_gradients", "--option", "steps=0"],
          "option 'steps' of 'integrated_gradients' must be an int in 1..4096, got 0"),
         (["--method", "smoothgrad", "--option", "noise=nan"], "option 'noise' of 'smoothgrad' must be a finite number"),
-        (["--method", "gradcam", "--threshold", "2", "--mask"], "option '--threshold' must be a float in 0..1"),
-        (["--method", "gradcam", "--alpha", "-1"], "option '--alpha' must be a float in 0..1, got -1.0"),
+        (["--method", "gradcam", "--threshold", "2", "--mask"], "argument --threshold: must be a float in 0..1"),
+        (["--method", "gradcam", "--alpha", "-1"], "argument --alpha: must be a float in 0..1, got -1.0"),
     ],
 )
 def test_explain_bad_usage_is_one_line_exit_2(argv, message, capsys, tmp_path):
-    code = main(["explain", "sample:chelsea", *argv, "-o", str(tmp_path / "x.png")])
+    try:
+        code = main(["explain", "sample:chelsea", *argv, "-o", str(tmp_path / "x.png")])
+    except SystemExit as exc:  # argparse's own errors (--alpha, --threshold)
+        code = exc.code
     err = capsys.readouterr().err
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("convscope: error:")]
@@ -74,20 +77,20 @@ def test_explain_bad_usage_is_one_line_exit_2(argv, message, capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("name", "needle"), [
-    ("out.xyz", "unknown picture suffix '.xyz'"),
-    ("", "is a directory"),
+    ("out.xyz", "'.xyz'; use one of .png"),
+    ("folder.png", "is a directory"),
     ("file.txt/out.png", "is not a folder"),
 ])
 def test_explain_checks_the_output_path_before_the_work(tmp_path, capsys, monkeypatch, name, needle):
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder.png").mkdir()
     import convscope.cli.cmd_explain as cmd
 
     monkeypatch.setattr(cmd, "load_model_from_args", lambda args: pytest.fail("the model was loaded"))
-    target = str(tmp_path / name) if name else str(tmp_path)
-    assert main(["explain", "sample:chelsea", "-o", target]) == 2
+    assert main(["explain", "sample:chelsea", "-o", str(tmp_path / name)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and needle in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "folder.png"]
 
 
 def test_explain_no_progress_draws_no_bars(tmp_path, capsys, monkeypatch):

@@ -68,8 +68,8 @@ def test_failed_section_warns_on_stderr_and_still_writes_the_report(capsys, tmp_
         (["--sections", "prediction,featurez"], "did you mean features"),
         (["--layers", "blocks.9"], "unknown layer 'blocks.9'"),
         (["sample:nothing"], "unknown sample image"),
-        (["--top", "0"], "option '--top' must be an int in 1..1000"),
-        (["-o", "report.xyz"], "unknown report suffix '.xyz'"),
+        (["--top", "0"], "argument --top: must be an int in 1..1000"),
+        (["-o", "report.xyz"], "'.xyz'; use one of .html, .htm"),
     ],
 )
 def test_bad_report_options_are_one_line_errors(capsys, tmp_path, monkeypatch, argv, needle):
@@ -81,8 +81,12 @@ def test_bad_report_options_are_one_line_errors(capsys, tmp_path, monkeypatch, a
 
 
 def test_output_that_is_a_directory_is_an_error(capsys, tmp_path):
-    code, _, err = run(capsys, "report", "-o", str(tmp_path))
+    folder = tmp_path / "r.html"
+    folder.mkdir()
+    code, _, err = run(capsys, "report", "-o", str(folder))
     assert code == 2 and "is a directory" in err
+    code, _, err = run(capsys, "report", "-o", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1
 
 
 def test_output_path_is_checked_before_the_work(capsys, tmp_path, monkeypatch):

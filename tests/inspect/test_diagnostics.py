@@ -108,3 +108,14 @@ def test_cli_summary_json_and_one_layer(monkeypatch, capsys, tmp_path):
     assert "total: 2 dead" in capsys.readouterr().out
     assert main(["diagnose", "--layer", "1"]) == 2
     assert "not a Conv2d" in capsys.readouterr().err
+
+
+def test_whole_model_scores_equal_one_layer_at_a_time(tiny):
+    # the whole-model pass transforms kernels of one size together; the numbers must not depend on it
+    tiny.module.conv1.weight.data[2] = 0  # an all-zero filter scores NaN either way
+    whole = filter_health(tiny, strided_only=False)
+    for h in whole.layers:
+        one = filter_health(tiny, h.layer, strided_only=False)
+        assert torch.allclose(h.aliasing, one.aliasing, equal_nan=True, atol=1e-6)
+        assert (h.dead, h.aliased) == (one.dead, one.aliased)
+    assert torch.isnan(whole.layer("conv1").aliasing[2])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +84,14 @@ def test_summary_does_not_touch_the_model(tiny, untouched):
         summary(tiny.module, input_size=32)
     assert isinstance(tiny.module.relu1, nn.ReLU) and tiny.module.relu1.inplace
     assert torch.is_grad_enabled()
+
+
+def test_to_dict_is_json_ready_and_matches_the_rows(tiny):
+    s = summary(tiny, depth=1)
+    data = json.loads(json.dumps(s.to_dict()))
+    assert data["model"] == s.name and data["total_params"] == s.total_params
+    by_name = {r["name"]: r for r in data["layers"]}
+    assert list(by_name) == [r.name for r in s.rows]
+    assert by_name["conv2"] == {"name": "conv2", "type": "Conv2d", "output_shape": [1, 6, 16, 16], "params": 438,
+                                "trainable": 438, "receptive_field": [7, 7], "stride": [2, 2], "depth": 1, "leaf": True}
+    assert by_name["fc"]["receptive_field"] is None  # global: no finite window

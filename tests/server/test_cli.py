@@ -43,9 +43,9 @@ def test_serve_prints_its_url_and_stops_on_ctrl_c():
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--port", "70000"], "option '--port' must be an int in 0..65535, got 70000"),
-    (["--port", "http"], "option '--port' must be an int in 0..65535, got 'http'"),
-    (["--max-upload-mb", "0"], "option '--max-upload-mb' must be a float in 0.001..4096"),
+    (["--port", "70000"], "--port: must be an int in 0..65535, got 70000"),
+    (["--port", "http"], "--port: must be an int in 0..65535, got 'http'"),
+    (["--max-upload-mb", "0"], "--max-upload-mb: must be a float in 0.001..4096"),
 ])
 def test_bad_port_is_a_usage_error(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

@@ -16,8 +16,6 @@ def model():
     return cs.load_model()
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny():
     torch.manual_seed(0)

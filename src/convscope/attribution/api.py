@@ -10,7 +10,8 @@ from torch import nn
 
 from ..errors import ConvscopeError, TargetError
 from ..models.model import Model, as_model, resolve_class
-from ..probe import default_layer, guard, resolve_layer
+from ..models import default_layer
+from ..probe import guard, resolve_layer
 from .contract import Context, MethodOutput
 from .registry import MethodSpec, check_options, get_method
 from .result import Attribution, display_map

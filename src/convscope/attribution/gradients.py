@@ -209,7 +209,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     passes="steps x (1 forward + 1 backward) + 2 forward",
     options={
         "steps": Option(int, 32, "points on the path from the baseline to the input", minimum=1, maximum=4096),
-        "baseline": Option((str, float, torch.Tensor), "black", "zero, black, blur, noise, a number or a tensor"),
+        "baseline": Option((str, float, torch.Tensor), "black", "zero, black, blur, noise, a number or a tensor",
+                           minimum=-1000.0, maximum=1000.0),
         "rule": Option(str, "gausslegendre", "quadrature rule of the path integral", IG_RULES),
         "batch_size": _BATCH,
         "seed": Option(int, 0, "seed of the noise baseline", minimum=0, maximum=SEED_MAX),

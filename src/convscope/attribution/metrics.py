@@ -182,8 +182,7 @@ def pointing_game(
         sal = sal.unsqueeze(0)
     if not torch.isfinite(sal).all():
         raise InputShapeError("saliency contains NaN or infinite values")
-    if tolerance < 0:
-        raise ConvscopeError(f"tolerance must be non-negative, got {tolerance}")
+    check_range("tolerance", tolerance, float, 0.0, None)
     b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     n, _, w = sal.shape
     if b.shape[0] == 1 and n > 1:

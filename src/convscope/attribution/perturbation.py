@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ConvscopeError
 from ..models.model import output_logits
+from ..options import check_range
 from ..probe import Capture, guard
 from .contract import Context, MethodOutput
 from .incremental import Plan, Region, build_plan, materialize
@@ -95,7 +96,8 @@ def _batches(n: int, size: int) -> Iterator[slice]:
     options={
         "window": Option(int, 16, "side of the square occluder, pixels", minimum=1, maximum=4096),
         "stride": Option(int, 8, "step between occluder positions, pixels", minimum=1, maximum=4096),
-        "fill": Option((float, str), 0.0, "occluder value in model-input space, or 'mean' / 'blur'"),
+        "fill": Option((float, str), 0.0, "occluder value in model-input space, or 'mean' / 'blur'",
+                       minimum=-1000.0, maximum=1000.0),
         "approximate": Option(bool, False, "projective-field thresholding (Krypton): faster, approximate"),
         "tau": Option(float, 0.5, "approximate mode: cap of the changed region's side, fraction of each map (> 0)",
                       minimum=0.0, maximum=1.0),
@@ -113,7 +115,7 @@ def _batches(n: int, size: int) -> Iterator[slice]:
             str, None, "with channel: a layer whose channel response is mapped (Zeiler-Fergus fig. 7)"
         ),
         "channel": Option(int, None, "with channel_layer: the channel whose activation is mapped per occluder position",
-                          minimum=0),
+                          minimum=0, maximum=65535),
         "channel_reduce": Option(
             str, "max", "how the channel's map is reduced to one number", ("max", "mean")
         ),
@@ -436,8 +438,7 @@ def important_region(
     x = getattr(attribution, "input", None) if x is None else x
     if not isinstance(m, torch.Tensor) or not isinstance(x, torch.Tensor):
         raise ConvscopeError("important_region needs an Attribution with its input, or a map and x")
-    if not 0.0 <= threshold <= 1.0:
-        raise ConvscopeError(f"mask threshold must lie in [0, 1], got {threshold}")
+    check_range("threshold", threshold, float, 0.0, 1.0)
     if m.ndim == 2:
         m = m.unsqueeze(0)
     if m.shape[-2:] != x.shape[-2:]:
@@ -479,9 +480,8 @@ def rise_masks(
                         minimum=1, maximum=224),
         "p": Option(float, 0.5, "probability that a grid cell is kept (0 < p < 1)", minimum=0.0, maximum=1.0),
         "seed": Option(int, 0, "seed of the mask generator", minimum=0, maximum=SEED_MAX),
-        "fill": Option(
-            (float, str), 0.0, "value of masked-out pixels in model-input space, or 'mean' / 'blur'"
-        ),
+        "fill": Option((float, str), 0.0, "value of masked-out pixels in model-input space, or 'mean' / 'blur'",
+                       minimum=-1000.0, maximum=1000.0),
         "batch_size": Option(int, 32, "masked copies per forward pass", minimum=1, maximum=4096),
     },
     preview={"masks": 300},

@@ -59,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
         for spec in METHODS.values():
             print(f"{spec.name:22s} {spec.family:13s} {spec.passes}")
             for key, opt in spec.options.items():
-                choices = f" ({'/'.join(map(str, opt.choices))})" if opt.choices else ""
-                print(f"{'':24s}{key}={opt.default}{choices}: {opt.help}")
+                print(f"{'':24s}{key}={opt.default} ({opt.range_text()}): {opt.help}")
         return 0
     if not args.image:
         raise ConvscopeError("explain needs an IMAGE (a path or sample:NAME), or --list")

@@ -12,12 +12,9 @@ from typing import Any
 
 from ..images import load_image
 from ..inspect import channel_means, feature_maps, filters, summary
-from ..models import Model
-from ..probe import default_layer
-from .common import (  # noqa: F401  (IMAGE_SUFFIXES, positive_int, output_file, save, slug, image_stem: re-exported for old imports)
-    IMAGE_SUFFIXES,
+from ..models import Model, default_layer
+from .common import (
     image_stem,
-    info,
     load_model_from_args,
     output_file,
     positive_int,
@@ -51,21 +48,7 @@ def run_summary(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     s = summary(model, depth=args.depth, leaves=args.leaves)
     if args.json:
-        rows = [
-            {
-                "name": r.name,
-                "type": r.type,
-                "output_shape": list(r.output_shape) if r.output_shape is not None else None,
-                "params": r.params,
-                "trainable": r.trainable,
-                "receptive_field": None if r.receptive_field is None or r.receptive_field.size is None else list(r.receptive_field.size),
-                "stride": None if r.receptive_field is None or r.receptive_field.size is None else list(r.receptive_field.stride),
-                "depth": r.depth,
-                "leaf": r.is_leaf,
-            }
-            for r in s.rows
-        ]
-        print(json.dumps({"model": s.name, "layers": rows, **s.totals()}, indent=2))
+        print(json.dumps(s.to_dict(), indent=2))
     else:
         print(s)
     return 0

@@ -9,12 +9,16 @@ every command takes), :func:`load_model_from_args`, :func:`parse_target`, :func:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from ..dataset.folder import BATCH_SIZE as DATASET_BATCH_SIZE
+from ..dataset.folder import SkippedImagesWarning, skipped_summary
 from ..errors import ConvscopeError
 from ..files import check_output_path
 from ..images import IMAGE_SUFFIXES
@@ -123,15 +127,6 @@ def info(message: str) -> None:
     """Progress and result lines for people go to stderr; data goes to stdout."""
     print(message, file=sys.stderr)
 
-
-# Imports of the dataset-command helpers below (appended by the dataset owner; to be merged into the import
-# block at the top of this file when it is next reorganised).
-import contextlib  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
-
-from ..dataset.folder import BATCH_SIZE as DATASET_BATCH_SIZE  # noqa: E402
-from ..dataset.folder import SkippedImagesWarning, skipped_summary  # noqa: E402
 
 # ============================================================================ dataset commands
 # Shared by topk, embed, dissect, bias and evolution (streaming runs over many images).

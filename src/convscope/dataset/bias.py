@@ -34,7 +34,7 @@ from PIL import Image
 
 from ..errors import ConvscopeError
 from ..images import list_images
-from ..inspect.picture import Pictured
+from ..render.picture import Pictured
 from ..models import Model, as_model, output_logits
 from ..probe import forward_fast, guard
 from ..progress import tqdm
@@ -553,7 +553,7 @@ def shape_accuracy(
 def bias_figure(result: ShapeBias, accuracies: Sequence[ShapeAccuracy] = (), *, title: str | None = None) -> Any:
     """Per shape category, the share of shape decisions among shape + texture decisions (the layout of
     Geirhos et al.'s figure 4, shape on the left), with the model's mean, humans and ResNet-50."""
-    from matplotlib.figure import Figure  # heavy: imported when a figure is drawn
+    from ..render.figures import Figure  # heavy (matplotlib): imported when a figure is drawn
 
     rows = result.per_category
     wide = bool(accuracies)
@@ -610,7 +610,7 @@ def _accuracy_panel(ax: Any, accuracies: Sequence[ShapeAccuracy]) -> None:
 
 def accuracy_figure(result: ShapeAccuracy, *, title: str | None = None) -> Any:
     """Accuracy per category as bars, with the overall accuracy and the published references."""
-    from matplotlib.figure import Figure  # heavy: imported when a figure is drawn
+    from ..render.figures import Figure  # heavy (matplotlib): imported when a figure is drawn
 
     names = list(result.per_category)
     acc = [k / n if n else math.nan for k, n in result.per_category.values()]

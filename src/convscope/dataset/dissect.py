@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import load_image
-from ..inspect.picture import Pictured
+from ..render.picture import Pictured
 from ..models import Model, as_model
 from ..options import Option
 from ..probe import Capture, forward_fast, resolve_layer

@@ -35,8 +35,8 @@ from torch import nn
 
 from ..files import write_text
 from ..images import load_image
-from ..inspect.errors import LayerKindError
-from ..inspect.picture import Pictured
+from ..errors import LayerKindError
+from ..render.picture import Pictured
 from ..models import as_model, check_input, output_logits
 from ..options import Option
 from ..probe import Capture, forward_fast, guard, name_of, resolve_layer

@@ -56,8 +56,8 @@ from torch import nn
 from .. import models  # models.load_model looked up at call time (tests replace it to watch loading)
 from ..errors import InputShapeError, LayerNotFoundError, suggestion
 from ..images import SAMPLES
-from ..inspect.errors import LayerKindError
-from ..inspect.picture import Pictured
+from ..errors import LayerKindError
+from ..render.picture import Pictured
 from ..models import Model, as_model, output_logits
 from ..options import Option
 from ..probe import Capture, forward_fast, module_device, resolve_layer
@@ -246,7 +246,7 @@ class Evolution(Pictured):
         """Line plots over checkpoints, one line per layer (colour = depth): CKA to the final checkpoint
         (with top-1 agreement dashed), weight drift from the final and drift from the previous checkpoint."""
         from matplotlib import colormaps  # heavy: imported when a figure is drawn
-        from matplotlib.figure import Figure
+        from ..render.figures import Figure  # heavy (matplotlib): imported when a figure is drawn
 
         fig = Figure(figsize=(width, height), dpi=dpi)
         axes = fig.subplots(1, 3)

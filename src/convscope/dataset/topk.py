@@ -32,8 +32,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from ..inspect.errors import LayerKindError
-from ..inspect.picture import Pictured
+from ..errors import LayerKindError
+from ..render.picture import Pictured
 from ..models import Model, as_model
 from ..options import Option
 from ..probe import Capture, ReceptiveField, forward_fast, resolve_layer

@@ -10,9 +10,9 @@ from PIL import Image
 
 from ..models import Model
 from ..render import figure_to_image
-from .errors import ViewOptionError
+from ..errors import ViewOptionError
 from .features import layer_output, model_input
-from .picture import Pictured
+from ..render.picture import Pictured
 
 
 @dataclass(eq=False)

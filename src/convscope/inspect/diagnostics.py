@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +33,9 @@ from torch import nn
 from ..errors import suggestion
 from ..models import Model, as_model
 from ..render import grid, matrix_grid, titled
-from .errors import LayerKindError, ViewOptionError
+from ..errors import LayerKindError, ViewOptionError
 from .filters import ConvWeights, FilterSet, conv_layer, conv_layers
-from .picture import Pictured
+from ..render.picture import Pictured
 
 #: Layers drawn by :meth:`ModelHealth.to_image` (the first ones that have flagged filters).
 PICTURE_LAYERS = 4
@@ -47,30 +48,49 @@ def aliasing_scores(weight: torch.Tensor, fft_size: int = 16, chunk: int = 1 << 
     over the I slices. NaN for 1x1 kernels and all-zero filters. Vectorised, in chunks of about ``chunk``
     slices to bound memory.
     """
-    o, i, kh, kw = weight.shape
-    if kh == 1 and kw == 1:
-        return torch.full((o,), float("nan"))
-    if fft_size < max(kh, kw):
+    kh, kw = weight.shape[2:]
+    if (kh, kw) != (1, 1) and fft_size < max(kh, kw):
         raise ViewOptionError(f"fft_size {fft_size} is smaller than the {kh}x{kw} kernel")
-    w = weight.detach().to(torch.float64).cpu()
-    fy = torch.fft.fftfreq(fft_size, dtype=torch.float64).abs().view(-1, 1)
-    fx = torch.fft.rfftfreq(fft_size, dtype=torch.float64).view(1, -1)
-    high = ((fy > 0.25) | (fx > 0.25)).to(torch.float64)
-    # rfft keeps one of each conjugate pair: columns strictly inside (0, Nyquist) stand for two frequencies
-    count = torch.full((1, fx.shape[1]), 2.0, dtype=torch.float64)
-    count[0, 0] = 1.0
-    if fft_size % 2 == 0:
-        count[0, -1] = 1.0
-    step = max(1, chunk // max(i, 1))
-    total = torch.empty(o, dtype=torch.float64)
-    upper = torch.empty(o, dtype=torch.float64)
-    for s in range(0, o, step):
-        spec = torch.fft.rfft2(w[s : s + step], s=(fft_size, fft_size))
-        power = (spec.real**2 + spec.imag**2).sum(1) * count  # (n, fft, fft//2+1)
-        total[s : s + step] = power.sum((1, 2))
-        upper[s : s + step] = (power * high).sum((1, 2))
-    score = upper / total
-    return torch.where(total > 0, score, torch.full_like(score, float("nan"))).float()
+    return _aliasing_scores_of([weight], fft_size, chunk)[0]
+
+
+def _aliasing_scores_of(weights: Sequence[torch.Tensor], fft_size: int, chunk: int = 1 << 16) -> list[torch.Tensor]:
+    """:func:`aliasing_scores` of several weights (each padded to at least its kernel size). Kernels of one
+    size are transformed together: a few large FFTs instead of one small one per layer, which is what a
+    model with dozens of convolutions costs otherwise (small ops are slow on a busy multi-threaded CPU)."""
+    scores: list[torch.Tensor] = [torch.full((int(w.shape[0]),), float("nan")) for w in weights]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, w in enumerate(weights):
+        if tuple(w.shape[2:]) != (1, 1):
+            groups.setdefault((int(w.shape[2]), int(w.shape[3])), []).append(j)
+    for (kh, kw), members in groups.items():
+        n = max(fft_size, kh, kw)
+        slices = torch.cat([weights[j].detach().to(torch.float64).cpu().reshape(-1, kh, kw) for j in members])
+        sizes = [int(weights[j].shape[0]) for j in members]
+        # the filter (counted over the whole group) each (kh, kw) slice belongs to
+        owner = torch.cat([torch.arange(o).repeat_interleave(int(weights[j].shape[1])) + start
+                           for j, o, start in zip(members, sizes, [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]])])
+        fy = torch.fft.fftfreq(n, dtype=torch.float64).abs().view(-1, 1)
+        fx = torch.fft.rfftfreq(n, dtype=torch.float64).view(1, -1)
+        high = ((fy > 0.25) | (fx > 0.25)).to(torch.float64)
+        # rfft keeps one of each conjugate pair: columns strictly inside (0, Nyquist) stand for two frequencies
+        count = torch.full((1, fx.shape[1]), 2.0, dtype=torch.float64)
+        count[0, 0] = 1.0
+        if n % 2 == 0:
+            count[0, -1] = 1.0
+        total_slice = torch.empty(len(slices), dtype=torch.float64)
+        upper_slice = torch.empty(len(slices), dtype=torch.float64)
+        for s in range(0, len(slices), chunk):
+            spec = torch.fft.rfft2(slices[s : s + chunk], s=(n, n))
+            power = (spec.real**2 + spec.imag**2) * count  # (slices, n, n//2+1)
+            total_slice[s : s + chunk] = power.sum((1, 2))
+            upper_slice[s : s + chunk] = (power * high).sum((1, 2))
+        total = torch.zeros(sum(sizes), dtype=torch.float64).index_add_(0, owner, total_slice)
+        upper = torch.zeros(sum(sizes), dtype=torch.float64).index_add_(0, owner, upper_slice)
+        score = torch.where(total > 0, upper / total, torch.full_like(total, float("nan"))).float()
+        for j, part in zip(members, score.split(sizes)):
+            scores[j] = part
+    return scores
 
 
 @dataclass(eq=False)
@@ -231,18 +251,20 @@ def filter_health(
     names = conv_layers(model)
     if not names:
         raise LayerKindError("the model has no Conv2d layer")
-    layers = [_layer_health(n, named[n], *options) for n in names]
+    scores = _aliasing_scores_of([named[n].weight for n in names], fft_size)
+    layers = [_layer_health(n, named[n], *options, scores=a) for n, a in zip(names, scores)]
     return ModelHealth(layers, time.perf_counter() - start)
 
 
 def _layer_health(name: str, conv: nn.Conv2d, dead_fraction: float, alias_threshold: float, strided_only: bool,
-                  fft_size: int) -> FilterHealth:
+                  fft_size: int, scores: torch.Tensor | None = None) -> FilterHealth:
     w = conv.weight.detach().float().cpu().clone()
     norms = w.flatten(1).norm(dim=1)
     median = float(norms.median()) if len(norms) else 0.0
     zero = w.flatten(1).abs().amax(1) == 0
     dead_mask = zero | (norms <= dead_fraction * median)
-    scores = aliasing_scores(w, max(fft_size, *w.shape[2:]))
+    if scores is None:
+        scores = _aliasing_scores_of([w], fft_size)[0]
     stride = (int(conv.stride[0]), int(conv.stride[1]))
     may_alias = max(stride) > 1 or not strided_only
     alias_mask = (scores > alias_threshold) & ~dead_mask if may_alias else torch.zeros_like(dead_mask)

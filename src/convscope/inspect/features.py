@@ -13,8 +13,8 @@ from ..errors import InputShapeError
 from ..models import Model, as_model, default_layer
 from ..probe import Capture
 from ..render import colorize, grid, normalize, titled
-from .errors import LayerKindError, ViewOptionError
-from .picture import Pictured
+from ..errors import LayerKindError, ViewOptionError
+from ..render.picture import Pictured
 
 SORTS = ("index", "mean", "max")
 

@@ -14,8 +14,8 @@ from ..errors import suggestion
 from ..models import Model, as_model, default_layer
 from ..probe import name_of, resolve_layer
 from ..render import grid, matrix_grid, titled
-from .errors import LayerKindError, ViewOptionError
-from .picture import Pictured
+from ..errors import LayerKindError, ViewOptionError
+from ..render.picture import Pictured
 
 SCALES = ("symmetric", "minmax")
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..models import Model, as_model
 from ..probe import LayerInfo
-from .errors import ViewOptionError
+from ..errors import ViewOptionError
 
 MB = 2**20
 """Bytes per MB in :attr:`Summary.size_mb` (binary megabytes, as Keras and PyTorch tools report them)."""
@@ -61,6 +61,26 @@ class Summary:
             "size_mb": self.size_mb,
             "input_size": list(self.input_size),
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data: ``{"model", "layers": [one dict per shown row], **totals()}``; each row has name,
+        type, output_shape (with the batch axis), params, trainable, receptive_field and stride (input pixels,
+        ``None`` when undefined or global), depth and leaf."""
+        rows = []
+        for r in self.rows:
+            rf = r.receptive_field if r.receptive_field is not None and r.receptive_field.size is not None else None
+            rows.append({
+                "name": r.name,
+                "type": r.type,
+                "output_shape": list(r.output_shape) if r.output_shape is not None else None,
+                "params": r.params,
+                "trainable": r.trainable,
+                "receptive_field": list(rf.size) if rf is not None else None,
+                "stride": list(rf.stride) if rf is not None else None,
+                "depth": r.depth,
+                "leaf": r.is_leaf,
+            })
+        return {"model": self.name, "layers": rows, **self.totals()}
 
     # ------------------------------------------------------------------ text
     def table(self) -> list[tuple[str, str, str, str, str, str]]:

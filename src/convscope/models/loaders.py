@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsafeModelFileError, suggestion
 from .labels import default_labels, imagenet_labels
-from .model import PLAIN_MODULE_DEFAULTS, Model, count_classes
+from .model import PLAIN_MODULE_DEFAULTS, Model
 
 BUILTIN = "efficientnet_lite0"
 _NETWORK_ERRORS = (OSError, ConnectionError, TimeoutError)
@@ -97,18 +97,18 @@ def wrap_module(
     name: str | None = None,
 ) -> Model:
     """Wrap any classifier module (put in eval mode). Defaults: :data:`~convscope.models.model.PLAIN_MODULE_DEFAULTS`
-    (224 px, ImageNet mean/std), ImageNet names for 1000 classes or numbered labels."""
+    (224 px, ImageNet mean/std), ImageNet names for 1000 classes or numbered labels (without ``labels`` or
+    ``num_classes``, the classes are counted by one dry run when the labels are first read)."""
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"expected an nn.Module, got {type(module).__name__}")
-    size = input_size or PLAIN_MODULE_DEFAULTS["input_size"]
-    if labels is None:
-        labels = default_labels(num_classes or count_classes(module, size) or 1000)
+    if labels is None and num_classes is not None:
+        labels = default_labels(num_classes)
     return Model(
         module=module,
-        input_size=size,
+        input_size=input_size or PLAIN_MODULE_DEFAULTS["input_size"],
         mean=tuple(mean) if mean is not None else PLAIN_MODULE_DEFAULTS["mean"],
         std=tuple(std) if std is not None else PLAIN_MODULE_DEFAULTS["std"],
-        labels=list(labels),
+        labels=list(labels) if labels is not None else None,
         name=name or type(module).__name__,
         source="module",
     )

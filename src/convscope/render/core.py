@@ -74,9 +74,6 @@ def font(size: int = 12) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-_font = font  # old private name, kept until dataset/embed.py imports `font` (then delete)
-
-
 def grid(
     images: Sequence[Image.Image],
     *,

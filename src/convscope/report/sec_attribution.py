@@ -37,7 +37,7 @@ def attribution(ctx: ReportContext) -> str:
         note = ""
         if "completeness_error" in a.extras:
             note = f"completeness error {float(a.extras['completeness_error'][0]):.1%}"
-        setting = ", ".join(f"{k}={v}" for k, v in spec.preview.items())
+        setting = ", ".join(f"{k}={v}" for k, v in spec.preview.items()) or "defaults"
         rows.append([name, a.layer or "input", setting, f"{a.forward_passes} + {a.backward_passes}", f"{seconds:.2f}",
                      f"{del_auc:.3f}", f"{ins_auc:.3f}", note])
     label = ctx.model.label(target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from ..inspect import channel_means, feature_maps
-from ..probe import default_layer
+from ..models import default_layer
 from ..render import grid, normalize, overlay
 from .build import figure_html, table_html
 from .sections import ReportContext, section

@@ -33,7 +33,7 @@ def synthesis(ctx: ReportContext) -> str:
         act = cap.activations[name]
     means = act.flatten(2).mean(2)[0] if act.ndim == 4 else act[0]
     channels = means.topk(min(count, means.numel())).indices.tolist()
-    gallery = render_channels(ctx.model, name, channels, steps=steps, size=size, progress=False)
+    gallery = render_channels(ctx.model, name, channels, steps=steps, size=size, progress=ctx.progress)
     parts = [
         f'<p class="lead">Images optimised so that one unit responds strongly (feature visualisation: Fourier '
         f"parameterisation, decorrelated colour, jitter/scale/rotation; {steps} steps at {size} px, all "
@@ -44,14 +44,14 @@ def synthesis(ctx: ReportContext) -> str:
                     "each rendered to excite its channel.", alt="channel gallery"),
     ]
     top = int(ctx.model.logits(x).argmax(1)[0])
-    cls = visualize(ctx.model, f"logit:{top}", steps=steps * 2, size=max(size, 96), progress=False)
+    cls = visualize(ctx.model, f"logit:{top}", steps=steps * 2, size=max(size, 96), progress=ctx.progress)
     parts.append(figure_html(cls.image.resize((192, 192)),
                              f"An image that maximises the logit of the predicted class <b>{html.escape(ctx.model.label(top))}</b>"
                              f" ({top}).", alt="class image"))
     parts.append("</div>")
     style_layers, _ = default_layers(ctx.model)
     depths = [style_layers[i] for i in sorted({1, len(style_layers) // 2 + 1, len(style_layers) - 1}) if i < len(style_layers)]
-    invs = invert_layers(ctx.model, x, depths, steps=2 * steps, size=size, progress=False)
+    invs = invert_layers(ctx.model, x, depths, steps=2 * steps, size=size, progress=ctx.progress)
     original = ctx.image.resize((size, size))
     caption = ", ".join(f"{html.escape(i.layer)}: pixel RMSE {i.pixel_error:.3f}" for i in invs)
     parts.append(figure_html(grid([original] + [i.image for i in invs], labels=["image"] + [i.layer for i in invs],

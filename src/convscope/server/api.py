@@ -66,14 +66,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..attribution import attribute, get_method, method_names
 from ..attribution.registry import parse_option
 from ..errors import ConvscopeError
 from ..images import SAMPLES, load_image
 from ..inspect import channel_means, conv_layers, feature_maps, filters
+from ..models.model import Model, as_model
 from ..options import Option
-from ..probe import default_layer
+from ..models import default_layer
 from ..render import data_uri
 from ..synthesis import visualize
 
@@ -234,8 +236,8 @@ class Explorer:
     :attr:`lock`.
     """
 
-    def __init__(self, model: Any, *, max_upload: int = MAX_UPLOAD_BYTES, max_images: int = MAX_IMAGES):
-        self.model = model
+    def __init__(self, model: Model | nn.Module, *, max_upload: int = MAX_UPLOAD_BYTES, max_images: int = MAX_IMAGES):
+        self.model = as_model(model)
         self.max_upload = int(max_upload)
         self.lock = threading.Lock()
         self.images = ImageStore(max_images)

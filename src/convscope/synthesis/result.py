@@ -59,10 +59,11 @@ def short(value: Any) -> str:
 
 
 class ShortRepr:
-    """A one-line ``repr`` of a dataclass: its ``repr=True`` fields, each made :func:`short`."""
+    """A one-line ``repr`` of a dataclass: its ``repr=True`` fields (keyword-only ones last), each made :func:`short`."""
 
     def __repr__(self) -> str:
-        parts = [f"{f.name}={short(getattr(self, f.name))}" for f in fields(self) if f.repr]  # type: ignore[arg-type]
+        shown = sorted((f for f in fields(self) if f.repr), key=lambda f: f.kw_only is True)  # type: ignore[arg-type]
+        parts = [f"{f.name}={short(getattr(self, f.name))}" for f in shown]
         return f"{type(self).__name__}({', '.join(parts)})"
 
 

@@ -1,10 +1,10 @@
-"""What the inspection results share: a picture computed once, shown by Jupyter."""
+"""What results with a picture share: the picture computed once, shown by Jupyter."""
 
 from __future__ import annotations
 
 from PIL import Image
 
-from ..render import png_bytes
+from .core import png_bytes
 
 
 class Pictured:
