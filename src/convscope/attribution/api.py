@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import ConvscopeError, TargetError
-from ..models.model import Model, as_model, resolve_class
 from ..models import default_layer
+from ..models.model import Model, as_model, resolve_class
 from ..probe import guard, resolve_layer
 from .contract import Context, MethodOutput
 from .registry import MethodSpec, check_options, get_method

@@ -92,7 +92,7 @@ def _batches(n: int, size: int) -> Iterator[slice]:
     family="perturbation",
     passes="1 forward per occluder position (incremental: only the changed region in early layers)",
     paper="Zeiler & Fergus 2014; Nakandala et al. 2019 (incremental inference)",
-    preview={"window": 32, "stride": 16},
+    preview={"window": 16, "stride": 8},
     options={
         "window": Option(int, 16, "side of the square occluder, pixels", minimum=1, maximum=4096),
         "stride": Option(int, 8, "step between occluder positions, pixels", minimum=1, maximum=4096),

@@ -34,11 +34,11 @@ from PIL import Image
 
 from ..errors import ConvscopeError
 from ..images import list_images
-from ..render.picture import Pictured
 from ..models import Model, as_model, output_logits
 from ..probe import forward_fast, guard
 from ..progress import tqdm
 from ..render import figure_to_image
+from ..render.picture import Pictured
 from .folder import BATCH_SIZE
 
 #: Shape bias published with mean aggregation (Geirhos et al. 2019 and their model-vs-human benchmark).

@@ -63,12 +63,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import load_image
-from ..render.picture import Pictured
 from ..models import Model, as_model
 from ..options import Option
 from ..probe import Capture, forward_fast, resolve_layer
 from ..progress import tqdm
 from ..render import matrix_grid
+from ..render.picture import Pictured
 from .folder import (
     BATCH_SIZE,
     SAVE_EVERY,

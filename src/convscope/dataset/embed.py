@@ -33,15 +33,15 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from ..errors import LayerKindError
 from ..files import write_text
 from ..images import load_image
-from ..errors import LayerKindError
-from ..render.picture import Pictured
 from ..models import as_model, check_input, output_logits
 from ..options import Option
 from ..probe import Capture, forward_fast, guard, name_of, resolve_layer
 from ..progress import tqdm
 from ..render import font, grid
+from ..render.picture import Pictured
 from .folder import BATCH_SIZE, DatasetError, check_any_scored, open_images, save_tensors, tensor_picture
 
 POOLS = ("avg", "max")

@@ -54,15 +54,14 @@ from PIL import Image
 from torch import nn
 
 from .. import models  # models.load_model looked up at call time (tests replace it to watch loading)
-from ..errors import InputShapeError, LayerNotFoundError, suggestion
+from ..errors import InputShapeError, LayerKindError, LayerNotFoundError, suggestion
 from ..images import SAMPLES
-from ..errors import LayerKindError
-from ..render.picture import Pictured
 from ..models import Model, as_model, output_logits
 from ..options import Option
 from ..probe import Capture, forward_fast, module_device, resolve_layer
 from ..progress import tqdm
 from ..render import figure_to_image, matrix_grid, titled
+from ..render.picture import Pictured
 from .folder import BATCH_SIZE, DatasetError, Preprocess, SkippedImagesWarning, open_images
 
 FEATURES = ("pooled", "spatial")
@@ -246,6 +245,7 @@ class Evolution(Pictured):
         """Line plots over checkpoints, one line per layer (colour = depth): CKA to the final checkpoint
         (with top-1 agreement dashed), weight drift from the final and drift from the previous checkpoint."""
         from matplotlib import colormaps  # heavy: imported when a figure is drawn
+
         from ..render.figures import Figure  # heavy (matplotlib): imported when a figure is drawn
 
         fig = Figure(figsize=(width, height), dpi=dpi)

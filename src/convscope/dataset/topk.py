@@ -33,12 +33,12 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..errors import LayerKindError
-from ..render.picture import Pictured
 from ..models import Model, as_model
 from ..options import Option
 from ..probe import Capture, ReceptiveField, forward_fast, resolve_layer
 from ..progress import tqdm
 from ..render import matrix_grid
+from ..render.picture import Pictured
 from .folder import (
     BATCH_SIZE,
     SAVE_EVERY,

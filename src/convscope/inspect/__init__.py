@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
+from ..errors import LayerKindError, ViewOptionError
 from .channels import ChannelResponse, channel_means
 from .diagnostics import FilterHealth, ModelHealth, aliasing_scores, filter_health
-from ..errors import LayerKindError, ViewOptionError
 from .features import FeatureMaps, feature_maps, layer_output, stage_layers
 from .filters import FilterSet, conv_layers, filters
 from .summary import Summary, summary

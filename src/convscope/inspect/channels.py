@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..errors import ViewOptionError
 from ..models import Model
 from ..render import figure_to_image
-from ..errors import ViewOptionError
-from .features import layer_output, model_input
 from ..render.picture import Pictured
+from .features import layer_output, model_input
 
 
 @dataclass(eq=False)

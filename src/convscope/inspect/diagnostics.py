@@ -30,12 +30,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import suggestion
+from ..errors import LayerKindError, ViewOptionError, suggestion
 from ..models import Model, as_model
 from ..render import grid, matrix_grid, titled
-from ..errors import LayerKindError, ViewOptionError
-from .filters import ConvWeights, FilterSet, conv_layer, conv_layers
 from ..render.picture import Pictured
+from .filters import ConvWeights, FilterSet, conv_layer, conv_layers
 
 #: Layers drawn by :meth:`ModelHealth.to_image` (the first ones that have flagged filters).
 PICTURE_LAYERS = 4

@@ -9,11 +9,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..errors import InputShapeError
+from ..errors import InputShapeError, LayerKindError, ViewOptionError
 from ..models import Model, as_model, default_layer
 from ..probe import Capture
 from ..render import colorize, grid, normalize, titled
-from ..errors import LayerKindError, ViewOptionError
 from ..render.picture import Pictured
 
 SORTS = ("index", "mean", "max")

@@ -10,11 +10,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import suggestion
+from ..errors import LayerKindError, ViewOptionError, suggestion
 from ..models import Model, as_model, default_layer
 from ..probe import name_of, resolve_layer
 from ..render import grid, matrix_grid, titled
-from ..errors import LayerKindError, ViewOptionError
 from ..render.picture import Pictured
 
 SCALES = ("symmetric", "minmax")

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import ViewOptionError
 from ..models import Model, as_model
 from ..probe import LayerInfo
-from ..errors import ViewOptionError
 
 MB = 2**20
 """Bytes per MB in :attr:`Summary.size_mb` (binary megabytes, as Keras and PyTorch tools report them)."""

@@ -73,9 +73,9 @@ from ..attribution.registry import parse_option
 from ..errors import ConvscopeError
 from ..images import SAMPLES, load_image
 from ..inspect import channel_means, conv_layers, feature_maps, filters
+from ..models import default_layer
 from ..models.model import Model, as_model
 from ..options import Option
-from ..models import default_layer
 from ..render import data_uri
 from ..synthesis import visualize
 
