@@ -25,4 +25,4 @@ def test_report_methods_run_with_their_registered_preview_settings():
     for name in sec.REPORT_METHODS:
         get_method(name)  # every listed method is registered
     occlusion = get_method("occlusion").preview
-    assert occlusion == {"window": 32, "stride": 16}
+    assert occlusion == {"window": 16, "stride": 8}

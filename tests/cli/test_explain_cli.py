@@ -118,7 +118,7 @@ def test_explain_all_makes_a_labelled_grid(tmp_path, capsys, monkeypatch):
     out = tmp_path / "all.png"
     assert main(["explain", "sample:chelsea", "--method", "all", "-o", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "preview settings (fewer passes) for: occlusion (window=32, stride=16)" in err
+    assert "preview settings (fewer passes) for: occlusion (window=16, stride=8)" in err
     grid = Image.open(out)
     assert grid.size[0] > 224 * 5  # input + 4 methods in one row
     cells = np.asarray(grid)
