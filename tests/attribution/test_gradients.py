@@ -18,7 +18,7 @@ from captum.attr import (
 from torch import nn
 
 import convscope as cs
-from convscope.attribution.gradients import deconv_relu, guided_relu, guided_relu6, quadrature
+from convscope.attribution.gradients import deconv_relu, gaussian_blur, guided_relu, guided_relu6, quadrature
 
 warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
 warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations")
@@ -81,6 +81,21 @@ def test_integrated_gradients_black_baseline_is_a_black_image(builtin, chelsea_x
     blur = cs.attribute(builtin, chelsea_x, "integrated_gradients", steps=2, baseline="blur").extras["baseline"]
     assert blur.shape == chelsea_x.shape
     assert (blur - chelsea_x).abs().mean() > 0.01 and blur.std() < chelsea_x.std()
+
+
+@pytest.mark.parametrize(("size", "sigma", "radius", "expected_radius"), [
+    ((3, 20, 24), 1.1, None, 4),  # default ceil(3 sigma), the occlusion fill's radius
+    ((3, 20, 24), 1.1, 3, 3),  # floor(3 sigma), the blur baseline's radius
+    ((2, 5, 9), 2.0, None, 4),  # limited to the shorter side - 1
+])
+def test_gaussian_blur_is_the_reflect_padded_2d_gaussian(size, sigma, radius, expected_radius):
+    x = torch.randn(2, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.arange(-expected_radius, expected_radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k2 = torch.outer(k, k) / k.sum() ** 2
+    r, c = expected_radius, x.shape[1]
+    want = F.conv2d(F.pad(x, (r, r, r, r), mode="reflect"), k2.expand(c, 1, -1, -1), groups=c)
+    assert torch.allclose(gaussian_blur(x, sigma, radius=radius), want, atol=1e-12)
 
 
 def test_integrated_gradients_tensor_baseline_equal_to_input_gives_zero(resnet_random, small_x):

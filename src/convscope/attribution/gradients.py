@@ -18,6 +18,7 @@ and can be interrupted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -160,8 +161,8 @@ def make_baseline(ctx: Context, baseline: str | float | torch.Tensor, seed: int 
     ``"zero"``: all zeros in the model's input space (Captum's default); ``"black"``: a black image (pixel
     value 0 through the model's normalisation, a plain module's being the documented default of
     :func:`convscope.models.as_model`; zeros for inputs without three channels); ``"blur"``: ``x`` blurred with
-    a Gaussian of sigma = min(H, W) / 20 pixels; ``"noise"``: uniform random pixels (seeded); a number:
-    that constant; a tensor: broadcast to ``x``'s shape.
+    a Gaussian of sigma = min(H, W) / 20 pixels (radius floor(3 sigma)); ``"noise"``: uniform random pixels
+    (seeded); a number: that constant; a tensor: broadcast to ``x``'s shape.
     """
     x = ctx.x
     if isinstance(baseline, torch.Tensor):
@@ -187,20 +188,24 @@ def make_baseline(ctx: Context, baseline: str | float | torch.Tensor, seed: int 
             return model.from_pixels(pixels)
         return pixels * (x.amax() - x.amin()) + x.amin()
     if baseline == "blur":
-        return gaussian_blur(x, sigma=min(x.shape[-2:]) / 20)
+        sigma = min(x.shape[-2:]) / 20
+        return gaussian_blur(x, sigma, radius=int(3 * sigma))
     raise ConvscopeError(f"unknown baseline {baseline!r}; use zero, black, blur, noise, a number or a tensor")
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a batch (N, C, H, W) with reflected borders (kernel radius 3 sigma)."""
-    radius = max(1, min(int(3 * sigma), min(x.shape[-2:]) - 1))
+def gaussian_blur(x: torch.Tensor, sigma: float, *, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of a batch (N, C, H, W) with standard deviation ``sigma`` pixels and reflected
+    borders. ``radius``: the kernel's half-width in pixels (default ceil(3 sigma)), limited to 1..side - 1."""
+    radius = math.ceil(3 * sigma) if radius is None else radius
+    radius = max(1, min(radius, x.shape[-1] - 1, x.shape[-2] - 1))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     c = x.shape[1]
-    y = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(y, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 @register_method(

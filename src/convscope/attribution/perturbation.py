@@ -20,6 +20,7 @@ from ..models.model import output_logits
 from ..options import check_range
 from ..probe import Capture, guard
 from .contract import Context, MethodOutput
+from .gradients import gaussian_blur
 from .incremental import Plan, Region, build_plan, materialize
 from .registry import SEED_MAX, Option, register_method
 
@@ -56,20 +57,6 @@ def fill_image(x: torch.Tensor, fill: float | str, window: int) -> torch.Tensor:
     if not math.isfinite(float(fill)):
         raise ConvscopeError(f"occlusion fill must be finite, got {fill!r}")
     return torch.full_like(x, float(fill))
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with standard deviation ``sigma`` pixels (radius 3 sigma,
-    reflect padding, limited to the image size)."""
-    radius = max(1, min(int(math.ceil(3 * sigma)), x.shape[-1] - 1, x.shape[-2] - 1))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def _check_occlusion(x: torch.Tensor, window: int, stride: int) -> None:

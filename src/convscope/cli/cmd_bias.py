@@ -26,15 +26,19 @@ from .common import dataset_command, info, load_model_from_args, output_file, sa
 ORDER = 55
 
 
+#: One line for ``convscope --help``.
+HELP = "shape-vs-texture bias on cue-conflict images (Geirhos et al. 2019)"
+#: What ``convscope bias --help`` says the command does.
+DESCRIPTION = (
+    "Shape bias = shape / (shape + texture) 16-way decisions over cue-conflict images whose shape and "
+    "texture categories differ; the 16-way decision averages the softmax over each category's ImageNet classes. "
+    "Also the 16-way accuracy on shape-only stimuli (silhouettes, edge drawings)."
+)
+
+
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
-    p = dataset_command(
-        subparsers, parents, "bias", help="shape-vs-texture bias on cue-conflict images (Geirhos et al. 2019)",
-        description="Shape bias = shape / (shape + texture) 16-way decisions over cue-conflict images whose shape and "
-        "texture categories differ; the 16-way decision averages the softmax over each category's ImageNet classes. "
-        "Also the 16-way accuracy on shape-only stimuli (silhouettes, edge drawings).",
-        func=run_bias, output="write the per-category plot",
-        json_help="machine-readable output (with every image's decision)",
-    )
+    p = dataset_command(subparsers, parents, "bias", help=HELP, description=DESCRIPTION,
+                        func=run_bias, output="write the per-category plot", json_help="machine-readable output (with every image's decision)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="cue-conflict folder, SHAPE/SHAPEi-TEXTUREj.png (default: the shipped sample in ../shared/data)")
     p.add_argument("--silhouettes", default=None, metavar="DIR", help="silhouettes folder, CATEGORY/*.png")

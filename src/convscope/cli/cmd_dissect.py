@@ -14,18 +14,16 @@ from typing import Any
 from ..dataset.dissect import MAX_IMAGES, TOP_K, dissect, make_synthetic_broden
 from ..errors import ConvscopeError
 from ..files import check_output_dir
-from ..models import default_layer
 from ..options import bounded
 from .common import (
-    check_state_option,
+    check_run_outputs,
     dataset_command,
     finish_run,
     info,
+    layer_and_output,
     load_model_from_args,
-    output_file,
     save,
     skipped_reported_once,
-    slug,
 )
 
 ORDER = 47
@@ -59,12 +57,9 @@ def run_dissect(args: argparse.Namespace) -> int:
         return 0
     if not args.broden:
         raise ConvscopeError("give a Broden dataset folder (or --synthetic DIR to write a small one)")
-    if args.output:
-        output_file(args.output, "")
-    check_state_option(args.state)
+    check_run_outputs(args)
     model = load_model_from_args(args)
-    layer = args.layer or default_layer(model, "cam")
-    out = output_file(args.output, f"dissect-{slug(layer)}.png")
+    layer, out = layer_and_output(args, model, "dissect")
     with skipped_reported_once():
         r = dissect(model, args.broden, layer, batch_size=args.batch_size, categories=args.categories,
                     quantile=args.quantile, iou_threshold=args.iou_threshold, max_images=args.max_images,
@@ -78,17 +73,21 @@ def run_dissect(args: argparse.Namespace) -> int:
     return finish_run(r, args.state)
 
 
+#: One line for ``convscope --help``.
+HELP = "Network Dissection: which units detect which concepts (Broden dataset)"
+#: What ``convscope dissect --help`` says the command does.
+DESCRIPTION = (
+    "Network Dissection (Bau et al., CVPR 2017): per unit of LAYER, threshold its activations at their "
+    "99.5th percentile over the dataset, upsample to the mask resolution and score IoU (total intersection / "
+    "total union) with every labelled concept of a Broden-format dataset. A unit whose best IoU exceeds 0.04 is a "
+    "detector of that concept. Two streaming passes; memory bounded by units x concepts."
+)
+
+
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``dissect`` parser."""
-    p = dataset_command(
-        subparsers, parents, "dissect", help="Network Dissection: which units detect which concepts (Broden dataset)",
-        description="Network Dissection (Bau et al., CVPR 2017): per unit of LAYER, threshold its activations at their "
-        "99.5th percentile over the dataset, upsample to the mask resolution and score IoU (total intersection / "
-        "total union) with every labelled concept of a Broden-format dataset. A unit whose best IoU exceeds 0.04 is a "
-        "detector of that concept. Two streaming passes; memory bounded by units x concepts.",
-        func=run_dissect, state=True, output="picture (default dissect-LAYER.png)",
-        json_help="print the per-unit results and counts as JSON",
-    )
+    p = dataset_command(subparsers, parents, "dissect", help=HELP, description=DESCRIPTION,
+                        func=run_dissect, state=True, output="picture (default dissect-LAYER.png)", json_help="print the per-unit results and counts as JSON")
     p.add_argument("broden", metavar="BRODEN", nargs="?", default=None,
                    help="Broden-format folder (index.csv, label.csv, images/)")
     p.add_argument("--synthetic", default=None, metavar="DIR", help="write a small synthetic Broden-format dataset to DIR and stop")

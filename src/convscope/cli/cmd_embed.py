@@ -118,17 +118,21 @@ def _print_table(e: Any, root: str | None, found: list | None, args: argparse.Na
             print(f"{n.rank:>5}  {n.distance:>10.4f}  {_relative(n.source, root) or n.index}")
 
 
+#: One line for ``convscope --help``.
+HELP = "a 2-D map (t-SNE, PCA, UMAP) of a folder by a layer's features; nearest neighbours"
+#: What ``convscope embed --help`` says the command does.
+DESCRIPTION = (
+    "Stream every image of FOLDER (recursively, sorted) through the model and keep one feature vector per "
+    "image: the penultimate features (input of the classifier) by default, or the global average/max pool of --layer. "
+    "Draw a 2-D map of the set with thumbnails framed in the colour of the predicted class, and optionally the "
+    "nearest neighbours of an image."
+)
+
+
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``embed`` parser."""
-    p = dataset_command(
-        subparsers, parents, "embed", help="a 2-D map (t-SNE, PCA, UMAP) of a folder by a layer's features; nearest neighbours",
-        description="Stream every image of FOLDER (recursively, sorted) through the model and keep one feature vector per "
-        "image: the penultimate features (input of the classifier) by default, or the global average/max pool of --layer. "
-        "Draw a 2-D map of the set with thumbnails framed in the colour of the predicted class, and optionally the "
-        "nearest neighbours of an image.",
-        func=run_embed, output="map picture (default embedding-map.png)",
-        json_help="print every image's coordinates (and the neighbours) as JSON",
-    )
+    p = dataset_command(subparsers, parents, "embed", help=HELP, description=DESCRIPTION,
+                        func=run_embed, output="map picture (default embedding-map.png)", json_help="print every image's coordinates (and the neighbours) as JSON")
     p.add_argument("images", nargs="+", metavar="FOLDER", help="a folder of images (searched recursively), or image files / sample:NAME")
     p.add_argument("--layer", default=None, metavar="L", help="layer to pool (default: the classifier's input)")
     p.add_argument("--pool", choices=POOLS, default="avg", help="global pooling of feature maps (default avg)")

@@ -87,17 +87,21 @@ def _print_tables(ev: Any) -> None:
         print(f"#{i}: {name}")
 
 
+#: One line for ``convscope --help``.
+HELP = "how filters and representations change across training checkpoints"
+#: What ``convscope evolution --help`` says the command does.
+DESCRIPTION = (
+    "Compare checkpoints of one architecture (state_dict / safetensors files, in training order; the "
+    "last is the reference): relative weight drift per layer, cosine of each filter to its final self, linear CKA "
+    "of each layer's activations to the final checkpoint's on probe images (default: the bundled samples), and "
+    "top-1 agreement with the final model. Checkpoints are loaded one at a time."
+)
+
+
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``evolution`` parser."""
-    p = dataset_command(
-        subparsers, parents, "evolution", help="how filters and representations change across training checkpoints",
-        description="Compare checkpoints of one architecture (state_dict / safetensors files, in training order; the "
-        "last is the reference): relative weight drift per layer, cosine of each filter to its final self, linear CKA "
-        "of each layer's activations to the final checkpoint's on probe images (default: the bundled samples), and "
-        "top-1 agreement with the final model. Checkpoints are loaded one at a time.",
-        func=run_evolution, output="curves picture (default evolution.png)",
-        json_help="print the tables as JSON",
-    )
+    p = dataset_command(subparsers, parents, "evolution", help=HELP, description=DESCRIPTION,
+                        func=run_evolution, output="curves picture (default evolution.png)", json_help="print the tables as JSON")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files in training order (need --arch)")
     p.add_argument("--images", action="append", default=None, metavar="DIR",
                    help="probe images: a folder, or an image file / sample:NAME (repeat for several); "

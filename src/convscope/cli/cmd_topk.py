@@ -16,18 +16,16 @@ from ..dataset.projection import BATCH_SIZE as PROJECT_BATCH_SIZE
 from ..dataset.projection import METHODS, SCALES
 from ..dataset.topk import DEFAULT_ROWS, REDUCES, K, channel_ranges, top_activations
 from ..errors import ConvscopeError
-from ..models import default_layer
 from ..options import bounded
 from .common import (
-    check_state_option,
+    check_run_outputs,
     dataset_command,
     finish_run,
     info,
+    layer_and_output,
     load_model_from_args,
-    output_file,
     save,
     skipped_reported_once,
-    slug,
 )
 
 ORDER = 45
@@ -57,14 +55,11 @@ def run_topk(args: argparse.Namespace) -> int:
     """Stream the folder, print the top images per channel, write the grid picture."""
     if not os.path.isdir(args.folder):
         raise ConvscopeError(f"{args.folder}: not a folder")
-    if args.output:
-        output_file(args.output, "")
-    check_state_option(args.state)
+    check_run_outputs(args)
     if args.reduce != "max" and (args.project or args.dead):
         raise ConvscopeError("--project and --dead need --reduce max (a unit position per image, the maximum over the dataset)")
     model = load_model_from_args(args)
-    layer = args.layer or default_layer(model, "cam")
-    out = output_file(args.output, f"topk-{slug(layer)}.png")
+    layer, out = layer_and_output(args, model, "topk")
     with skipped_reported_once():
         r = top_activations(model, args.folder, layer, k=args.k, channels=args.channels, reduce=args.reduce,
                             batch_size=args.batch_size, state=args.state, save_every=args.save_every,
@@ -126,16 +121,20 @@ def _print_dead(r: Any) -> None:
         print(f"dead: none of {len(r.channels)} channels (every one above 0 on some of {scored} images)")
 
 
+#: One line for ``convscope --help``.
+HELP = "the images and patches that most activate each channel, over a folder"
+#: What ``convscope topk --help`` says the command does.
+DESCRIPTION = (
+    "Stream every image of FOLDER (recursively, sorted) through the model up to LAYER and keep, per channel, "
+    "the K images with the largest response (spatial max with its receptive-field patch, or mean). Memory stays "
+    "bounded by channels x K; with --state the run is saved as it goes and the same command resumes it."
+)
+
+
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``topk`` parser."""
-    p = dataset_command(
-        subparsers, parents, "topk", help="the images and patches that most activate each channel, over a folder",
-        description="Stream every image of FOLDER (recursively, sorted) through the model up to LAYER and keep, per channel, "
-        "the K images with the largest response (spatial max with its receptive-field patch, or mean). Memory stays "
-        "bounded by channels x K; with --state the run is saved as it goes and the same command resumes it.",
-        func=run_topk, state=True, output="grid picture (default topk-LAYER.png)",
-        json_help="print every channel's top images as JSON",
-    )
+    p = dataset_command(subparsers, parents, "topk", help=HELP, description=DESCRIPTION,
+                        func=run_topk, state=True, output="grid picture (default topk-LAYER.png)", json_help="print every channel's top images as JSON")
     p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
     p.add_argument("--layer", default=None, metavar="L", help="layer name (default: the last spatial layer)")
     p.add_argument("--k", type=K.argtype("--k"), default=K.default, metavar="K",

@@ -22,7 +22,7 @@ from ..dataset.folder import SkippedImagesWarning, skipped_summary
 from ..errors import ConvscopeError
 from ..files import check_output_path
 from ..images import IMAGE_SUFFIXES
-from ..models import Model, load_model
+from ..models import Model, default_layer, load_model
 from ..options import INT_LIMIT, Option, bounded
 from ..render import save_image
 
@@ -149,10 +149,21 @@ def add_dataset_options(p: argparse.ArgumentParser, *, output: str, json_help: s
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def check_state_option(state: str | None) -> None:
-    """``--state FILE`` checked before any work: one line, exit 2, when it cannot be written."""
-    if state is not None:
-        check_output_path(state, what="state file")
+def check_run_outputs(args: argparse.Namespace) -> None:
+    """``-o`` (when given) and ``--state FILE`` of a resumable layer run (topk, dissect) checked before any
+    work: one line, exit 2, when either cannot be written. The default ``-o`` name waits for the layer
+    (:func:`layer_and_output`)."""
+    if args.output:
+        output_file(args.output, "")
+    if args.state is not None:
+        check_output_path(args.state, what="state file")
+
+
+def layer_and_output(args: argparse.Namespace, model: Model, name: str) -> tuple[str, str]:
+    """The layer (``--layer`` or the last spatial one) and the picture path (``-o`` or ``NAME-LAYER.png``,
+    checked) of a run over one layer of ``model`` (topk, dissect)."""
+    layer = args.layer or default_layer(model, "cam")
+    return layer, output_file(args.output, f"{name}-{slug(layer)}.png")
 
 
 def image_inputs(items: list[str] | None) -> Any:
