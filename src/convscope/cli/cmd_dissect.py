@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from ..dataset.dissect import MAX_IMAGES, TOP_K, dissect, make_synthetic_broden
+from ..dataset.net2vec import EPOCHS, MODES, net2vec
 from ..errors import ConvscopeError
 from ..files import check_output_dir
 from ..options import bounded
@@ -64,12 +66,26 @@ def run_dissect(args: argparse.Namespace) -> int:
         r = dissect(model, args.broden, layer, batch_size=args.batch_size, categories=args.categories,
                     quantile=args.quantile, iou_threshold=args.iou_threshold, max_images=args.max_images,
                     top_k=args.top_k, state=args.state, progress=False if args.no_progress else None)
+    vectors = None
+    if args.net2vec and r.num_units and not r.interrupted:
+        vectors = net2vec(model, args.broden, layer, mode=args.net2vec_mode, thresholds=r, categories=args.categories,
+                          epochs=args.net2vec_epochs, max_images=args.max_images, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    elif args.net2vec:
+        info("net2vec: skipped (the dissection did not finish, so there are no thresholds)")
     if args.json:
-        print(json.dumps(r.to_dict(), indent=1))
+        print(json.dumps({**r.to_dict(), **({"net2vec": vectors.to_dict()} if vectors else {})}, indent=1))
     else:
         print(r.table(args.top))
+        if vectors is not None:
+            several = ", ".join(c.name for c in vectors.needs_several()) or "none"
+            print(f"\nNet2Vec ({vectors.mode}, held-out scores; concepts better encoded by several units: {several})")
+            print(vectors.table(args.top))
     if r.num_units and r.processed:
         save(r.grid(rows=args.rows), out, f"dissection picture ({min(args.rows, r.num_units)} units)")
+    if vectors is not None:
+        stem, suffix = os.path.splitext(out)
+        save(vectors.picture(), f"{stem}-net2vec{suffix}", "Net2Vec picture")
     return finish_run(r, args.state)
 
 
@@ -108,3 +124,10 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="rows of the table (at least 1; default all units)")
     p.add_argument("--rows", type=bounded(int, 1, 4096, name="--rows"), default=8, metavar="N",
                    help="units drawn in the picture (1..4096; default 8)")
+    p.add_argument("--net2vec", action="store_true",
+                   help="also learn Net2Vec concept vectors (Fong & Vedaldi 2018) over the layer's channels, with the "
+                   "dissection's thresholds, and compare each with the best single unit on held-out images")
+    p.add_argument("--net2vec-mode", choices=MODES, default="segmentation",
+                   help="segmentation (set IoU of masks) or classification (average precision); default segmentation")
+    p.add_argument("--net2vec-epochs", type=EPOCHS.argtype("--net2vec-epochs"), default=EPOCHS.default, metavar="N",
+                   help=f"Net2Vec training epochs ({EPOCHS.range_text()}; default {EPOCHS.default})")

@@ -5,6 +5,8 @@
 - :mod:`.topk`: the images and patches that most activate each channel of a layer, streamed with memory
   bounded by channels x k, saved as it goes and resumable; channels that never fire.
 - :mod:`.dissect`: Network Dissection (Bau et al. 2017) against a Broden-format concept dataset.
+- :mod:`.net2vec`: Net2Vec (Fong & Vedaldi 2018): concepts learned as weighted sets of a layer's channels,
+  against the best single unit.
 - :mod:`.embed`: one pooled feature vector per image; nearest neighbours; PCA, t-SNE and UMAP maps.
 - :mod:`.evolution`: how filters and representations change across training checkpoints (weight drift,
   filter cosine, linear CKA to the final checkpoint).
@@ -60,10 +62,15 @@ from .folder import (
     list_images,
     open_images,
 )
+from .net2vec import ConceptVector, Net2Vec, average_precision, net2vec
 from .projection import ProjectionError, Projections, UnitGradients, projection_picture, unit_gradients
 from .topk import Hit, TopK, TopKError, top_activations
 
 __all__ = [
+    "ConceptVector",
+    "Net2Vec",
+    "average_precision",
+    "net2vec",
     "PUBLISHED_SHAPE_ACCURACY",
     "PUBLISHED_SHAPE_BIAS",
     "ProjectionError",
