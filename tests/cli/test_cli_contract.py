@@ -111,7 +111,7 @@ def _argv(command: str, output: str, inputs: dict[str, str]) -> list[str]:
     for a in _options(COMMANDS[command]):
         if not a.option_strings and a.nargs != "*":
             argv.append(_sample_value(a.dest, inputs))
-        elif a.option_strings and a.required:
+        elif a.option_strings and a.required and "-o" not in a.option_strings:
             argv += [a.option_strings[-1], _sample_value(a.dest, inputs)]
     return argv + ["-o", output]
 

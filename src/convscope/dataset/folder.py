@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,12 +30,14 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from ..errors import ConvscopeError, ImageError
 from ..files import atomic_write, check_output_path, write_text
 from ..images import IMAGE_SUFFIXES, list_images, load_image  # the one list and lister, re-exported
-from ..models import Model, check_input
+from ..models import Model, check_input, same_model
+from ..models import (
+    model_fingerprint as model_fingerprint,  # re-exported: topk and dissect store it in their states
+)
 from ..options import Option
 from ..render import normalize
 
@@ -244,23 +245,6 @@ def open_images(images: Any, device: torch.device) -> ImageSource | TensorSource
 
 
 # ============================================================================ saved run states
-
-
-def model_fingerprint(module: nn.Module) -> dict[str, Any]:
-    """A cheap identity of a model's weights (class, tensor count and size, sum of |w|), stored with saved
-    run states so a resumed run refuses another model."""
-    tensors = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    with torch.no_grad():
-        sums = [t.detach().double().abs().sum().cpu() for t in tensors]
-    return {"class": type(module).__name__, "tensors": len(tensors), "numel": sum(t.numel() for t in tensors),
-            "abs_sum": float(torch.stack(sums).sum()) if sums else 0.0}
-
-
-def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two :func:`model_fingerprint` records name the same weights (sums equal to 1e-6)."""
-    if {k: a.get(k) for k in ("class", "tensors", "numel")} != {k: b.get(k) for k in ("class", "tensors", "numel")}:
-        return False
-    return math.isclose(float(a.get("abs_sum", 0)), float(b.get("abs_sum", 0)), rel_tol=1e-6, abs_tol=1e-9)
 
 
 def save_tensors(tensors: dict[str, Any], path: str | os.PathLike) -> Path:

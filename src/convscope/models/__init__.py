@@ -10,8 +10,10 @@ from .model import (
     check_input,
     count_classes,
     default_layer,
+    model_fingerprint,
     output_logits,
     resolve_class,
+    same_model,
 )
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "Model",
     "as_model",
     "count_classes",
+    "model_fingerprint",
+    "same_model",
     "default_layer",
     "Prediction",
     "builtin_module",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +255,23 @@ def count_classes(module: nn.Module, size: int | tuple[int, int], channels: int 
         elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
             last = m.out_channels if last is None else last
     return last
+
+
+def model_fingerprint(module: nn.Module) -> dict[str, Any]:
+    """A cheap identity of a model's weights (class, tensor count and size, sum of |w|), stored with saved
+    run states so a resumed run refuses another model."""
+    tensors = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    with torch.no_grad():
+        sums = [t.detach().double().abs().sum().cpu() for t in tensors]
+    return {"class": type(module).__name__, "tensors": len(tensors), "numel": sum(t.numel() for t in tensors),
+            "abs_sum": float(torch.stack(sums).sum()) if sums else 0.0}
+
+
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`model_fingerprint` records name the same weights (sums equal to 1e-6)."""
+    if {k: a.get(k) for k in ("class", "tensors", "numel")} != {k: b.get(k) for k in ("class", "tensors", "numel")}:
+        return False
+    return math.isclose(float(a.get("abs_sum", 0)), float(b.get("abs_sum", 0)), rel_tol=1e-6, abs_tol=1e-9)
 
 
 def check_input(x: torch.Tensor, *, device: torch.device | None = None, channels: int | None = 3) -> torch.Tensor:
