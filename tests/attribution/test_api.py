@@ -226,7 +226,7 @@ def test_spec_view_and_json():
     doc = get_method("integrated_gradients").to_json()
     assert doc["name"] == "integrated_gradients" and doc["family"] == "gradient" and doc["view"] == "heatmap"
     steps = next(o for o in doc["options"] if o["name"] == "steps")
-    assert steps["minimum"] == 1 and steps["maximum"] == 4096 and steps["type"] == ["int"] and steps["default"] == 32
+    assert steps["minimum"] == 1 and steps["maximum"] == 4096 and steps["type"] == ["int"] and steps["default"] is None
     import json
 
     json.dumps([get_method(n).to_json() for n in method_names()], allow_nan=False)  # every spec serialises

@@ -33,6 +33,21 @@ def test_explain_with_options_and_target(tmp_path, capsys):
     assert out.exists()
 
 
+def test_explain_says_the_integrated_gradients_error_steps_and_cap(tmp_path, capsys):
+    out = tmp_path / "ig.png"
+    code = main(["explain", "sample:chelsea", "--method", "integrated_gradients", "--option", "max_steps=9",
+                 "--option", "tolerance=0", "--no-progress", "-o", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "completeness error" in err and "at 9 steps" in err and "11 forward + 9 backward" in err
+    assert "warning: integrated gradients reached max_steps=9 with completeness error" in err
+
+
+def test_explain_deconvnet_notes_the_missing_max_pooling(tmp_path, capsys):
+    assert main(["explain", "sample:rocket", "--method", "deconvnet", "-o", str(tmp_path / "d.png")]) == 0
+    assert "warning: the model has no max-pooling, so DeconvNet projections do not depend on the image" in capsys.readouterr().err
+
+
 def test_explain_mask_keeps_the_important_region(tmp_path):
     out = tmp_path / "mask.png"
     assert main(["explain", "sample:chelsea", "--method", "gradcam", "--mask", "--threshold", "0.6", "-o", str(out)]) == 0
@@ -46,7 +61,7 @@ def test_explain_list_shows_every_method_with_options(capsys):
     out = capsys.readouterr().out
     for name in method_names():
         assert name in out
-    assert "steps=32" in out and "samples=25" in out
+    assert "steps=None" in out and "tolerance=0.05" in out and "max_steps=512" in out and "samples=25" in out
     assert METHODS["scorecam"].passes in out
 
 

@@ -204,3 +204,12 @@ def test_ctrl_c_during_style_training_keeps_the_network_and_exits_130(tmp_path, 
                            "--width", "2", "--blocks", "0", "-o", str(net)], capsys)
     assert code == 130 and "trained 2 steps" in text and "(interrupted)" in text and net.exists()
     assert torch.load(net, weights_only=True)["steps"] == 2
+
+
+def test_texture_accepts_another_loss_network(tmp_path, capsys):
+    # issue 11 item 4: Gatys et al. used VGG-19; weights cannot be downloaded here, so random ones
+    out = tmp_path / "t.png"
+    code, text, err = run(["texture", "sample:brick", "--loss-net", "vgg19:random", "--steps", "2", "--size", "32",
+                           "-o", str(out)], capsys)
+    assert code == 0, err
+    assert out.exists() and "style loss" in text

@@ -12,6 +12,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -283,9 +284,11 @@ def test_builtin_shape_bias_on_the_sample(sample_bias, builtin, sample_dir, reco
     assert r.shape_fraction + r.texture_fraction + r.neither_fraction == pytest.approx(1)
     # an ImageNet-trained CNN is texture-biased (published 0.09-0.25 for AlexNet, VGG-16, ResNet-50)
     assert r.shape_bias < 0.5
-    # the batched, guarded run gives the same top class as a plain prediction
+    # the batched, guarded run gives the same top class as a plain prediction of the whole stimulus
     first = r.decisions[0]
-    assert builtin.predict(str(sample_dir / first.file), top=1)[0].indices[0] == first.top_class
+    x = B.stimulus_inputs(builtin, [sample_dir / first.file])
+    assert builtin.predict(x, top=1)[0].indices[0] == first.top_class
+    assert "no crop" in r.protocol and r.to_dict()["protocol"] == r.protocol
     record_property("builtin_shape_bias", round(r.shape_bias, 4))
     print(f"\n{r}")
 
@@ -324,6 +327,9 @@ def test_cli_table_and_errors(capsys, monkeypatch, conflict_dir, tmp_path):
     assert code == 0
     assert "shape bias  0.750" in out and "5 cue conflicts, 1 with the same" in out
     assert "silhouettes" not in out  # an explicit --data does not pull in the shipped shape-only sets
+    assert "stimuli: whole stimulus resized to 8x8, no crop" in out
+    code, out, _ = _run(capsys, "bias", "--data", str(conflict_dir), "--no-progress", "--crop")
+    assert code == 0 and "stimuli: model preprocessing" in out and "centre crop 8x8" in out
     code, _, err = _run(capsys, "bias", "--data", str(tmp_path / "nowhere"))
     assert code == 2 and err.count("\n") == 1 and "no such folder" in err
     code, _, err = _run(capsys, "bias", "--data", str(conflict_dir), "-o", str(tmp_path / "plot.txt"))
@@ -338,3 +344,28 @@ def test_every_readable_suffix_is_a_stimulus(conflict_dir):
     files = [d.file for d in r.decisions]
     assert "cat/cat2-bird1.tif" in files and "cat/cat3-bird1.gif" in files
     assert r.texture == 3  # the two copies of the texture decision count as well
+
+
+# ============================================================================ the protocol (issue 11)
+
+
+def test_stimuli_are_fed_whole_by_default_and_cropped_only_on_request(builtin):
+    pixels = np.full((224, 224, 3), 128, np.uint8)
+    pixels[:8], pixels[-8:], pixels[:, :8], pixels[:, -8:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
+    stimulus = Image.fromarray(pixels)
+    whole = builtin.to_pixels(B.stimulus_inputs(builtin, [stimulus]))[0]
+    assert whole.shape == (3, 224, 224)
+    assert torch.allclose(whole[:, 0, 0], torch.tensor([1.0, 0.0, 0.0]), atol=1e-3)  # the red border is kept
+    assert torch.allclose(whole[:, 112, 112], torch.full((3,), 128 / 255), atol=1e-3)
+    cropped = builtin.to_pixels(B.stimulus_inputs(builtin, [stimulus], crop=True))[0]
+    # the model's preprocessing (256 then centre 224) zooms by 8/7 and cuts the 9 px border off
+    assert (cropped[0, 0, :] - cropped[1, 0, :]).abs().max() < 0.05
+    assert torch.equal(B.stimulus_inputs(builtin, [stimulus], crop=True), builtin.preprocess(stimulus))
+
+
+def test_result_says_which_protocol(conflict_dir):
+    model = _fake_model()
+    default = B.shape_bias(model, conflict_dir, progress=False)
+    cropped = B.shape_bias(model, conflict_dir, progress=False, crop=True)
+    assert "no crop" in default.protocol and "model-vs-human" in default.protocol and "no crop" in str(default)
+    assert "centre crop" in cropped.protocol and cropped.to_dict()["protocol"] == cropped.protocol

@@ -16,7 +16,7 @@ import convscope as cs
 import statecheck
 from convscope.cli import cmd_topk
 from convscope.cli.main import main
-from convscope.dataset.projection import ProjectionError, unit_gradients
+from convscope.dataset.projection import ProjectionError, effective_box, projection_picture, unit_gradients
 from convscope.dataset.topk import TopKError, top_activations
 from convscope.probe import DECONV_RULES, Capture
 
@@ -241,3 +241,76 @@ def test_functional_relu_topk_projections_equal_module_relu(method):
     assert functional.images == with_modules.images and functional.units == with_modules.units
     torch.testing.assert_close(functional.crops, with_modules.crops, rtol=1e-5, atol=1e-7)
     assert functional.crops.abs().sum() > 0
+
+
+# ============================================================================ image-specific projections (issue 11)
+
+
+def _pairwise_cosine(crops: torch.Tensor) -> torch.Tensor:
+    flat = crops.flatten(1)
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    sim = flat @ flat.T
+    return sim[~torch.eye(len(flat), dtype=torch.bool)]
+
+
+def test_guided_projections_of_one_unit_differ_between_images_deconvnet_ones_do_not(builtin):
+    names = ["chelsea", "coffee", "rocket", "astronaut"]
+    x = torch.cat([builtin.preprocess(cs.sample_image(n)) for n in names])
+    x = F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False)
+    r = top_activations(builtin, x, "blocks.2.1", k=4, channels=[0], progress=False)
+    guided = r.projected(builtin, images=x, progress=False)  # the default method
+    assert guided.method == "guided" and guided.note is None
+    with pytest.warns(UserWarning, match="no max-pooling"):
+        deconv = r.projected(builtin, method="deconvnet", images=x, progress=False)
+    assert "no max-pooling" in deconv.note
+    # measured at 224 px: guided cosine 0.1-0.3 between images, DeconvNet 0.9-0.97 (EfficientNet has no switches)
+    assert _pairwise_cosine(guided.crops).max() < 0.6
+    assert _pairwise_cosine(deconv.crops).min() > 0.8
+
+
+def test_deconvnet_on_a_max_pooling_model_has_no_note(tiny):
+    x = images()
+    r = top_activations(tiny, x, "conv3", k=2, channels=[0], progress=False)
+    assert r.projected(tiny, method="deconvnet", images=x, progress=False).note is None  # it has a MaxPool2d
+
+
+def test_explain_deconvnet_says_when_the_model_has_no_max_pooling(builtin):
+    x = F.interpolate(builtin.preprocess(cs.sample_image("rocket")), size=(64, 64), mode="bilinear")
+    with pytest.warns(UserWarning, match="no max-pooling"):
+        a = cs.attribute(builtin, x, "deconvnet", progress=False)
+    assert "no max-pooling" in a.extras["note"]
+    assert "note" not in cs.attribute(builtin, x, "guided_backprop", progress=False).extras
+
+
+def test_effective_box_holds_the_projection_mass_around_the_unit():
+    crops = torch.zeros(3, 3, 41, 41)
+    crops[:, :, 17:24, 17:24] = 1.0  # mass within 3 px of the centre (20, 20)
+    crops[0, :, 0, 0] = 0.01  # a little far away
+    top, left, bottom, right = effective_box(crops)
+    assert (top, left) == (16, 16) and (bottom, right) == (25, 25)
+    assert effective_box(torch.zeros(2, 3, 9, 9)) == (0, 0, 9, 9)
+
+
+def test_projection_pictures_stretch_their_own_contrast():
+    p = torch.zeros(3, 40, 40)
+    p[0, 10:30, 10:30] = torch.linspace(0.1, 1.0, 400).view(20, 20)  # the structure
+    p[0, 5, 5] = 100.0  # one outlier
+    arr = np.asarray(projection_picture(p, "abs")).astype(float)[..., 0]
+    assert arr[10:30, 10:30].mean() > 60  # peak scaling would leave the structure under 1% grey (about 1)
+
+
+def test_cli_project_defaults_to_guided_and_notes_deconvnet_without_max_pooling(monkeypatch, capsys, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, t in enumerate(images()):
+        Image.fromarray((t.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)).save(folder / f"img_{i}.png")
+    model = cs.Model(FunctionalNet(), input_size=(SIZE, SIZE), mean=(0, 0, 0), std=(1, 1, 1), labels=["a", "b", "c"],
+                     resize_size=SIZE)
+    monkeypatch.setattr(cmd_topk, "load_model_from_args", lambda args: model)
+    out = tmp_path / "grid.png"
+    assert main(["topk", str(folder), "--layer", "conv2", "--k", "2", "--project", "-o", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "guided projections" in err and "no max-pooling" not in err
+    assert main(["topk", str(folder), "--layer", "conv2", "--k", "2", "--project", "deconvnet", "-o", str(out),
+                 "--no-progress"]) == 0
+    assert "note: the model has no max-pooling" in capsys.readouterr().err

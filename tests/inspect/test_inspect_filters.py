@@ -26,12 +26,14 @@ def test_first_layer_of_builtin_is_the_default_and_its_weights_are_exact(builtin
 def test_rgb_picture_has_one_tile_per_filter_in_an_8_column_grid(builtin):
     fs = filters(builtin)
     tiles = fs.tiles()
-    assert len(tiles) == 32 and all(t.size == (3, 3) and t.mode == "RGB" for t in tiles)
+    assert len(tiles) == 32 and all(t.size == (3, 3) and t.mode == "RGB" for i, t in enumerate(tiles) if i not in fs.dead)
     picture = fs.to_image(cell=40, title=False)
     columns, rows, pad, label_h = 8, 4, 4, 10 + 4  # core.grid: font 10 for 40 px cells
     assert picture.size == (columns * (40 + pad) + pad, rows * (40 + label_h + pad) + pad)
-    assert fs.to_image(cell=40).size == (picture.size[0], picture.size[1] + 22)  # the title adds a 22 px band
-    assert fs.image.size == (8 * (32 + pad) + pad, 22 + rows * (32 + label_h + pad) + pad)  # default: 32 px cells
+    titled = fs.to_image(cell=40)  # the title adds a 22 px band (and widens the picture to fit its text)
+    assert titled.size[1] == picture.size[1] + 22 and titled.size[0] >= picture.size[0]
+    assert fs.image.size[1] == 22 + rows * (32 + label_h + pad) + pad  # default: 32 px cells
+    assert fs.image.size[0] >= 8 * (32 + pad) + pad
 
 
 def test_dead_filters_are_those_with_near_zero_norm(builtin, tiny):
@@ -116,3 +118,19 @@ def test_single_input_channel_layer_draws_one_grey_tile_per_filter():
     fs = filters(gray, "0")
     assert fs.kind == "depthwise" and len(fs.tiles()) == 5 and fs.tiles()[0].size == (5, 5)
     assert fs.image.size[1] == 22 + (40 + 14 + 4) + 4  # one row of 40 px cells under the title
+
+
+def test_dead_filters_are_drawn_flat_grey_with_a_red_cross_not_stretched(builtin):
+    fs = filters(builtin)
+    assert fs.dead == [11, 16, 28, 31]  # norms ~1e-9 .. 2e-7 in the built-in model's first layer
+    tiles = fs.tiles()
+    for i in fs.dead:
+        colours = {tuple(c) for c in np.asarray(tiles[i]).reshape(-1, 3).tolist()}
+        assert colours == {(128, 128, 128), (220, 40, 40)}  # flat grey and the mark, nothing stretched
+    live = np.asarray(tiles[0]).reshape(-1, 3)
+    assert len({tuple(c) for c in live.tolist()}) > 2
+    assert "red X = dead (4)" in fs.caption()
+    # grey-tile layouts too (one row per filter, one tile per input channel)
+    fs2 = filters(builtin, "blocks.1.0.conv_pw", max_filters=None, max_channels=4)
+    row = fs2.channel_tiles()[79]
+    assert all({tuple(c) for c in np.asarray(t).reshape(-1, 3).tolist()} == {(128, 128, 128), (220, 40, 40)} for t in row)

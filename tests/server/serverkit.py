@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import torch
@@ -32,15 +33,27 @@ class Answer:
 
 
 class Client:
-    """urllib against one server; JSON answers decoded, HTTP errors returned (not raised)."""
+    """urllib against one server; JSON answers decoded, HTTP errors returned (not raised). ``url``: what
+    the server printed; its ``?token=`` is sent as the X-Convscope-Token header. ``client``: the
+    X-Convscope-Client header (whose uploads)."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, client: str = "", token: str | None = None):
+        parts = urlsplit(url)
+        self.url = f"{parts.scheme}://{parts.netloc}/"
+        self.token = token if token is not None else (parse_qs(parts.query).get("token") or [""])[0]
+        self.client = client
 
-    def request(self, path: str, body: bytes | None = None, method: str | None = None, timeout: float = 60) -> Answer:
+    def request(self, path: str, body: bytes | None = None, method: str | None = None, timeout: float = 60,
+                headers: dict[str, str] | None = None, content_type: str = "application/octet-stream") -> Answer:
         req = urllib.request.Request(self.url + path.lstrip("/"), data=body, method=method)
         if body is not None:
-            req.add_header("Content-Type", "application/octet-stream")
+            req.add_header("Content-Type", content_type)
+        if self.token:
+            req.add_header("X-Convscope-Token", self.token)
+        if self.client:
+            req.add_header("X-Convscope-Client", self.client)
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw, status, headers = r.read(), r.status, r.headers

@@ -28,7 +28,7 @@ def test_serve_prints_its_url_and_stops_on_ctrl_c():
             line = proc.stderr.readline()
             if not line or line.startswith("convscope: serving"):
                 break
-        match = re.fullmatch(r"convscope: serving (http://127\.0\.0\.1:(\d+)/)\n", line)
+        match = re.fullmatch(r"convscope: serving (http://127\.0\.0\.1:(\d+)/\?token=[\w-]{32})\n", line)
         assert match, line
         info = Client(match.group(1)).get("/api/info")
         assert info.status == 200 and info.data["num_classes"] == 1000 and info.data["default_layer"] == "layer4"
@@ -58,3 +58,11 @@ def test_serve_is_listed_in_the_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "serve" in capsys.readouterr().out
+
+
+def test_allow_host_is_repeatable():
+    from convscope.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--allow-host", "box.lan", "--allow-host", "gpu.lan"])
+    assert (args.host, args.allow_host) == ("0.0.0.0", ["box.lan", "gpu.lan"])
+    assert build_parser().parse_args(["serve"]).allow_host == []

@@ -26,11 +26,15 @@ def test_info_lists_model_layers_methods_and_samples(client):
     assert {"gradcam", "saliency", "occlusion", "integrated_gradients"} <= set(methods)
     assert methods["gradcam"]["family"] == "cam" and methods["gradcam"]["uses_layer"]
     steps = {o["name"]: o for o in methods["integrated_gradients"]["options"]}["steps"]
-    assert steps["type"] == ["int"] and steps["default"] == 32 and steps["help"]
+    assert steps["type"] == ["int"] and steps["default"] is None and steps["help"]  # None: adaptive
     assert (steps["minimum"], steps["maximum"], steps["range"]) == (1, 4096, "an int in 1..4096")
     from convscope.attribution import get_method
 
-    assert methods["occlusion"] == get_method("occlusion").to_json()  # the registry's own serialisation
+    occlusion = dict(methods["occlusion"])
+    description = occlusion.pop("description")
+    assert occlusion == get_method("occlusion").to_json()  # the registry's own serialisation, plus:
+    assert description.startswith("Occlusion sensitivity (Zeiler & Fergus 2014)") and "``" not in description
+    assert description.endswith(".") and len(description) > len(occlusion["summary"])  # whole sentences
     assert methods["saliency"]["view"] == "heatmap" and methods["gradcam"]["view"] == "overlay"
     assert "chelsea" in [s["name"] for s in info["samples"]]
     assert info["limits"]["max_upload"] == MAX_UPLOAD_BYTES == 20 * 1024 * 1024
@@ -167,7 +171,7 @@ def test_unknown_paths_and_methods(client):
     a = client.post("/api/predict?image=sample:chelsea", b"x")
     assert a.status == 405 and "GET" in a.data["error"]
     assert client.post("/api/nowhere", b"x").status == 404
-    assert client.request("/api/info", method="DELETE").status == 501
+    assert client.request("/api/info", method="DELETE").status == 405
 
 
 def test_oversize_upload_is_a_413(client):
@@ -193,7 +197,7 @@ def test_page_and_static_files_are_served(client):
     assert page.status == 200 and b"convscope" in page.data and b"/static/app.js" in page.data
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     js = client.get("/static/app.js")
-    assert js.status == 200 and js.headers["Content-Type"].startswith("text/javascript") and b"/api/explain" in js.data
+    assert js.status == 200 and js.headers["Content-Type"].startswith("text/javascript") and b"/api/jobs" in js.data
     assert client.get("/static/style.css").status == 200
     for data in (page.data, js.data):
         text = data.replace(b"http://www.w3.org/2000/svg", b"")  # the SVG namespace is a name, not a fetch
@@ -203,7 +207,10 @@ def test_page_and_static_files_are_served(client):
 def test_binds_to_localhost_by_default(tiny):
     s = make_server(tiny, port=0, quiet=True)
     try:
-        assert s.server_address[0] == "127.0.0.1" and s.url == f"http://127.0.0.1:{s.port}/"
+        assert s.server_address[0] == "127.0.0.1" and s.url == f"http://127.0.0.1:{s.port}/?token={s.token}"
+        other = make_server(tiny, port=0, quiet=True)
+        other.server_close()
+        assert len(s.token) >= 32 and s.token != other.token  # random per launch
     finally:
         s.server_close()
     from convscope.cli.main import build_parser
@@ -267,6 +274,7 @@ def test_foreign_host_header_is_refused(client):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.putrequest("GET", "/api/info", skip_host=True)
         conn.putheader("Host", host)
+        conn.putheader("X-Convscope-Token", client.token)
         conn.endheaders()
         r = conn.getresponse()
         body = r.read()
@@ -274,3 +282,18 @@ def test_foreign_host_header_is_refused(client):
         assert r.status == expected, (host, body[:200])
         if expected == 403:
             assert b"own name" in body
+
+
+def test_a_class_name_with_a_space_gets_a_quoting_hint(client):
+    a = client.get("/api/visualize?objective=logit:thing%203&steps=2&size=32")
+    assert a.status == 400 and 'class names with spaces need quotes: logit:"thing 3"' in a.data["error"]
+    ok = client.get('/api/visualize?objective=logit:%22thing%203%22&steps=2&size=32')
+    assert ok.status == 200, ok.data
+
+
+def test_completeness_advice():
+    from convscope.server.api import completeness_advice
+
+    assert completeness_advice(0.01, {"steps": 32}) == ""
+    assert "raise steps (try 16)" in completeness_advice(0.32, {"steps": 4})
+    assert "raise max_steps (now 512" in completeness_advice(0.32, {"steps": None, "max_steps": 512})

@@ -46,3 +46,22 @@ def test_bad_data_is_a_clear_error(tiny, tmp_path):
         train_fast_style(tiny, "sample:brick", tmp_path / "missing", steps=1, progress=False)
     with pytest.raises(cs.ConvscopeError, match="not a convscope"):
         load_transform_net({"weights": 1})
+
+
+def test_default_weights_keep_the_content(model, content_folder):
+    # issue 11 item 5: with Johnson's 1e10 style weight, a deep content layer and a network that starts far
+    # from the identity, the output was pure texture: its features at the content layer were nearer the
+    # style image's than the content image's (111 vs 104 at 100 steps); the defaults keep the content
+    from convscope.synthesis.inversion import features
+    from convscope.synthesis.style import default_layers
+
+    r = train_fast_style(model, "sample:brick", content_folder, steps=8, batch_size=2, size=32, width=4, blocks=1,
+                         progress=False)
+    layer = default_layers(model)[0][1]
+    img = stylize(r.net, "sample:chelsea", size=64)
+    y = cs.synthesis.result.pil_to_pixels(img)
+    hw = tuple(y.shape[2:])
+    x = torch.nn.functional.interpolate(cs.synthesis.result.pil_to_pixels(cs.load_image("sample:chelsea")), size=hw)
+    s = torch.nn.functional.interpolate(cs.synthesis.result.pil_to_pixels(cs.load_image("sample:brick")), size=hw)
+    f = {k: features(model.module, model.from_pixels(v), layer) for k, v in {"y": y, "x": x, "s": s}.items()}
+    assert float((f["y"] - f["x"]).pow(2).mean()) < 0.5 * float((f["y"] - f["s"]).pow(2).mean())

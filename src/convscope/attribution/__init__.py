@@ -8,12 +8,14 @@ settings.
 
 from .api import attribute, model_for_input, resolve_targets
 from .contract import Context, MethodOutput
+from .gradients import CompletenessWarning
 from .registry import METHODS, MethodSpec, Option, get_method, method_names, register_method
 from .result import Attribution
 
 __all__ = [
     "METHODS",
     "Attribution",
+    "CompletenessWarning",
     "Context",
     "MethodOutput",
     "MethodSpec",

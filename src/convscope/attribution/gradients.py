@@ -19,12 +19,14 @@ and can be interrupted.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import ConvscopeError, InputShapeError
 from ..probe import (
@@ -39,6 +41,35 @@ from ..probe import (
 )
 from .contract import Context, MethodOutput
 from .registry import SEED_MAX, Option, register_method
+
+#: Max-pooling modules: the only place where a DeconvNet's backward pass depends on the image (the
+#: "switches"; Zeiler & Fergus 2014). Convolutions and the ReLU-on-the-signal rule do not.
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+class NoSwitchesWarning(UserWarning):
+    """DeconvNet on a network without max-pooling: the projection does not depend on the image."""
+
+
+def max_pooling_layers(module: nn.Module) -> list[str]:
+    """Names of the max-pooling modules of ``module`` (functional ``F.max_pool2d`` calls are not seen)."""
+    return [name for name, m in module.named_modules() if isinstance(m, MAX_POOLS)]
+
+
+def no_switches_note(module: nn.Module) -> str | None:
+    """A sentence saying DeconvNet cannot depend on the image here, or ``None`` when the model max-pools.
+
+    Zeiler & Fergus's projections differ per image through the max-pooling switches; with ReLU applied to
+    the backward signal, transposed convolutions and eval-mode batch norm, a network without max-pooling
+    (EfficientNet-Lite, most modern CNNs) sends the same signal down for every image (only other
+    nonlinearities, e.g. SiLU or squeeze-excitation gates, and the image border bring in the image), so
+    every projection of a unit is nearly the same pattern. Guided backpropagation masks by the forward
+    activations and depends on the image."""
+    if max_pooling_layers(module):
+        return None
+    return ("the model has no max-pooling, so DeconvNet projections do not depend on the image (no switches; "
+            "Zeiler & Fergus's differ through them): use guided backpropagation for image-specific projections")
+
 
 _RULES: dict[str, dict[type | str, BackwardRule] | None] = {
     "saliency": backward_rules("gradient"),
@@ -103,7 +134,12 @@ def _plain_gradient(name: str, times_input: bool) -> Callable[..., MethodOutput]
 
     def method(ctx: Context, batch_size: int) -> MethodOutput:
         g, _ = input_gradients(ctx, ctx.x, ctx.target, rules=_RULES[name], batch_size=batch_size, desc=name.replace("_", " "))
-        return MethodOutput(raw=g * ctx.x if times_input else g, forward_passes=1, backward_passes=1)
+        extras = {}
+        note = no_switches_note(ctx.module) if name == "deconvnet" else None
+        if note is not None:
+            extras["note"] = note
+            warnings.warn(note, NoSwitchesWarning, stacklevel=3)
+        return MethodOutput(raw=g * ctx.x if times_input else g, forward_passes=1, backward_passes=1, extras=extras)
 
     method.__name__ = name
     return method
@@ -124,8 +160,9 @@ for _name, _times_input, _paper, _summary in (
 ):
     _method = _plain_gradient(_name, _times_input)
     _method.__doc__ = _summary
+    # guided backprop and DeconvNet are drawn as their papers draw them: signed RGB, grey at zero
     register_method(_name, family="gradient", passes="1 forward + 1 backward", options={"batch_size": _BATCH},
-                    paper=_paper)(_method)
+                    paper=_paper, view="signed" if _name in ("guided_backprop", "deconvnet") else None)(_method)
 
 
 # ============================================================================ integrated gradients
@@ -208,26 +245,52 @@ def gaussian_blur(x: torch.Tensor, sigma: float, *, radius: int | None = None) -
     return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+class CompletenessWarning(UserWarning):
+    """Integrated gradients stopped at its step cap before completeness reached the tolerance."""
+
+
+#: Rules whose points at n intervals are all among the points at 2n: refining reuses every gradient.
+NESTED_RULES = ("riemann_trapezoid", "riemann_left", "riemann_right")
+#: Points of the first adaptive level (intervals of the nested rules).
+ADAPTIVE_START = 16
+
+
 @register_method(
     "integrated_gradients",
     family="gradient",
-    passes="steps x (1 forward + 1 backward) + 2 forward",
+    passes="steps x (1 forward + 1 backward) + 2 forward; adaptive by default (steps doubled until completeness "
+           "is within tolerance, at most max_steps)",
     options={
-        "steps": Option(int, 32, "points on the path from the baseline to the input", minimum=1, maximum=4096),
+        "steps": Option(int, None, "fixed number of points on the path from the baseline to the input "
+                        "(unset: adaptive, see tolerance and max_steps)", minimum=1, maximum=4096),
+        "tolerance": Option(float, 0.05, "adaptive mode: largest completeness error |sum(attr) - (S(x) - S(x'))| / "
+                            "|S(x) - S(x')| accepted", minimum=0.0, maximum=1.0),
+        "max_steps": Option(int, 512, "adaptive mode: most points on the path (a warning says when reached)",
+                            minimum=2, maximum=4096),
         "baseline": Option((str, float, torch.Tensor), "black", "zero, black, blur, noise, a number or a tensor",
                            minimum=-1000.0, maximum=1000.0),
-        "rule": Option(str, "gausslegendre", "quadrature rule of the path integral", IG_RULES),
+        "rule": Option(str, None, "quadrature rule of the path integral (unset: gausslegendre with fixed steps, "
+                       "riemann_trapezoid when adaptive, whose refinements reuse every earlier point)", IG_RULES),
         "batch_size": _BATCH,
         "seed": Option(int, 0, "seed of the noise baseline", minimum=0, maximum=SEED_MAX),
     },
     paper="Sundararajan, Taly & Yan 2017, Axiomatic Attribution for Deep Networks",
+    preview={"max_steps": 65},
 )
-def integrated_gradients(ctx: Context, steps: int, baseline: str | float | torch.Tensor, rule: str, batch_size: int, seed: int) -> MethodOutput:
+def integrated_gradients(ctx: Context, steps: int | None, tolerance: float, max_steps: int,
+                         baseline: str | float | torch.Tensor, rule: str | None, batch_size: int, seed: int) -> MethodOutput:
     """Integrated gradients (N, C, H, W): (x - x') * sum_i w_i dS_c/dx(x' + alpha_i (x - x')).
 
     Completeness says the attributions sum to S_c(x) - S_c(x'); ``extras["completeness_error"]`` (N,)
-    is |sum(attr) - (S_c(x) - S_c(x'))| / |S_c(x) - S_c(x')|, ``extras["delta"]`` the signed gap.
-    All ``steps`` points of every image are batched ``batch_size`` at a time.
+    is |sum(attr) - (S_c(x) - S_c(x'))| / |S_c(x) - S_c(x')|, ``extras["delta"]`` the signed gap,
+    ``extras["steps"]`` (N,) the points used per image. With ``steps`` given, exactly that many points
+    (``rule`` default Gauss-Legendre, as Captum). Without (the default), the number of points is chosen
+    per image: start at 16 intervals and double until the error is at most ``tolerance`` or the next
+    level would exceed ``max_steps`` points; then a :class:`CompletenessWarning` is issued and
+    ``extras["converged"]`` is False for that image. The trapezoid rule (adaptive default) and the left and
+    right Riemann rules reuse every earlier gradient when doubling (a level of n intervals costs n/2 new
+    passes); Gauss-Legendre and the midpoint rule recompute every point at each level. Points are batched
+    ``batch_size`` at a time.
     """
     x = ctx.x
     n = x.shape[0]
@@ -235,22 +298,111 @@ def integrated_gradients(ctx: Context, steps: int, baseline: str | float | torch
     with torch.no_grad():  # endpoints: the completeness check (and the top class when not given)
         ends = ctx.logits(torch.cat([x, base]))
     target = ctx.choose_target(ends[:n])
-    alphas, weights = quadrature(steps, rule)
-    alphas = alphas.to(device=x.device, dtype=x.dtype)
-    weights = weights.to(device=x.device, dtype=x.dtype)
-    diff = x - base
-    # rows ordered (step, image): row k*n + i is image i at alpha_k
-    path = base.unsqueeze(0) + alphas.view(-1, 1, 1, 1, 1) * diff.unsqueeze(0)
-    g, _ = input_gradients(
-        ctx, path.reshape(-1, *x.shape[1:]), target.repeat(steps), batch_size=batch_size, desc="integrated gradients"
-    )
-    avg = (g.view(steps, *x.shape) * weights.view(-1, 1, 1, 1, 1)).sum(0)
-    raw = diff * avg
     gap = ctx.target_scores(ends[:n], target) - ctx.target_scores(ends[n:], target)
+    diff = x - base
+    if steps is not None:
+        avg = _ig_fixed(ctx, base, diff, target, steps, rule or "gausslegendre", batch_size)
+        raw = diff * avg
+        used = torch.full((n,), steps)
+        passes = steps
+        converged = None
+    else:
+        raw, used, passes, converged = _ig_adaptive(ctx, base, diff, target, gap, tolerance, max_steps,
+                                                    rule or "riemann_trapezoid", batch_size)
     delta = raw.flatten(1).sum(1) - gap
     error = delta.abs() / gap.abs().clamp(min=1e-12)
-    extras = {"completeness_error": error.detach().cpu(), "delta": delta.detach().cpu(), "score_gap": gap.detach().cpu(), "baseline": base}
-    return MethodOutput(raw=raw, forward_passes=steps + 2, backward_passes=steps, extras=extras)
+    extras = {"completeness_error": error.detach().cpu(), "delta": delta.detach().cpu(), "score_gap": gap.detach().cpu(),
+              "baseline": base, "steps": used}
+    if converged is not None:
+        extras["converged"] = converged
+        extras["tolerance"] = tolerance
+        if not bool(converged.all()):
+            worst = float(error[~converged.to(error.device)].max())
+            warnings.warn(
+                f"integrated gradients reached max_steps={max_steps} with completeness error {worst:.1%} > "
+                f"tolerance {tolerance:.1%}; raise max_steps or use a closer baseline", CompletenessWarning, stacklevel=2)
+    return MethodOutput(raw=raw, forward_passes=passes + 2, backward_passes=passes, extras=extras)
+
+
+def _ig_fixed(ctx: Context, base: torch.Tensor, diff: torch.Tensor, target: torch.Tensor, steps: int, rule: str,
+              batch_size: int) -> torch.Tensor:
+    """sum_i w_i dS_c/dx(x' + alpha_i (x - x')) over ``steps`` points of ``rule``, shape of ``diff``."""
+    alphas, weights = quadrature(steps, rule)
+    grads = _path_gradients(ctx, base, diff, target, alphas, batch_size)
+    return (grads * weights.to(device=diff.device, dtype=diff.dtype).view(-1, 1, 1, 1, 1)).sum(0)
+
+
+def _path_gradients(ctx: Context, base: torch.Tensor, diff: torch.Tensor, target: torch.Tensor, alphas: torch.Tensor,
+                    batch_size: int) -> torch.Tensor:
+    """Gradients (K, N, C, H, W) of the target logits at the K path points ``alphas`` of every image."""
+    k, shape = len(alphas), base.shape
+    a = alphas.to(device=base.device, dtype=base.dtype).view(-1, 1, 1, 1, 1)
+    path = base.unsqueeze(0) + a * diff.unsqueeze(0)  # rows ordered (step, image): row j*n + i
+    g, _ = input_gradients(ctx, path.reshape(-1, *shape[1:]), target.repeat(k), batch_size=batch_size,
+                           desc="integrated gradients")
+    return g.view(k, *shape)
+
+
+def _ig_adaptive(ctx: Context, base: torch.Tensor, diff: torch.Tensor, target: torch.Tensor, gap: torch.Tensor,
+                 tolerance: float, max_steps: int, rule: str, batch_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Double the points of each image until its completeness error is within ``tolerance`` (or the cap).
+
+    Returns the attributions, the points used per image (N,), the passes per image of the costliest image
+    and whether each image converged (N,) bool.
+    """
+    n = base.shape[0]
+    nested = rule in NESTED_RULES
+    raw = torch.zeros_like(diff)
+    used = torch.zeros(n, dtype=torch.long)
+    converged = torch.zeros(n, dtype=torch.bool)
+    spent = torch.zeros(n, dtype=torch.long)
+    active = torch.arange(n, device=diff.device)
+    denom = gap.abs().clamp(min=1e-12)
+    # nested rules: the interior sum and the two end gradients carried over levels (active rows only)
+    interior = torch.zeros_like(diff)
+    g0 = g1 = None
+    intervals = max(1, min(ADAPTIVE_START, max_steps - 1 if rule == "riemann_trapezoid" else max_steps))
+    while True:
+        points = intervals + 1 if rule == "riemann_trapezoid" else intervals
+        b, d, t = base[active], diff[active], target[active]
+        if nested:
+            if g0 is None:  # first level: the ends and every interior point
+                ends = _path_gradients(ctx, b, d, t, torch.tensor([0.0, 1.0], dtype=torch.float64), batch_size)
+                g0, g1 = ends[0], ends[1]
+                new = torch.arange(1, intervals, dtype=torch.float64) / intervals
+                cost = (2 if rule == "riemann_trapezoid" else 1) + len(new)
+            else:  # the midpoints of the previous level
+                new = torch.arange(1, intervals, 2, dtype=torch.float64) / intervals
+                cost = len(new)
+            if len(new):
+                interior[active] = interior[active] + _path_gradients(ctx, b, d, t, new, batch_size).sum(0)
+            s = interior[active]
+            if rule == "riemann_trapezoid":
+                avg = (s + 0.5 * (g0 + g1)) / intervals
+            elif rule == "riemann_left":
+                avg = (s + g0) / intervals
+            else:
+                avg = (s + g1) / intervals
+        else:
+            avg = _ig_fixed(ctx, b, d, t, points, rule, batch_size)
+            cost = points
+        spent[active.cpu()] += cost
+        raw[active] = d * avg
+        used[active.cpu()] = points
+        err = ((d * avg).flatten(1).sum(1) - gap[active]).abs() / denom[active]
+        ok = err <= tolerance
+        converged[active[ok].cpu()] = True
+        nxt = intervals * 2
+        next_points = nxt + 1 if rule == "riemann_trapezoid" else nxt
+        if bool(ok.all()) or next_points > max_steps:
+            break
+        keep = ~ok
+        active = active[keep]
+        if nested:
+            g0, g1 = g0[keep], g1[keep]
+        intervals = nxt
+    return raw, used, int(spent.max()), converged
 
 
 # ============================================================================ smoothgrad
@@ -299,7 +451,10 @@ def gradient_rules(name: str) -> dict[type | str, BackwardRule] | None:
 
 
 __all__: list[str] = [
+    "CompletenessWarning",
     "DECONV_RULES",
+    "MAX_POOLS",
+    "NoSwitchesWarning",
     "GUIDED_RULES",
     "IG_RULES",
     "deconv_relu",
@@ -309,5 +464,7 @@ __all__: list[str] = [
     "guided_relu6",
     "input_gradients",
     "make_baseline",
+    "max_pooling_layers",
+    "no_switches_note",
     "quadrature",
 ]

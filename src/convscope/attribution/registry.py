@@ -36,9 +36,10 @@ FAMILIES = {
     "perturbation": "(N, H, W) at input size",
 }
 
-#: How a result can be drawn: the map over the image, the map alone, or the image with only its
-#: important region kept.
-VIEWS = ("overlay", "heatmap", "mask")
+#: How a result can be drawn: the map over the image, the map alone, the image with only its
+#: important region kept, or (pixel methods) the signed attribution as an RGB image, grey at zero
+#: (Springenberg et al.'s and Zeiler & Fergus's pictures).
+VIEWS = ("overlay", "heatmap", "mask", "signed")
 
 #: Largest seed any method accepts (NumPy's and torch's generators take 32-bit seeds everywhere).
 SEED_MAX = 2**32 - 1
@@ -47,8 +48,9 @@ SEED_MAX = 2**32 - 1
 @dataclass(frozen=True)
 class MethodSpec:
     """One registered method. ``view``: how its result reads best (pixel-level gradient maps as a heatmap
-    of their own, region maps over the image), ``cmap`` the colormap of its heatmap, ``preview``: cheaper
-    option values for side-by-side previews (``explain --method all``, the report)."""
+    of their own, region maps over the image, ``drawn_as`` when the method's paper draws it otherwise, e.g.
+    ``"signed"`` for guided backprop), ``cmap`` the colormap of its heatmap, ``preview``: cheaper option
+    values for side-by-side previews (``explain --method all``, the report)."""
 
     name: str
     family: str
@@ -59,9 +61,12 @@ class MethodSpec:
     paper: str
     summary: str
     preview: dict[str, Any] = field(default_factory=dict)
+    drawn_as: str | None = None
 
     @property
     def view(self) -> str:
+        if self.drawn_as is not None:
+            return self.drawn_as
         return "heatmap" if self.family == "gradient" else "overlay"
 
     @property
@@ -75,8 +80,13 @@ class MethodSpec:
              threshold: float = 0.5) -> Image.Image:
         """The picture of an :class:`~convscope.attribution.Attribution` of this method: ``view``
         ``"heatmap"``, ``"overlay"`` (on ``image``, default: the input), ``"mask"`` (map >= ``threshold``
-        kept) or ``None``/``"auto"``: the method's own :attr:`view`."""
+        kept), ``"signed"`` (the raw pixel attribution as RGB, grey at zero; gradient family only) or
+        ``None``/``"auto"``: the method's own :attr:`view`."""
         chosen = self.view if view in (None, "auto") else view
+        if chosen == "signed":
+            if self.family != "gradient":
+                raise OptionError(f"view 'signed' draws pixel attributions; {self.name!r} gives a {self.family} map")
+            return a.signed()
         if chosen == "heatmap":
             return a.heatmap(cmap=self.cmap)
         if chosen == "mask":
@@ -112,11 +122,15 @@ def register_method(
     uses_layer: bool = False,
     paper: str = "",
     preview: dict[str, Any] | None = None,
+    view: str | None = None,
 ) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
     """Decorator adding a method to :data:`METHODS` (names must be unique; ``preview`` values are
-    checked against the options now, so a typo fails at import)."""
+    checked against the options now, so a typo fails at import). ``view``: how the result is drawn by
+    default when not the family's usual (one of :data:`VIEWS`)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}")
+    if view is not None and view not in VIEWS:
+        raise ValueError(f"view of {name!r} must be one of {', '.join(VIEWS)}, got {view!r}")
     opts = dict(options or {})
     cheap = dict(preview or {})
     for key, value in cheap.items():
@@ -128,7 +142,7 @@ def register_method(
         if name in METHODS:
             raise ValueError(f"attribution method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        METHODS[name] = MethodSpec(name, family, fn, opts, passes, uses_layer, paper, doc[0] if doc else "", cheap)
+        METHODS[name] = MethodSpec(name, family, fn, opts, passes, uses_layer, paper, doc[0] if doc else "", cheap, view)
         return fn
 
     return decorate

@@ -65,6 +65,22 @@ class Attribution:
         """The display map alone, coloured with ``cmap``."""
         return colorize(self.map[index], cmap)
 
+    def signed(self, index: int = 0, *, clip: float = 0.99) -> Image.Image:
+        """The raw pixel attribution (gradient family, (C, H, W)) drawn as an RGB image, grey at zero:
+        ``0.5 + 0.5 * raw / s`` with ``s`` the ``clip`` quantile of |raw| (values beyond saturate), so each
+        colour channel shows the sign and size of its own attribution (Springenberg et al. 2015, Fig. 3;
+        Zeiler & Fergus 2014's projections). Inputs without three channels are averaged to grey."""
+        check_range("clip", clip, float, 0.5, 1.0)
+        r = self.raw[index].detach().float().cpu()
+        if r.dim() != 3:
+            raise ValueError(f"a signed picture needs a pixel attribution (C, H, W), got shape {tuple(r.shape)}")
+        if r.shape[0] != 3:
+            r = r.mean(0, keepdim=True).expand(3, -1, -1)
+        flat = r.abs().flatten()
+        s = float(torch.quantile(flat[:: max(1, flat.numel() // 1_000_000)], clip)) or float(flat.max()) or 1.0
+        pixels = (0.5 + 0.5 * (r / s)).clamp(0, 1)
+        return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
     def mask(self, img: Any = None, index: int = 0, *, threshold: float = 0.5, fill: int = 0) -> Image.Image:
         """The image with only its important region kept: pixels whose map value is below ``threshold``
         (on the [0, 1] display map) are replaced by ``fill`` (the seeds' occlusion mask)."""

@@ -45,6 +45,9 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--edges", default=None, metavar="DIR", help="edge drawings folder, CATEGORY/*.png")
     p.add_argument("--no-shape-only", action="store_true",
                    help="do not look for the shipped silhouettes and edges when --silhouettes/--edges are not given")
+    p.add_argument("--crop", action="store_true",
+                   help="feed stimuli through the model's ImageNet preprocessing (resize, centre crop) instead of the "
+                   "published protocol (whole stimulus resized to the input size, no crop)")
     p.add_argument("--categories", default=None, metavar="FILE",
                    help="16-class mapping JSON {category: [ImageNet indices]} (default: imagenet16.json)")
 
@@ -71,7 +74,7 @@ def run_bias(args: argparse.Namespace) -> int:
         output_file(args.output, "")
     model = load_model_from_args(args)
     progress = False if args.no_progress else None
-    kw = dict(categories=args.categories, batch_size=args.batch_size, progress=progress)
+    kw = dict(categories=args.categories, batch_size=args.batch_size, progress=progress, crop=args.crop)
     result = shape_bias(model, args.data, **kw)
     accuracies = []
     if not result.interrupted:
@@ -94,6 +97,7 @@ def run_bias(args: argparse.Namespace) -> int:
 def _print_table(result: Any, accuracies: list[Any], bias_refs: dict[str, float], acc_refs: dict[str, dict[str, float]]) -> None:
     done = len(result.decisions)
     print(f"{result.model_name} on {result.root}")
+    print(f"stimuli: {result.protocol}")
     print(f"{done} images: {result.conflicts} cue conflicts, {result.excluded} with the same shape and texture category "
           f"(left out)" + (f"; interrupted after {done} of {result.total}" if result.interrupted else ""))
     refs = ", ".join(f"{k} {v:g}" for k, v in bias_refs.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +90,23 @@ def _explain(spec: MethodSpec, model: Any, x: Any, target: Any, layer: str | Non
              args: argparse.Namespace) -> Any:
     """Run one method, describing it on stderr."""
     start = time.perf_counter()
-    a = attribute(model, x, spec.name, target=target, layer=layer, progress=not args.no_progress, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = attribute(model, x, spec.name, target=target, layer=layer, progress=not args.no_progress, **options)
     seconds = time.perf_counter() - start
     t = int(a.target[0])
     extra = ""
     if "completeness_error" in a.extras:
         extra = f", completeness error {float(a.extras['completeness_error'][0]):.2%}"
+        if "steps" in a.extras:
+            extra += f" at {int(a.extras['steps'][0])} steps"
     where = f" at {a.layer}" if a.layer else ""
     info(
         f"{a.method}{where}: class {t} ({model.label(t)}), {a.forward_passes} forward + "
         f"{a.backward_passes} backward passes, {seconds:.2f} s{extra}"
     )
+    for w in caught:  # the method's warnings (e.g. a step cap reached), one line each
+        info(f"warning: {w.message}")
     return a
 
 

@@ -1,8 +1,10 @@
 """``convscope serve``: the web explorer on http://127.0.0.1:8000/ (see :mod:`convscope.server`).
 
-Loads the model once, prints ``convscope: serving http://HOST:PORT/`` on stderr and serves until
-Ctrl-C. ``--port 0`` takes any free port. Binding to another address than the loopback one exposes
-the model to the network without authentication; a warning says so.
+Loads the model once, prints ``convscope: serving http://HOST:PORT/?token=TOKEN`` on stderr and serves
+until Ctrl-C. ``--port 0`` takes any free port. The token is random per launch and every API request
+must carry it (the page takes it from its URL, as Jupyter does). Binding to another address than the
+loopback one exposes the model to the network (a warning says so); the Host check stays on, with the
+machine's own names, any IP address and ``--allow-host NAME`` accepted.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
                    help="TCP port, 0..65535 (default 8000; 0: any free port)")
     p.add_argument("--max-upload-mb", type=bounded(float, 0.001, 4096, name="--max-upload-mb"), default=20.0, metavar="MB",
                    help="largest image upload accepted, in megabytes, 0.001..4096 (default 20)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests addressed to this host name (repeatable; e.g. a name behind a proxy)")
     p.add_argument("--quiet", action="store_true", help="do not log every request on stderr")
     p.set_defaults(func=run)
 
@@ -38,19 +42,20 @@ def run(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     model.layers()  # the layer table once now, so the first page load is quick
     try:
-        server = make_server(model, args.host, args.port, quiet=args.quiet,
+        server = make_server(model, args.host, args.port, quiet=args.quiet, allow_hosts=args.allow_host,
                              max_upload=int(args.max_upload_mb * 1024 * 1024))
     except OSError as exc:
         raise ConvscopeError(f"cannot serve on {args.host}:{args.port} ({exc.strerror or exc})") from None
     if not _is_loopback(server.host):
-        info(f"convscope: warning: listening on {server.host}, reachable from other machines; the explorer has no authentication")
+        info(f"convscope: warning: listening on {server.host}, reachable from other machines; anyone with the "
+             "token in the URL can use the model")
     info(f"convscope: serving {server.url}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         info("convscope: stopped")
     finally:
-        server.server_close()
+        server.stop(timeout=5)
     return 0
 
 

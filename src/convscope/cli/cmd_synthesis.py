@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..errors import ConvscopeError
 from ..files import atomic_write, check_output_path
 from ..images import IMAGE_SUFFIXES
-from ..models import Model, pick_device
+from ..models import Model, load_model, pick_device
 from ..options import INT_LIMIT, bounded
 from ..render import grid, save_image
 from ..synthesis import (
@@ -116,10 +116,26 @@ def _save(image: Any, path: str) -> None:
     info(f"wrote {path}")
 
 
+def _loss_net_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loss-net", default=None, metavar="NAME",
+                   help="loss network instead of --model: a torchvision or timm:NAME model with its pretrained weights "
+                        "(Gatys et al. used vgg19; its weights must be in the torch cache), or NAME:random for random "
+                        "weights (for testing)")
+
+
+def _loss_net(args: argparse.Namespace) -> Model:
+    """The model ``--loss-net`` names (pretrained, or ``NAME:random``), else the ``--model`` one."""
+    if not getattr(args, "loss_net", None):
+        return load_model_from_args(args)
+    random = args.loss_net.endswith(":random")
+    name = args.loss_net[: -len(":random")] if random else args.loss_net
+    return load_model(name, weights=None if random else "DEFAULT", device=args.device)
+
+
 def _picture_command(args: argparse.Namespace, make: Callable[[Model], Any]) -> tuple[Model, Any]:
-    """Check ``-o``, load the model, ``make(model)`` a synthesis result and write its image: (model, result)."""
+    """Check ``-o``, load the (loss) model, ``make(model)`` a synthesis result and write its image: (model, result)."""
     out = _output(args)
-    model = load_model_from_args(args)
+    model = _loss_net(args)
     result = make(model)
     _save(result.image, out)
     return model, result
@@ -148,9 +164,11 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                    help="weight of the diversity term across samples (default 0)")
     p.add_argument("--no-transforms", action="store_true", help="no robustness transforms (pad, jitter, scale, rotate)")
     p.add_argument("--no-decorrelate", action="store_true", help="optimise plain RGB instead of decorrelated colour")
-    p.add_argument("--multiscale", action="store_true", help="coarse-to-fine pixel procedure (56 px, x1.2, 12 rounds; --steps per round)")
+    p.add_argument("--multiscale", action="store_true",
+                   help="coarse-to-fine procedure in decorrelated colour with the transforms (56 px, x1.2, 12 rounds; "
+                        "--steps per round, e.g. 20)")
     p.add_argument("--blur", type=bounded(int, 1, 56, name="--blur"), default=None,
-                   help="with --multiscale: box blur of this size (1..56 px) between rounds")
+                   help="with --multiscale: blur between rounds, a Gaussian as wide as a box of this size (1..56 px; e.g. 8)")
     p.set_defaults(func=run_visualize)
 
     p = sub.add_parser("dream", parents=parents, help="DeepDream an image")
@@ -173,6 +191,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     _common(p, "invert.png", 200, None)
     p.add_argument("--tv", type=_weight("--tv"), default=0.5, help="total-variation weight (default 0.5)")
     p.add_argument("--alpha-weight", type=_weight("--alpha-weight"), default=1e-3, help="alpha-norm weight (default 0.001)")
+    p.add_argument("--jitter", type=bounded(int, 0, 64, name="--jitter"), default=None,
+                   help="largest random shift per step in pixels, 0..64 (default: image side / 32)")
+    p.add_argument("--param", choices=["fourier", "pixel"], default="fourier",
+                   help="image parameterisation: decorrelated Fourier spectrum (default) or pixels")
     p.add_argument("--perturb", action="store_true", help="also invert binarised and 50%%-dropped features, report errors")
     p.set_defaults(func=run_invert)
 
@@ -180,6 +202,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("image", help="texture example: path or sample:NAME")
     _common(p, "texture.png", 200, 128)
     p.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs", help="L-BFGS (Gatys; default) or Adam")
+    p.add_argument("--tv", type=_weight("--tv"), default=1e7, help="total-variation weight (default 1e7; 0: Gatys's plain loss)")
+    p.add_argument("--color-weight", type=_weight("--color-weight"), default=1e7,
+                   help="weight of matching the colour mean and covariance of the example (default 1e7)")
+    _loss_net_option(p)
     p.set_defaults(func=run_texture)
 
     p = sub.add_parser("style", parents=parents, help="neural style transfer (Gatys et al.)")
@@ -193,6 +219,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                    help="weight of the content loss (default 1)")
     p.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs", help="L-BFGS (Gatys; default) or Adam")
     p.add_argument("--preserve-color", action="store_true", help="keep the content image's colours")
+    p.add_argument("--tv", type=_weight("--tv"), default=0.0, help="total-variation weight (default 0; e.g. 1e7 against grain)")
+    p.add_argument("--color-weight", type=_weight("--color-weight"), default=0.0,
+                   help="weight of matching the style images' colour mean and covariance (default 0)")
+    _loss_net_option(p)
     p.set_defaults(func=run_style)
 
     p = sub.add_parser("style-train", parents=parents,
@@ -207,12 +237,14 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                    help="channels of the first layer, 1..256 (Johnson: 32; 8 trains fast on a CPU)")
     p.add_argument("--blocks", type=bounded(int, 0, 32, name="--blocks"), default=5, help="residual blocks, 0..32 (Johnson: 5)")
     p.add_argument("--lr", type=LR.argtype("--lr"), default=1e-3, help="Adam learning rate (default 0.001)")
-    p.add_argument("--style-weight", type=_weight("--style-weight"), default=1e10, help="weight of the style loss (default 1e10)")
+    p.add_argument("--style-weight", type=_weight("--style-weight"), default=4e7,
+                   help="weight of the style loss (default 4e7, balanced for the built-in model; Johnson used 1e10 with VGG-16)")
     p.add_argument("--content-weight", type=_weight("--content-weight"), default=1e5,
                    help="weight of the content loss (default 1e5)")
     p.add_argument("--checkpoint-every", type=bounded(int, 1, INT_LIMIT, name="--checkpoint-every"), default=200,
                    help="write -o every N steps (default 200)")
     p.add_argument("--resume", action="store_true", help="continue from the network in -o")
+    _loss_net_option(p)
     p.set_defaults(func=run_style_train)
 
     p = sub.add_parser("stylize", parents=parents, help="apply a network trained with style-train (one forward pass)")
@@ -247,9 +279,10 @@ def run_visualize(args: argparse.Namespace) -> int:
     out = _output(args)
     model = load_model_from_args(args)
     kw = dict(steps=args.steps, size=args.size, seed=args.seed, progress=_progress(args))
-    transforms = "none" if args.no_transforms else "standard"
+    transforms = "none" if args.no_transforms else "auto"
     if args.multiscale:
-        r = multiscale(model, args.objective, steps=args.steps, blur=args.blur, seed=args.seed, progress=_progress(args))
+        r = multiscale(model, args.objective, steps=args.steps, blur=args.blur, transforms=transforms,
+                       decorrelate=not args.no_decorrelate, seed=args.seed, progress=_progress(args))
     elif args.channels is not None:
         obj = args.objective
         if ":" in obj or not obj.strip():
@@ -283,8 +316,8 @@ def run_dream(args: argparse.Namespace) -> int:
 def run_invert(args: argparse.Namespace) -> int:
     out = _output(args)
     model = load_model_from_args(args)
-    kw = dict(steps=args.steps, size=args.size, tv_weight=args.tv, alpha_weight=args.alpha_weight, seed=args.seed,
-              progress=_progress(args))
+    kw = dict(steps=args.steps, size=args.size, tv_weight=args.tv, alpha_weight=args.alpha_weight, jitter=args.jitter,
+              param=args.param, seed=args.seed, progress=_progress(args))
     original = model.transform_image(args.image)
     if args.size:
         original = original.resize((args.size, args.size))
@@ -314,8 +347,8 @@ def run_invert(args: argparse.Namespace) -> int:
 
 def run_texture(args: argparse.Namespace) -> int:
     _, r = _picture_command(args, lambda model: texture(
-        model, args.image, steps=args.steps, size=args.size, optimizer=args.optimizer, seed=args.seed,
-        progress=_progress(args)))
+        model, args.image, steps=args.steps, size=args.size, optimizer=args.optimizer, tv_weight=args.tv,
+        color_weight=args.color_weight, seed=args.seed, progress=_progress(args)))
     first = r.style_history[0] if r.style_history else float("nan")
     print(f"style loss {first:.4g} -> {r.style_loss:.4g} in {r.evaluations} evaluations ({r.seconds:.1f} s)")
     return _done(r.interrupted)
@@ -325,7 +358,8 @@ def run_style(args: argparse.Namespace) -> int:
     _, r = _picture_command(args, lambda model: style_transfer(
         model, args.content, args.styles, style_weights=args.style_weights, style_weight=args.style_weight,
         content_weight=args.content_weight, steps=args.steps, size=args.size, optimizer=args.optimizer,
-        preserve_color=args.preserve_color, seed=args.seed, progress=_progress(args)))
+        preserve_color=args.preserve_color, tv_weight=args.tv, color_weight=args.color_weight, seed=args.seed,
+        progress=_progress(args)))
     first, last = (r.history[0], r.history[-1]) if r.history else (float("nan"), float("nan"))
     print(f"loss {first:.4g} -> {last:.4g} (style {r.style_loss:.4g}, content {r.content_loss:.4g}) "
           f"in {r.evaluations} evaluations ({r.seconds:.1f} s)")
@@ -348,7 +382,7 @@ def _load_net(path: str, device: torch.device | str | None = None) -> TransformN
 
 def run_style_train(args: argparse.Namespace) -> int:
     out = _output(args, NET_SUFFIXES, what="style network")
-    model = load_model_from_args(args)
+    model = _loss_net(args)
     net = _load_net(out, model.device) if args.resume else None
 
     def checkpoint(step: int, result) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from typing import Any
 
+from ..attribution.gradients import NoSwitchesWarning
 from ..dataset.folder import SAVE_EVERY
 from ..dataset.projection import BATCH_SIZE as PROJECT_BATCH_SIZE
-from ..dataset.projection import METHODS, SCALES
+from ..dataset.projection import DEFAULT_METHOD, METHODS, SCALES
 from ..dataset.topk import DEFAULT_ROWS, REDUCES, K, channel_ranges, top_activations
 from ..errors import ConvscopeError
 from ..options import bounded
@@ -82,8 +84,12 @@ def run_topk(args: argparse.Namespace) -> int:
     if r.channels:
         shown = args.channels if args.channels is not None else r.channels[: args.rows]
         if args.project:
-            picture = r.grid(shown, mode="projection", method=args.project, scale=args.project_scale,
-                             batch_size=args.project_batch_size)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NoSwitchesWarning)
+                picture = r.grid(shown, mode="projection", method=args.project, scale=args.project_scale,
+                                 batch_size=args.project_batch_size)
+            for w in caught:
+                info(f"note: {w.message}")
             save(picture, out, f"top-{args.k} grid with {args.project} projections ({len(shown)} channels)")
         else:
             save(r.grid(shown, mode=args.mode), out, f"top-{args.k} grid ({len(shown)} channels)")
@@ -144,9 +150,10 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--reduce", choices=REDUCES, default="max", help="spatial max (with patch) or mean (default max)")
     p.add_argument("--mode", choices=("patch", "image"), default=None,
                    help="picture tiles: receptive-field patches or whole images with the box (default: patch for max)")
-    p.add_argument("--project", choices=METHODS, default=None,
-                   help="draw each patch next to the unit's projection to pixels (Zeiler & Fergus's DeconvNet, guided "
-                   "backprop or the plain gradient); needs --reduce max")
+    p.add_argument("--project", choices=METHODS, nargs="?", const=DEFAULT_METHOD, default=None,
+                   help="draw each patch next to the unit's projection to pixels: guided backprop (the default when "
+                   "--project has no value; it depends on the image), Zeiler & Fergus's DeconvNet (image-specific "
+                   "only through max-pooling switches) or the plain gradient; needs --reduce max")
     p.add_argument("--project-scale", choices=SCALES, default="signed",
                    help="projection display: signed (grey = 0, Zeiler & Fergus) or abs (|x|, black = 0); default signed")
     p.add_argument("--project-batch-size", type=PROJECT_BATCH_SIZE.argtype("--project-batch-size"),

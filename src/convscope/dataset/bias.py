@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConvscopeError
-from ..images import list_images
+from ..images import list_images, load_image
 from ..models import Model, as_model, output_logits
 from ..probe import forward_fast, guard
 from ..progress import tqdm
@@ -212,12 +212,13 @@ class StimuliRun(Pictured):
     """What both experiments record besides their counts: the 16-way ``categories``, ``scores`` (N, K) mean
     softmax per category for the images decided (columns in ``categories`` order), the stimulus folder
     ``root``, the ``model_name``, ``total`` stimuli, ``skipped`` files that are no stimulus, and whether Ctrl-C
-    ``interrupted`` the run."""
+    ``interrupted`` the run. ``protocol``: how stimuli reached the model (:func:`stimulus_inputs`)."""
 
     categories: dict[str, list[int]]
     scores: torch.Tensor
     root: str
     model_name: str = "model"
+    protocol: str = ""
     total: int = 0
     skipped: list[str] = field(default_factory=list)
     interrupted: bool = False
@@ -287,6 +288,7 @@ class ShapeBias(StimuliRun):
             "images": len(self.decisions),
             "total": self.total,
             "interrupted": self.interrupted,
+            "protocol": self.protocol,
             "skipped": list(self.skipped),
             "per_category": [
                 {"category": c.category, "shape": c.shape, "texture": c.texture, "n": c.n, "shape_bias": _num(c.shape_bias)}
@@ -300,7 +302,8 @@ class ShapeBias(StimuliRun):
 
     def __str__(self) -> str:
         return (f"{self.model_name}: shape bias {self.shape_bias:.3f} over {self.conflicts} cue-conflict images "
-                f"(shape {self.shape}, texture {self.texture}, neither {self.neither}; {self.excluded} same-category left out)"
+                f"(shape {self.shape}, texture {self.texture}, neither {self.neither}; {self.excluded} same-category left out; "
+                f"{self.protocol})"
                 + (f"; interrupted after {len(self.decisions)} of {self.total}" if self.interrupted else ""))
 
 
@@ -329,6 +332,7 @@ class ShapeAccuracy(StimuliRun):
         out: dict[str, Any] = {
             "kind": self.kind, "model": self.model_name, "root": self.root, "accuracy": _num(self.accuracy),
             "correct": self.correct, "n": self.n, "total": self.total, "interrupted": self.interrupted,
+            "protocol": self.protocol,
             "skipped": list(self.skipped),
             "per_category": {c: {"correct": k, "n": n} for c, (k, n) in self.per_category.items()},
             "published": dict(PUBLISHED_SHAPE_ACCURACY.get(self.kind, {})),
@@ -376,8 +380,39 @@ def _classes_message(n: int) -> str:
             f"(standard order); this model has {n} classes")
 
 
+def protocol_text(model: Model, crop: bool) -> str:
+    """One line saying how stimuli reach ``model`` (see :func:`stimulus_inputs`)."""
+    h, w = model.input_size
+    if crop:
+        short = model.resize_size or min(h, w)
+        return f"model preprocessing: shorter side to {short}, centre crop {h}x{w} (--crop)"
+    return f"whole stimulus resized to {h}x{w}, no crop (Geirhos et al. / model-vs-human protocol)"
+
+
+def stimulus_inputs(model: Model, files: Sequence[Any], *, crop: bool = False) -> torch.Tensor:
+    """Stimuli (paths or images) as the model's input batch (N, 3, H, W).
+
+    ``crop=False`` (default): the published protocol for stimulus sets (Geirhos et al. 2019; the
+    model-vs-human toolbox): the whole 224 px stimulus resized to the model's input size with its
+    interpolation, no centre crop, then the model's normalisation. ``crop=True``: the model's own
+    preprocessing (:meth:`~convscope.Model.preprocess`: shorter side to ``resize_size``, centre crop),
+    which zooms the stimulus and cuts off its border."""
+    if crop:
+        return model.preprocess([str(f) if isinstance(f, Path) else f for f in files])
+    h, w = model.input_size
+    resample = getattr(Image.Resampling, model.interpolation.upper())
+    arrays = []
+    for f in files:
+        img = load_image(str(f) if isinstance(f, Path) else f)
+        if img.size != (w, h):
+            img = img.resize((w, h), resample)
+        arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(model.device)
+    return model.from_pixels(pixels)
+
+
 def _classify(model: Model, files: Sequence[Path], matrix: torch.Tensor, *, batch_size: int, progress: bool | None,
-              desc: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+              desc: str, crop: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Batched inference: (scores (M, K), top ImageNet class (M,), interrupted) for the first M files."""
     module = model.module
     scores, tops = [], []
@@ -386,7 +421,7 @@ def _classify(model: Model, files: Sequence[Path], matrix: torch.Tensor, *, batc
     try:
         with guard(module, eval=True, freeze=False, no_inplace=False), torch.inference_mode():
             for start in range(0, len(files), batch_size):
-                x = model.preprocess([str(f) for f in files[start:start + batch_size]])
+                x = stimulus_inputs(model, files[start:start + batch_size], crop=crop)
                 logits = output_logits(forward_fast(module, x))
                 if logits.ndim != 2 or logits.shape[1] != IMAGENET_CLASSES:
                     raise StimuliError(_classes_message(logits.shape[-1] if logits.ndim else 0))
@@ -421,11 +456,13 @@ def _sorted_stimuli(path: Path, cats: Mapping[str, Sequence[int]], categories_of
 
 
 def _decide(model: Model, path: Path, cats: dict[str, list[int]], files: list[Path], pairs: list[tuple[str, str]],
-            skipped: list[str], *, batch_size: int, progress: bool | None, desc: str) -> tuple[list[Decision], dict[str, Any]]:
+            skipped: list[str], *, batch_size: int, progress: bool | None, desc: str, crop: bool = False
+            ) -> tuple[list[Decision], dict[str, Any]]:
     """The 16-way decision of every file (in order; fewer after Ctrl-C) and the fields both result types share
-    (``categories``, ``scores`` (M, K), ``root``, ``model_name``, ``total``, ``skipped``, ``interrupted``)."""
+    (``categories``, ``scores`` (M, K), ``root``, ``model_name``, ``total``, ``skipped``, ``interrupted``,
+    ``protocol``)."""
     scores, tops, interrupted = _classify(model, files, aggregation_matrix(cats), batch_size=batch_size,
-                                          progress=progress, desc=desc)
+                                          progress=progress, desc=desc, crop=crop)
     names = list(cats)
     chosen = scores.argmax(dim=1).tolist() if len(scores) else []
     decisions = [
@@ -434,7 +471,8 @@ def _decide(model: Model, path: Path, cats: dict[str, list[int]], files: list[Pa
         for f, (s, t), c, top in zip(files, pairs, chosen, tops.tolist())
     ]
     return decisions, {"categories": cats, "scores": scores, "root": str(path), "model_name": model.name,
-                       "total": len(files), "skipped": skipped, "interrupted": interrupted}
+                       "total": len(files), "skipped": skipped, "interrupted": interrupted,
+                       "protocol": protocol_text(model, crop)}
 
 
 def _conflict_pair(f: Path) -> tuple[str, str] | None:
@@ -449,6 +487,7 @@ def shape_bias(
     categories: str | os.PathLike | Mapping[str, Sequence[int]] | None = None,
     batch_size: int = 32,
     progress: bool | None = None,
+    crop: bool = False,
 ) -> ShapeBias:
     """Shape-vs-texture bias of an ImageNet classifier on cue-conflict images (Geirhos et al., ICLR 2019).
 
@@ -459,6 +498,9 @@ def shape_bias(
     ``imagenet16.json`` next to the data, else the shipped copy). Each image is decided by the mean
     softmax over each category's ImageNet classes, argmax over the categories. Cost: one forward pass
     per image, ``batch_size`` at a time. ``progress``: tqdm bar (None: only on a terminal).
+    ``crop``: ``False`` (default) feeds each whole stimulus resized to the input size, as Geirhos et al. and
+    model-vs-human do; ``True`` uses the model's ImageNet preprocessing (resize, centre crop), which zooms
+    the stimuli and cuts off their border. The result's ``protocol`` says which (:func:`stimulus_inputs`).
     """
     model = _check_model(model)
     BATCH_SIZE.check("batch_size", batch_size)
@@ -468,7 +510,7 @@ def shape_bias(
                                             "no cue-conflict images; expected files named SHAPEi-TEXTUREj.png (e.g. cat3-elephant1.png) "
                                             "with SHAPE and TEXTURE")
     decisions, common = _decide(model, path, cats, files, pairs, skipped, batch_size=batch_size, progress=progress,
-                                desc="shape bias")
+                                desc="shape bias", crop=crop)
     names = list(cats)
     per = {name: CategoryCounts(name) for name in names}
     confusion = torch.zeros(len(names), len(names), dtype=torch.long)
@@ -506,13 +548,14 @@ def shape_accuracy(
     categories: str | os.PathLike | Mapping[str, Sequence[int]] | None = None,
     batch_size: int = 32,
     progress: bool | None = None,
+    crop: bool = False,
 ) -> ShapeAccuracy:
     """16-way accuracy on shape-only stimuli laid out as ``CATEGORY/*.png`` (silhouettes, edge drawings).
 
     Same decision rule as :func:`shape_bias`. The category of an image is its folder's name (or, for
     files outside category folders, the name before its number: ``cat3.png``). ``kind``: a name for the
     set (default: the folder's name; ``silhouettes`` and ``edges`` have published references in
-    :data:`PUBLISHED_SHAPE_ACCURACY`).
+    :data:`PUBLISHED_SHAPE_ACCURACY`). ``crop``: as in :func:`shape_bias` (default: whole stimulus, no crop).
     """
     model = _check_model(model)
     BATCH_SIZE.check("batch_size", batch_size)
@@ -529,7 +572,7 @@ def shape_accuracy(
     files, pairs, skipped = _sorted_stimuli(path, cats, category_of, "no shape-only images; expected CATEGORY/*.png with CATEGORY")
     kind = kind or path.name
     decisions, common = _decide(model, path, cats, files, pairs, skipped, batch_size=batch_size, progress=progress,
-                                desc=kind)
+                                desc=kind, crop=crop)
     names = list(cats)
     per: dict[str, tuple[int, int]] = {}
     for d in decisions:

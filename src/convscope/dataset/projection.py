@@ -15,11 +15,19 @@ calls alike, applied through :class:`convscope.probe.Capture`):
 Many units are projected together: each unit gets its own copy of its image in the batch and its own
 one-hot, so one forward pass (stopped right after the layer) and one backward pass serve a whole
 batch of units (:func:`unit_gradients`). A unit sees only its receptive field, so the projection is
-zero outside that box; :func:`projection_picture` shows the box as an image.
+zero outside that box; in deep layers of modern networks the theoretical box covers most of the image while
+the projection's mass sits in a small centre (the effective receptive field, Luo et al. 2016), so pictures
+are cropped to :func:`effective_box`, and :func:`projection_picture` stretches each picture's contrast on its
+own (its 99.5th percentile of |x| saturates).
+
+On a network without max-pooling DeconvNet has no switches: its projections do not depend on the image
+(:func:`convscope.attribution.gradients.no_switches_note`), so the default method is ``"guided"``.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..attribution.gradients import NoSwitchesWarning, no_switches_note
 from ..errors import ConvscopeError
 from ..models import as_model
 from ..options import Option
@@ -39,6 +48,12 @@ METHODS = ("deconvnet", "guided", "gradient")
 #: How a projection is drawn: ``"signed"`` (0.5 + x / (2 max|x|), grey = 0, in colour) or ``"abs"``
 #: (max over colour channels of |x| / max|x|, grey levels, black = 0).
 SCALES = ("signed", "abs")
+#: Default projection method: the one that depends on the image whatever the architecture.
+DEFAULT_METHOD = "guided"
+#: Share of a projection's |x| the effective box holds (per hit; the median box over the hits is used).
+EFFECTIVE_MASS = 0.9
+#: Quantile of |x| that saturates a projection picture (its own contrast stretch).
+STRETCH_QUANTILE = 0.995
 #: Units per forward + backward pass.
 BATCH_SIZE = Option(int, 16, "units per forward + backward pass", minimum=1, maximum=4096)
 
@@ -53,6 +68,15 @@ def projection_rules(method: str) -> dict[Any, BackwardRule] | None:
     if method not in METHODS:
         raise ProjectionError(f"unknown projection method {method!r}; choose {', '.join(METHODS)}")
     return backward_rules(method)
+
+
+def method_note(module: torch.nn.Module, method: str) -> str | None:
+    """The caveat of projecting with ``method`` through ``module`` (DeconvNet without max-pooling: the same
+    projection for every image), issued as a :class:`NoSwitchesWarning` too; ``None`` when there is none."""
+    note = no_switches_note(module) if method == "deconvnet" else None
+    if note is not None:
+        warnings.warn(note, NoSwitchesWarning, stacklevel=3)
+    return note
 
 
 @dataclass
@@ -160,21 +184,50 @@ def crop_box(t: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
     return out
 
 
-def projection_picture(p: torch.Tensor, scale: str = "signed", std: Sequence[float] | None = None) -> Image.Image:
-    """A projection (C, h, w) as a picture, normalised per picture.
+def effective_box(crops: torch.Tensor, mass: float = EFFECTIVE_MASS) -> tuple[int, int, int, int]:
+    """The centred square inside the receptive-field boxes of ``crops`` (M, C, bh, bw) that holds ``mass``
+    of each projection's |x| (summed over colours), as (top, left, bottom, right) within the box: the median
+    half-size over the non-zero projections, so every hit of a run is cropped alike (and its patch with it).
+    The unit sits at the box's centre. All-zero crops: the whole box."""
+    m, _, bh, bw = crops.shape
+    whole = (0, 0, bh, bw)
+    if m == 0 or bh == 0 or bw == 0:
+        return whole
+    energy = crops.detach().abs().sum(1).flatten(1).double()  # (M, bh * bw)
+    total = energy.sum(1)
+    keep = total > 0
+    if not bool(keep.any()):
+        return whole
+    cy, cx = (bh - 1) / 2, (bw - 1) / 2
+    yy, xx = torch.meshgrid(torch.arange(bh), torch.arange(bw), indexing="ij")
+    ring = torch.maximum((yy - cy).abs(), (xx - cx).abs()).flatten()  # Chebyshev distance from the unit
+    order = ring.argsort()
+    cum = energy[keep][:, order].cumsum(1) / total[keep].view(-1, 1)
+    first = (cum >= mass).float().argmax(1)  # first pixel (by distance) where the mass is reached
+    radius = float(ring[order][first].median())
+    half = math.ceil(radius + 0.5)
+    top, left = max(0, math.floor(cy + 0.5) - half), max(0, math.floor(cx + 0.5) - half)
+    return top, left, min(bh, top + 2 * half + (bh % 2 == 1)), min(bw, left + 2 * half + (bw % 2 == 1))
+
+
+def projection_picture(p: torch.Tensor, scale: str = "signed", std: Sequence[float] | None = None,
+                       quantile: float = STRETCH_QUANTILE) -> Image.Image:
+    """A projection (C, h, w) as a picture, with its own contrast stretch.
 
     ``std``: the model's per-channel normalisation; the gradient with respect to the preprocessed input
-    is divided by it, giving the gradient with respect to pixel values. ``scale="signed"``: Zeiler &
-    Fergus's display, 0.5 + x / (2 max|x|) per colour channel (grey = 0, colours keep their sign);
-    ``"abs"``: max over colour channels of |x| / max|x| (black = 0). An all-zero projection is flat grey
-    (signed) or black (abs).
+    is divided by it, giving the gradient with respect to pixel values. With ``s`` the ``quantile`` of the
+    picture's non-zero |x| (values beyond saturate; 1.0: the maximum), ``scale="signed"``: Zeiler & Fergus's
+    display, 0.5 + x / (2 s) per colour channel (grey = 0, colours keep their sign); ``"abs"``: max over
+    colour channels of |x| / s (black = 0). An all-zero projection is flat grey (signed) or black (abs).
     """
     if scale not in SCALES:
         raise ProjectionError(f"unknown projection scale {scale!r}; choose {' or '.join(SCALES)}")
     p = p.detach().float().cpu()
     if std is not None and p.shape[0] == len(std):
         p = p / torch.tensor(std, dtype=p.dtype).view(-1, 1, 1)
-    peak = float(p.abs().max()) if p.numel() else 0.0
+    nonzero = p.abs().flatten()
+    nonzero = nonzero[nonzero > 0]
+    peak = float(torch.quantile(nonzero[:: max(1, nonzero.numel() // 1_000_000)], quantile)) if nonzero.numel() else 0.0
     peak = peak if peak > 0 and np.isfinite(peak) else 1.0
     if scale == "signed":
         a = (0.5 + p / (2 * peak)).clamp(0, 1)
@@ -195,6 +248,8 @@ class Projections:
     receptive field's size and the part outside the picture is zero). ``crops`` (M, C, bh, bw): the
     projection inside that box, as the gradient with respect to the model's input tensor. ``values``
     (M,): the unit's activation, recomputed. ``std``: the model's normalisation (for display in pixel units).
+    ``effective``: the part of the box pictures show (:func:`effective_box`, within the box). ``note``: a
+    caveat about the method on this model (DeconvNet without max-pooling), else ``None``.
     """
 
     layer: str
@@ -211,6 +266,8 @@ class Projections:
     seconds: float
     interrupted: bool = False
     std: tuple[float, ...] | None = None
+    effective: tuple[int, int, int, int] | None = None
+    note: str | None = None
     _pictures: dict[tuple[int, str], Image.Image] = field(default_factory=dict, repr=False)
 
     def rows(self, channel: int) -> list[int]:
@@ -218,10 +275,14 @@ class Projections:
         return [m for m, c in enumerate(self.channels) if c == channel]
 
     def picture(self, row: int, scale: str = "signed") -> Image.Image:
-        """Row ``row``'s projection as a picture (see :func:`projection_picture`)."""
+        """Row ``row``'s projection as a picture, cropped to :attr:`effective` (see :func:`projection_picture`)."""
         key = (row, scale)
         if key not in self._pictures:
-            self._pictures[key] = projection_picture(self.crops[row], scale, self.std)
+            crop = self.crops[row]
+            if self.effective is not None:
+                t, left, b, r = self.effective
+                crop = crop[:, t:b, left:r]
+            self._pictures[key] = projection_picture(crop, scale, self.std)
         return self._pictures[key]
 
     def pictures(self, channel: int, scale: str = "signed") -> list[Image.Image]:
@@ -240,7 +301,7 @@ def project_hits(
     load: Callable[[list[int]], torch.Tensor],
     box: Callable[[int, int], tuple[int, int, int, int]],
     *,
-    method: str = "deconvnet",
+    method: str = DEFAULT_METHOD,
     batch_size: int = 16,
     progress: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:

@@ -53,7 +53,7 @@ from .folder import (
     tensor_picture,
 )
 from .projection import BATCH_SIZE as PROJECT_BATCH_SIZE
-from .projection import METHODS, SCALES, Projections, project_hits
+from .projection import DEFAULT_METHOD, METHODS, SCALES, Projections, effective_box, method_note, project_hits
 
 REDUCES = ("max", "mean")
 STATE_FORMAT = "convscope-topk/1"
@@ -217,14 +217,15 @@ class TopK(Pictured):
 
     def grid(self, channels: Sequence[int] | None = None, *, mode: str | None = None,
              images: Sequence[Any] | torch.Tensor | None = None, cell: int | None = None, title: bool = True,
-             method: str = "deconvnet", scale: str = "signed", model: Any = None, batch_size: int = 16) -> Image.Image:
+             method: str = DEFAULT_METHOD, scale: str = "signed", model: Any = None, batch_size: int = 16) -> Image.Image:
         """Rows = channels, columns = their top-k images, strongest on the left.
 
         ``mode="patch"`` (default for ``reduce="max"``): each tile is the unit's receptive field, the part
         outside the image left grey so patches keep their place; ``mode="image"`` (default for ``"mean"``):
         whole pictures, with the patch box drawn in red for ``"max"``; ``mode="projection"``: each patch
-        followed by the unit's projection into it (:meth:`projected` with ``method``, drawn with ``scale``;
-        ``model``: default :attr:`model`). ``channels``: which rows (default:
+        followed by the unit's projection into it (:meth:`projected` with ``method``, default guided
+        backpropagation, drawn with ``scale``; both cropped to the projections' effective box, see
+        :func:`~convscope.dataset.projection.effective_box`; ``model``: default :attr:`model`). ``channels``: which rows (default:
         the first :data:`DEFAULT_ROWS` of the run).
         """
         mode = mode or ("patch" if self.reduce == "max" and self.receptive_field is not None else "image")
@@ -269,25 +270,33 @@ class TopK(Pictured):
             for m, h in zip(proj.rows(c), self.hits(c)):
                 if h.image not in cache:
                     cache[h.image] = self.picture(h.image, images)
-                tiles += [_padded_patch(cache[h.image], self._unclipped(h)), proj.picture(m, scale)]
+                patch = _padded_patch(cache[h.image], self._unclipped(h))
+                if proj.effective is not None:
+                    t, left, b, r = proj.effective
+                    patch = patch.crop((left, t, r, b))
+                tiles += [patch, proj.picture(m, scale)]
             rows.append(tiles)
         text = None
         if title:
             text = (f"{self.layer}: top {self.k} patches, each followed by its {method} projection "
-                    f"({'grey = 0' if scale == 'signed' else '|x|, black = 0'})")
+                    f"({'grey = 0' if scale == 'signed' else '|x|, black = 0'}; effective field)")
             text += " (interrupted)" if proj.interrupted else ""
+            text += " - no max-pooling: the same for every image" if proj.note else ""
         return _channel_grid(rows, chosen, cell, text, lambda j: str(j // 2 + 1) if j % 2 == 0 else "")
 
     # ------------------------------------------------------------------ projections and dead units
-    def projected(self, model: Any = None, channels: Sequence[int] | None = None, *, method: str = "deconvnet",
+    def projected(self, model: Any = None, channels: Sequence[int] | None = None, *, method: str = DEFAULT_METHOD,
                   images: Sequence[Any] | torch.Tensor | None = None, batch_size: int = 16,
                   progress: bool | None = None) -> Any:
         """Every hit of ``channels`` projected back to pixel space (Zeiler & Fergus 2014, fig. 2), as data.
 
         For hit (image i, unit (y, x) of channel c) the layer's gradient is a one-hot at (c, y, x) and is sent
-        down to the input with ``method``'s backward rule for ReLU/ReLU6: ``"deconvnet"`` (default),
-        ``"guided"`` (guided backpropagation) or ``"gradient"``. The result is cropped to the unit's
-        receptive-field box, the same box as the patch. All hits of all channels are batched: each batch of
+        down to the input with ``method``'s backward rule for ReLU/ReLU6: ``"guided"`` (guided backpropagation,
+        default: it depends on the image on every architecture), ``"deconvnet"`` (Zeiler & Fergus; on a model
+        without max-pooling it has no switches and gives the same pattern for every image: the result's
+        ``note`` says so and a :class:`~convscope.attribution.gradients.NoSwitchesWarning` is issued) or
+        ``"gradient"``. The result is cropped to the unit's receptive-field box, the same box as the patch;
+        ``effective`` is the centred part of the box holding 90% of the projections' mass, which pictures show. All hits of all channels are batched: each batch of
         ``batch_size`` hits costs one forward pass (stopped at the layer) and one backward pass.
 
         ``model``: the convscope Model (or plain module) that made this run (default: :attr:`model`); ``images``:
@@ -304,6 +313,7 @@ class TopK(Pictured):
             raise TopKError("projections need the model: pass the module this run was made with")
         chosen = list(channels) if channels is not None else list(self.channels)
         hits = [(c, h.image, h) for c in chosen for h in self.hits(c)]
+        note = method_note(model.module, method)
         start = time.perf_counter()
         crops, values, batches, interrupted = project_hits(
             model, self.layer, hits, lambda idx: self._inputs(model, idx, images),
@@ -312,12 +322,12 @@ class TopK(Pictured):
                            images=[h[1] for h in hits], units=[(h[2].y, h[2].x) for h in hits],
                            boxes=[self.receptive_field.box(h[2].y, h[2].x) for h in hits], crops=crops, values=values,
                            forward_passes=batches, backward_passes=batches, seconds=time.perf_counter() - start,
-                           interrupted=interrupted, std=tuple(model.std))
+                           interrupted=interrupted, std=tuple(model.std), effective=effective_box(crops), note=note)
 
-    def projections(self, model: Any, channel: int, method: str = "deconvnet",
+    def projections(self, model: Any, channel: int, method: str = DEFAULT_METHOD,
                     images: Sequence[Any] | torch.Tensor | None = None, *, scale: str = "signed",
                     batch_size: int = 16) -> list[Image.Image]:
-        """``channel``'s top-k projections as pictures, strongest first, each the size of its patch.
+        """``channel``'s top-k projections as pictures, strongest first, each cropped to the effective box.
 
         See :meth:`projected` for the method; ``scale="signed"`` shows 0.5 + x / (2 max|x|) per picture
         (Zeiler & Fergus's grey = 0 display, in colour), ``"abs"`` the largest |x| over colours, black = 0.

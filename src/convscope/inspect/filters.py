@@ -51,6 +51,9 @@ class FilterSet(ConvWeights, Pictured):
     tile per channel, since each filter reads one channel). ``scale="symmetric"`` (default) maps each
     filter's weights by w / (2 max|w|) + 0.5, so mid-grey is 0, brighter positive, darker negative, and
     the tiles of one filter share one scale; ``scale="minmax"`` stretches each filter to [0, 1].
+    Dead filters (:attr:`dead`) are not stretched (their ~1e-9 weights would look like real patterns):
+    they are drawn flat grey crossed by a thin red X (:func:`dead_tile`), labelled "N X",
+    and the caption counts them.
     """
 
     layer: str
@@ -110,12 +113,21 @@ class FilterSet(ConvWeights, Pictured):
             arrays = s.permute(0, 2, 3, 1).numpy()
         else:
             arrays = s[:, 0].numpy()
-        return [Image.fromarray((a * 255 + 0.5).astype(np.uint8)) for a in arrays]
+        dead = set(self.dead)
+        return [dead_tile(*a.shape[:2]) if i in dead else Image.fromarray((a * 255 + 0.5).astype(np.uint8))
+                for i, a in enumerate(arrays)]
 
     def channel_tiles(self) -> list[list[Image.Image]]:
-        """``tiles[filter][input channel]``: each kernel slice as a grey picture (shown filters/channels only)."""
+        """``tiles[filter][input channel]``: each kernel slice as a grey picture (shown filters/channels only;
+        a dead filter's slices as :func:`dead_tile`)."""
         s = self.scaled()[: self.shown_filters, : self.shown_channels].numpy()
-        return [[Image.fromarray((k * 255 + 0.5).astype(np.uint8)) for k in row] for row in s]
+        dead = set(self.dead)
+        return [[dead_tile(*k.shape) if i in dead else Image.fromarray((k * 255 + 0.5).astype(np.uint8)) for k in row]
+                for i, row in enumerate(s)]
+
+    def _labels(self, count: int) -> list[str]:
+        dead = set(self.dead)
+        return [f"{i} X" if i in dead else str(i) for i in range(count)]
 
     def to_image(self, *, cell: int | None = None, title: bool = True) -> Image.Image:
         """The filters as one picture (see the class docstring for the layout and the scale)."""
@@ -124,7 +136,7 @@ class FilterSet(ConvWeights, Pictured):
         if self.kind in ("rgb", "depthwise"):
             tiles = self.tiles()
             cell = cell or max(32, min(64, 8 * max(kh, kw)))
-            picture = grid(tiles, labels=[str(i) for i in range(len(tiles))], cell=cell, columns=min(len(tiles), 8))
+            picture = grid(tiles, labels=self._labels(len(tiles)), cell=cell, columns=min(len(tiles), 8))
             return titled(picture, caption) if caption else picture
         tiles2 = self.channel_tiles()
         cell = cell or max(12, min(48, 6 * max(kh, kw)))
@@ -132,7 +144,7 @@ class FilterSet(ConvWeights, Pictured):
         col_labels = [str(j) for j in range(len(tiles2[0]))]
         if self.groups > 1:
             caption = (caption or "") + f" (columns: input {group} of each group)"
-        return matrix_grid(tiles2, row_labels=[str(i) for i in range(len(tiles2))], column_labels=col_labels, cell=cell, title=caption)
+        return matrix_grid(tiles2, row_labels=self._labels(len(tiles2)), column_labels=col_labels, cell=cell, title=caption)
 
     def caption(self) -> str:
         """One line saying what the picture shows (layer, counts, kernel size, scale)."""
@@ -142,7 +154,8 @@ class FilterSet(ConvWeights, Pictured):
         if self.kind == "channels":
             n = int(self.weight.shape[1])
             text += f" x {self.shown_channels} of {n} inputs" if self.shown_channels < n else f" x {n} inputs"
-        return text + (", grey = 0" if self.scale == "symmetric" else ", min-max per filter")
+        text += ", grey = 0" if self.scale == "symmetric" else ", min-max per filter"
+        return text + (f"; red X = dead ({len(self.dead)})" if self.dead else "")
 
     def __str__(self) -> str:
         n = self.norms
@@ -152,6 +165,24 @@ class FilterSet(ConvWeights, Pictured):
             f"groups {self.groups}, stride {self.stride[0]}x{self.stride[1]}; L2 norm min {n.min():.4g}, "
             f"median {n.median():.4g}, max {n.max():.4g}; near-zero filters: {len(self.dead)}"
         )
+
+
+#: Colours of a dead filter's tile: flat grey crossed by red.
+DEAD_GREY = (128, 128, 128)
+DEAD_MARK = (220, 40, 40)
+
+
+def dead_tile(height: int, width: int, scale: int = 8) -> Image.Image:
+    """The picture of a dead filter with a ``height`` x ``width`` kernel: flat grey, ``scale`` times the
+    kernel's size (so the mark stays thin when the grid enlarges it), crossed by a thin red X: it cannot
+    pass for a pattern of the kernel."""
+    h, w = height * scale, width * scale
+    tile = np.empty((h, w, 3), np.uint8)
+    tile[:] = DEAD_GREY
+    for y in range(h):
+        x = round(y * (w - 1) / max(h - 1, 1))
+        tile[y, x] = tile[y, w - 1 - x] = DEAD_MARK
+    return Image.fromarray(tile)
 
 
 def conv_layers(model: Model | nn.Module) -> list[str]:

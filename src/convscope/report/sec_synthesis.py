@@ -1,8 +1,12 @@
 """Report section: what the network's units want to see (channel gallery, class image, inversions by depth).
 
-Kept small so the report stays fast: options ``synthesis_steps`` (default 24), ``synthesis_size``
-(default 64 px), ``synthesis_layer`` (gallery layer; default a middle layer) and ``synthesis_channels``
-(default 8, the channels most active on the report image).
+Kept within a few seconds: options ``synthesis_steps`` (gallery steps, default 48; the class image takes
+twice as many, the inversions three times), ``synthesis_size`` (gallery side, default 80 px; the class
+image and the inversions are at least 96 px), ``synthesis_layer`` (gallery
+layer; default a middle layer) and ``synthesis_channels`` (default 8, the channels most active on the
+report image). The settings are the library's defaults at a smaller size: Fourier parameterisation,
+decorrelated colour, transforms (the wide set for the class image), and feature inversion with the
+feature-norm-normalised loss, alpha-norm, total variation and jitter.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import html
 
 import torch
+import torch.nn.functional as F
 
 from ..probe import Capture
 from ..render import grid
@@ -23,8 +28,8 @@ from .sections import ReportContext, section
 @section("Synthesis: what units respond to", order=80)
 def synthesis(ctx: ReportContext) -> str:
     """A batched channel gallery, an image of the predicted class, and reconstructions from three depths."""
-    steps = int(ctx.options.get("synthesis_steps", 24))
-    size = int(ctx.options.get("synthesis_size", 64))
+    steps = int(ctx.options.get("synthesis_steps", 48))
+    size = int(ctx.options.get("synthesis_size", 80))
     count = int(ctx.options.get("synthesis_channels", 8))
     name = ctx.options.get("synthesis_layer") or default_dream_layer(ctx.model)
     x = ctx.x
@@ -37,25 +42,30 @@ def synthesis(ctx: ReportContext) -> str:
     parts = [
         f'<p class="lead">Images optimised so that one unit responds strongly (feature visualisation: Fourier '
         f"parameterisation, decorrelated colour, jitter/scale/rotation; {steps} steps at {size} px, all "
-        f"{len(channels)} channels in one batch, {gallery.seconds:.1f} s).</p>",
+        f"{len(channels)} channels in one batch, {gallery.seconds:.1f} s; <code>convscope visualize</code> renders "
+        "at 224 px in 256 steps).</p>",
         '<div class="row">',
         figure_html(grid(gallery.images, labels=[f"{name}:{c}" for c in channels], columns=4, cell=max(size, 96)),
                     f"The {len(channels)} channels of <code>{html.escape(name)}</code> most active on this image, "
                     "each rendered to excite its channel.", alt="channel gallery"),
     ]
     top = int(ctx.model.logits(x).argmax(1)[0])
-    cls = visualize(ctx.model, f"logit:{top}", steps=steps * 2, size=max(size, 96), progress=ctx.progress)
+    cls = visualize(ctx.model, f"logit:{top}", steps=steps * 2, size=max(size, 96), progress=ctx.progress)  # wide transforms
     parts.append(figure_html(cls.image.resize((192, 192)),
                              f"An image that maximises the logit of the predicted class <b>{html.escape(ctx.model.label(top))}</b>"
-                             f" ({top}).", alt="class image"))
+                             f" ({top}), with the wide transforms (zoom 0.6-1.4, rotation +-15 degrees) that keep it from "
+                             "becoming texture.", alt="class image"))
     parts.append("</div>")
     style_layers, _ = default_layers(ctx.model)
     depths = [style_layers[i] for i in sorted({1, len(style_layers) // 2 + 1, len(style_layers) - 1}) if i < len(style_layers)]
-    invs = invert_layers(ctx.model, x, depths, steps=2 * steps, size=size, progress=ctx.progress)
-    original = ctx.image.resize((size, size))
+    side = max(size, 96)
+    small = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    invs = invert_layers(ctx.model, small, depths, steps=3 * steps, progress=ctx.progress)
+    original = ctx.image.resize((side, side))
     caption = ", ".join(f"{html.escape(i.layer)}: pixel RMSE {i.pixel_error:.3f}" for i in invs)
     parts.append(figure_html(grid([original] + [i.image for i in invs], labels=["image"] + [i.layer for i in invs],
-                                  columns=len(invs) + 1, cell=max(size, 96)),
+                                  columns=len(invs) + 1, cell=side),
                              "Feature inversion (Mahendran &amp; Vedaldi): images whose features at each depth match this "
-                             f"image's; deeper layers keep less of the picture ({caption}).", alt="inversions"))
+                             "image's (decorrelated Fourier image, jitter, alpha-norm and total variation); deeper layers "
+                             f"keep the layout but less of the detail ({caption}).", alt="inversions"))
     return "\n".join(parts)

@@ -56,7 +56,9 @@ The model is left exactly as it was after every request (the library's capture e
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import re
 import threading
 import time
 import traceback
@@ -66,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from ..attribution import attribute, get_method, method_names
@@ -78,13 +81,22 @@ from ..models.model import Model, as_model
 from ..options import Option
 from ..render import data_uri
 from ..synthesis import visualize
+from .jobs import JobCancelled
 
 #: Largest upload accepted, in bytes (a 413 beyond).
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 #: Largest uploaded picture, in pixels (decoding a bigger one would take too much memory).
 MAX_UPLOAD_PIXELS = 50_000_000
-#: Uploaded images kept in memory (least recently used dropped first).
+#: Largest decoded picture, in bytes: width x height x the bytes per pixel of its mode (at least 3, the
+#: RGB copy the model gets), checked from the file's header *before* decoding (a 95 KB 16-bit 7000x7000
+#: PNG would otherwise cost over a gigabyte). 128 MB is a 40-megapixel RGB photo.
+MAX_DECODED_BYTES = 128 * 1024 * 1024
+#: Uploads decoded at the same time (the others wait): bounds the memory decoding can take.
+MAX_PARALLEL_DECODES = 2
+#: Uploaded images kept in memory per client (browser tab), least recently used dropped first.
 MAX_IMAGES = 16
+#: Clients whose uploads are kept (least recently active dropped first).
+MAX_CLIENTS = 32
 #: Caps that keep feature visualisation interactive.
 MAX_STEPS = 256
 MAX_SIZE = 224
@@ -148,8 +160,9 @@ def json_safe(value: Any) -> Any:
 class Query:
     """Typed access to query parameters; a bad value is a one-line 400."""
 
-    def __init__(self, params: Mapping[str, list[str]]):
+    def __init__(self, params: Mapping[str, list[str]], client: str = ""):
         self.params = params
+        self.client = client
 
     def text(self, name: str, default: str | None = None) -> str | None:
         values = self.params.get(name)
@@ -191,26 +204,42 @@ class Query:
 
 
 class ImageStore:
-    """Uploaded images (bounded LRU) and bundled samples (cached), by id; thread-safe."""
+    """Uploaded images by client (a bounded LRU of ``capacity`` per client, :data:`MAX_CLIENTS` clients)
+    and bundled samples (cached, shared), by id; thread-safe. A dropped upload is remembered, so asking
+    for it says so instead of "unknown"."""
 
-    def __init__(self, capacity: int = MAX_IMAGES):
+    def __init__(self, capacity: int = MAX_IMAGES, max_clients: int = MAX_CLIENTS):
         self.capacity = capacity
-        self._images: OrderedDict[str, StoredImage] = OrderedDict()
+        self.max_clients = max_clients
+        self._clients: OrderedDict[str, OrderedDict[str, StoredImage]] = OrderedDict()
+        self._dropped: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._samples: dict[str, StoredImage] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._images)
+            return sum(len(v) for v in self._clients.values())
 
-    def put(self, image: StoredImage) -> None:
+    def _drop(self, client: str, image_id: str) -> None:
+        self._dropped[(client, image_id)] = None
+        while len(self._dropped) > 4096:
+            self._dropped.popitem(last=False)
+
+    def put(self, image: StoredImage, client: str = "") -> None:
         with self._lock:
-            self._images[image.id] = image
-            self._images.move_to_end(image.id)
-            while len(self._images) > self.capacity:
-                self._images.popitem(last=False)
+            images = self._clients.setdefault(client, OrderedDict())
+            self._clients.move_to_end(client)
+            images[image.id] = image
+            images.move_to_end(image.id)
+            self._dropped.pop((client, image.id), None)
+            while len(images) > self.capacity:
+                self._drop(client, images.popitem(last=False)[0])
+            while len(self._clients) > self.max_clients:
+                gone, their = self._clients.popitem(last=False)
+                for image_id in their:
+                    self._drop(gone, image_id)
 
-    def get(self, image_id: str, load_sample: Callable[[str], StoredImage]) -> StoredImage:
+    def get(self, image_id: str, load_sample: Callable[[str], StoredImage], client: str = "") -> StoredImage:
         if image_id.startswith("sample:"):
             with self._lock:
                 found = self._samples.get(image_id)
@@ -220,12 +249,17 @@ class ImageStore:
                     self._samples[image_id] = found
             return found
         with self._lock:
-            found = self._images.get(image_id)
+            images = self._clients.get(client)
+            found = None if images is None else images.get(image_id)
             if found is None:
+                if (client, image_id) in self._dropped:
+                    raise ApiError(f"image {image_id!r} was dropped to make room (the server keeps the last "
+                                   f"{self.capacity} uploads of each page): upload it again")
                 raise ApiError(
-                    f"unknown image id {image_id!r}: upload the image again (the server keeps the last {self.capacity})"
+                    f"unknown image id {image_id!r}: upload the image again (the server keeps the last {self.capacity} uploads of each page)"
                 )
-            self._images.move_to_end(image_id)
+            images.move_to_end(image_id)
+            self._clients.move_to_end(client)
             return found
 
 
@@ -240,6 +274,7 @@ class Explorer:
         self.model = as_model(model)
         self.max_upload = int(max_upload)
         self.lock = threading.Lock()
+        self.decoding = threading.BoundedSemaphore(MAX_PARALLEL_DECODES)
         self.images = ImageStore(max_images)
         self._info: dict[str, Any] | None = None
         self.routes: dict[tuple[str, str], Callable[[Query, bytes], dict[str, Any]]] = {
@@ -258,8 +293,9 @@ class Explorer:
     def paths(self) -> set[str]:
         return {path for _, path in self.routes}
 
-    def handle(self, method: str, path: str, params: Mapping[str, list[str]], body: bytes = b"") -> Response:
-        """Answer one request; never raises (errors become JSON with their status)."""
+    def handle(self, method: str, path: str, params: Mapping[str, list[str]], body: bytes = b"", client: str = "") -> Response:
+        """Answer one request; never raises (errors become JSON with their status), except
+        :class:`~convscope.server.jobs.JobCancelled` inside a cancelled job. ``client``: whose uploads to use."""
         fn = self.routes.get((method, path))
         if fn is None:
             if path in self.paths():
@@ -267,7 +303,9 @@ class Explorer:
                 return Response(405, {"error": f"{path} takes {' or '.join(allowed)}, not {method}"})
             return Response(404, {"error": f"no such endpoint: {path}"})
         try:
-            return Response(200, json_safe(fn(Query(params), body)))
+            return Response(200, json_safe(fn(Query(params, client), body)))
+        except JobCancelled:
+            raise
         except ApiError as exc:
             return Response(exc.status, {"error": one_line(exc)})
         except ConvscopeError as exc:
@@ -282,7 +320,7 @@ class Explorer:
         return StoredImage(image_id, img.width, img.height, self.model.preprocess(img))
 
     def image(self, query: Query) -> StoredImage:
-        return self.images.get(query.required("image"), self._sample)
+        return self.images.get(query.required("image"), self._sample, query.client)
 
     def _describe_image(self, stored: StoredImage) -> dict[str, Any]:
         return {"id": stored.id, "width": stored.width, "height": stored.height,
@@ -297,9 +335,12 @@ class Explorer:
         if len(body) > self.max_upload:
             raise ApiError(f"upload of {len(body):,} bytes is over the limit of {self.max_upload:,} bytes", 413)
         image_id = hashlib.sha256(body).hexdigest()[:16]
-        img = decode_image(body)
-        stored = StoredImage(image_id, img.width, img.height, self.model.preprocess(img))
-        self.images.put(stored)
+        check_decoded_size(body)  # before decoding: the header's size and mode
+        with self.decoding:  # a few at a time: bounded memory
+            img = decode_image(body)
+            stored = StoredImage(image_id, img.width, img.height, self.model.preprocess(img))
+            del img
+        self.images.put(stored, query.client)
         return self._describe_image(stored)
 
     # ------------------------------------------------------------------ info
@@ -326,7 +367,12 @@ class Explorer:
                 "receptive_field": None if rf is None else str(rf),
                 "receptive_field_size": None if rf is None or rf.size is None else list(rf.size),
             })
-        methods = [get_method(name).to_json() for name in method_names()]
+        methods = []
+        for name in method_names():
+            spec = get_method(name)
+            row = spec.to_json()
+            row["description"] = method_description(spec.fn.__doc__ or "", row.get("summary") or "")
+            methods.append(row)
         try:
             default = default_layer(model, "cam")
         except ConvscopeError:
@@ -347,7 +393,8 @@ class Explorer:
             "methods": methods,
             "samples": [{"name": k, "id": f"sample:{k}", "description": v} for k, v in SAMPLES.items()],
             "limits": {"max_upload": self.max_upload, "max_images": self.images.capacity, "max_steps": MAX_STEPS,
-                       "max_size": MAX_SIZE, "max_top": MAX_TOP, "max_grid": MAX_GRID},
+                       "max_size": MAX_SIZE, "max_top": MAX_TOP, "max_grid": MAX_GRID,
+                       "max_decoded_bytes": MAX_DECODED_BYTES},
         }
 
     def _layer(self, query: Query, kind: str = "cam") -> str:
@@ -385,7 +432,11 @@ class Explorer:
         t = int(a.target[0])
         extras = {}
         if "completeness_error" in a.extras:
-            extras["completeness_error"] = float(a.extras["completeness_error"][0])
+            err = float(a.extras["completeness_error"][0])
+            extras["completeness_error"] = err
+            advice = completeness_advice(err, a.options)
+            if advice:
+                extras["advice"] = advice
         if "engine" in a.extras:
             extras["engine"] = a.extras["engine"]
         return {
@@ -445,7 +496,10 @@ class Explorer:
         seed = query.integer("seed", 0, 0, 2**31 - 1)
         with self.lock:
             start = time.perf_counter()
-            r = visualize(self.model, objective, steps=steps, size=size, seed=seed, progress=False)
+            try:
+                r = visualize(self.model, objective, steps=steps, size=size, seed=seed, progress=False)
+            except ConvscopeError as exc:
+                raise ApiError(one_line(exc) + quoting_hint(objective)) from None
             seconds = time.perf_counter() - start
             picture = r.image
         return {"image": data_uri(picture), "objective": objective, "value": float(r.objective),
@@ -461,3 +515,61 @@ def decode_image(data: bytes):
     except ConvscopeError as exc:
         message = one_line(exc).replace("uploaded image: ", "", 1)
         raise ApiError(f"upload: {message}") from None
+
+
+#: Bytes per pixel of PIL modes (others: 4).
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+              "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "BGR;16": 2, "BGR;15": 2, "BGR;24": 3}
+
+
+def check_decoded_size(data: bytes, limit: int | None = None) -> None:
+    """Refuse, before decoding, a picture whose decoded size (width x height x bytes per pixel of its
+    mode, at least 3 for the RGB copy) is over ``limit`` (default :data:`MAX_DECODED_BYTES`). Reads the
+    header only; a file PIL cannot even open is left to :func:`decode_image` to explain."""
+    limit = MAX_DECODED_BYTES if limit is None else limit
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            (w, h), mode = img.size, img.mode
+    except Exception:  # unreadable: decode_image gives the one-line reason
+        return
+    need = w * h * max(3, MODE_BYTES.get(mode, 4))
+    if need > limit:
+        raise ApiError(f"upload: a {w}x{h} {mode} picture takes {need / 2**20:,.0f} MB decoded, over the limit of "
+                       f"{limit / 2**20:,.0f} MB; scale it down first", 413)
+
+
+def method_description(doc: str, summary: str) -> str:
+    """The first paragraph of a method's docstring as plain text (``literal`` marks dropped, lines joined),
+    so the page shows whole sentences rather than the registry's first line."""
+    para = []
+    for line in doc.strip().splitlines():
+        if not line.strip():
+            break
+        para.append(line.strip())
+    text = " ".join(para) or summary
+    text = re.sub(r":(?:func|class|meth|data|attr|mod):`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "").replace("`", "")
+
+
+def completeness_advice(error: float, options: Mapping[str, Any]) -> str:
+    """What to do about an integrated-gradients completeness error over 5%: more points on the path."""
+    if not math.isfinite(error) or abs(error) <= 0.05:
+        return ""
+    steps = options.get("steps")
+    if isinstance(steps, int):
+        more = (f"raise steps (try {min(4096, steps * 4)}) or leave steps empty for the adaptive mode, "
+                "which doubles them until the error is under its tolerance")
+    else:
+        cap = options.get("max_steps")
+        more = f"raise max_steps (now {cap}; up to 4096)" if isinstance(cap, int) else "raise max_steps"
+    return (f"completeness error {100 * abs(error):.0f}%: the attributions add up to the score change only "
+            f"that closely; {more}. Under 5% the map is a faithful integral.")
+
+
+def quoting_hint(objective: str) -> str:
+    """A hint appended to an objective error when a ``logit:`` class name holds a space without quotes."""
+    m = re.search(r"logit:([^\"'+\-][^+\-]*\s[^+\-]*)", objective)
+    if m and not re.search(r"logit:[\"']", objective):
+        name = m.group(1).strip()
+        return f"; class names with spaces need quotes: logit:\"{name}\""
+    return ""

@@ -2,9 +2,17 @@
 
 Given the features phi0 = phi(x0) of an image at one layer, find pixels x minimising
 
-    ||phi(x) - phi0||^2 / ||phi0||^2  +  l_a * mean |2(x - 0.5)|^alpha  +  l_tv * mean (dx^2 + dy^2)^(beta/2)
+    ||phi(J(x)) - phi0||^2 / ||phi0||^2  +  l_a * mean |2(x - 0.5)|^alpha  +  l_tv * mean (dx^2 + dy^2)^(beta/2)
 
-(pixels in [0, 1]; the alpha-norm keeps values in range, total variation favours natural images).
+(pixels in [0, 1]; the loss is normalised by the target's feature norm so one set of weights fits
+every layer; the alpha-norm keeps values in range, total variation favours natural images; J is a
+random translation of up to ``jitter`` pixels per step, Mahendran & Vedaldi 2016's jitter). As in
+:func:`~convscope.synthesis.render.visualize`, x is parameterised by a decorrelated-colour Fourier
+spectrum through a sigmoid (Olah et al. 2017): optimising raw pixels of a modern network (no
+max-pooling, depthwise convolutions, stride-2 layers) from deep layers gives high-frequency rainbow
+noise with edge outlines, because nothing in the loss prefers low frequencies that the features
+cannot see; the 1/f spectrum does, so deep reconstructions come out blurry but keep layout and colour.
+``param="pixel"`` (with or without ``decorrelate``) keeps a per-pixel parameterisation for comparison.
 :func:`invert_layers` reconstructs from several depths with the same settings;
 :func:`perturbation_study` inverts perturbed features (signs kept and binarised at constant norm; half
 of the feature maps dropped and the rest rescaled to the original norm) and reports the errors.
@@ -27,7 +35,9 @@ from ..probe import Capture
 from ..render import grid, png_bytes
 from .bounds import check_size
 from .network import Network, NotDifferentiableError, network
+from .params import image_param
 from .regularizers import total_variation
+from .transforms import jitter as jitter_transform
 from .result import ShortRepr, SynthesisResult, interruptible, seeded
 
 
@@ -35,7 +45,8 @@ from .result import ShortRepr, SynthesisResult, interruptible, seeded
 class Inversion(SynthesisResult):
     """A reconstruction from one layer's features.
 
-    ``error``: final ||phi(x) - phi_target||^2 / ||phi_target||^2; ``history``: that error per step;
+    ``error``: final ||phi(x) - phi_target||^2 / ||phi_target||^2; ``history``: that error per step
+    (on the jittered copy the step saw);
     ``pixel_error``: root-mean-square difference to the original image in [0, 1] pixel units.
     """
 
@@ -72,6 +83,9 @@ def invert(
     alpha_weight: float = 1e-3,
     tv_weight: float = 0.5,
     tv_beta: float = 2.0,
+    jitter: int | None = None,
+    param: str = "fourier",
+    decorrelate: bool = True,
     size: int | None = None,
     target: torch.Tensor | None = None,
     seed: int | None = 0,
@@ -83,9 +97,13 @@ def invert(
 
     ``image``: path / PIL / ``sample:NAME`` (preprocessed by the model, optionally resized to ``size``)
     or a preprocessed tensor (1, 3, H, W). ``target``: features to invert instead of the image's own
-    (used by :func:`perturbation_study`). Optimiser: Adam with learning rate ``lr``, divided by 10 at
-    60% and again at 85% of the steps, from grey plus N(0, 1e-3^2) noise. Cost: ``steps`` forward and
-    backward passes up to ``layer`` plus one forward for the target and one for the final error.
+    (used by :func:`perturbation_study`). ``param``: ``"fourier"`` (default) or ``"pixel"``, both
+    through a sigmoid, with ImageNet-decorrelated colour unless ``decorrelate=False`` (see the module
+    docstring). ``jitter``: largest random shift in pixels per step (default: side / 32, e.g. 7 px at
+    224; 0 turns it off); the image is optimised on a canvas ``jitter`` pixels larger and its centre is
+    returned. Optimiser: Adam with learning rate ``lr``, divided by 10 at 60% and again at 85% of the
+    steps, from grey plus N(0, 0.01^2) coefficients. Cost: ``steps`` forward and backward passes up
+    to ``layer`` plus one forward for the target and one for the final error.
     """
     net = network(model, mean=mean, std=std)
     if steps < 1 or not lr > 0:
@@ -94,15 +112,21 @@ def invert(
     x0 = _input_of(net, image, size)
     phi0 = features(net.module, x0, layer) if target is None else target.detach().to(net.device)
     norm0 = phi0.pow(2).sum().clamp_min(1e-12)
+    h, w = x0.shape[2:]
+    j = max(1, round(min(h, w) / 32)) if jitter is None else int(jitter)
+    if j < 0 or j >= min(h, w) // 2:
+        raise ConvscopeError(f"jitter must be between 0 and {min(h, w) // 2 - 1} px for a {h}x{w} image, got {j}")
     gen = seeded(seed)
-    p = (0.5 + 1e-3 * torch.randn(x0.shape, generator=gen)).to(net.device, net.dtype).requires_grad_(True)
-    opt = torch.optim.Adam([p], lr=lr)
+    p = image_param(param, (x0.shape[0], h + j, w + j), decorrelate=decorrelate, generator=gen, device=net.device)
+    shift = jitter_transform(j)
+    opt = torch.optim.Adam(p.tensors, lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.6 * steps), int(0.85 * steps)], gamma=0.1)
     history: list[float] = []
     with interruptible(steps, f"invert {layer}", progress) as run, \
             Capture(net.module, [layer], grads=True, stop=True) as cap:
         for _ in range(steps):
-            cap.forward(net.normalize(p))
+            canvas = p.image().to(net.dtype)
+            cap.forward(net.normalize(shift(canvas, gen)))
             phi = cap.activations[layer]
             if phi.shape != phi0.shape:
                 raise ConvscopeError(f"target features have shape {tuple(phi0.shape)}, layer {layer!r} gives {tuple(phi.shape)}")
@@ -111,9 +135,9 @@ def invert(
             err = (phi - phi0).pow(2).sum() / norm0
             loss = err
             if alpha_weight:
-                loss = loss + alpha_weight * (2 * (p - 0.5)).abs().pow(alpha).mean()
+                loss = loss + alpha_weight * (2 * (canvas - 0.5)).abs().pow(alpha).mean()
             if tv_weight:
-                loss = loss + tv_weight * total_variation(p, tv_beta).mean()
+                loss = loss + tv_weight * total_variation(canvas, tv_beta).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -121,7 +145,8 @@ def invert(
             history.append(float(err.detach()))
             run.tick()
     done = len(history)
-    pixels = p.detach().clamp(0, 1)
+    with torch.no_grad():
+        pixels = p.image().to(net.dtype)[:, :, j // 2:j // 2 + h, j // 2:j // 2 + w].clamp(0, 1)
     x = net.normalize(pixels)
     phi = features(net.module, x, layer)
     error = float((phi - phi0).pow(2).sum() / norm0)

@@ -5,7 +5,8 @@ gradient ascent on an image parameterisation, feeding randomly transformed copie
 the model (each image of the batch gets its own transform). The forward pass stops right after the
 deepest layer the objective reads (unless it needs the logits). :func:`render_channels` renders many
 channels of one layer in one batched optimisation, one image per channel. :func:`multiscale` is the
-coarse-to-fine pixel procedure (start small, upscale between rounds, optionally blur).
+coarse-to-fine procedure (start small, upscale between rounds, optionally blur), in decorrelated colour
+with the same transforms.
 
 Every call leaves the model as it found it (modes, ``requires_grad``, in-place flags, hooks).
 """
@@ -28,8 +29,8 @@ from .bounds import BATCH, check_size
 from .network import Network, NotDifferentiableError, network
 from .objectives import LOGITS, Objective, as_objective, channel
 from .objectives import diversity as diversity_term
-from .params import ImageParam, image_param
-from .regularizers import Regularizer
+from .params import ImageParam, image_param, pixel_image
+from .regularizers import Regularizer, gaussian_blur
 from .result import SynthesisResult, interruptible, pixels_to_pil, seeded
 from .transforms import Transform, resolve
 
@@ -200,7 +201,7 @@ def render(
     steps: int = 256,
     lr: float = 0.05,
     optimizer: str = "adam",
-    transforms: str | Transform | Sequence[Transform] | None = "standard",
+    transforms: str | Transform | Sequence[Transform] | None = "auto",
     regularizers: Sequence[Regularizer] = (),
     decorrelate: bool = True,
     redirect_relu: int = 16,
@@ -213,6 +214,8 @@ def render(
     """Optimise an image batch to maximise ``objective``; the engine behind :func:`visualize`.
 
     ``param``: ``"fourier"`` (default), ``"pixel"`` or an :class:`~convscope.synthesis.params.ImageParam`.
+    ``transforms``: ``"auto"`` (default: the wide ``"strong"`` set for objectives that read the logits,
+    Lucid's ``"standard"`` set otherwise), ``"standard"``, ``"strong"``, ``"none"`` or transforms.
     ``size``: output side in pixels (default: the model's input size). ``batch``: images optimised
     together (each with its own transforms). ``seed``: seeds the initial image and every transform
     (same seed, same image). ``mean``/``std``: normalisation instead of the model's (a plain
@@ -226,7 +229,7 @@ def render(
     gen = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
     p = param if isinstance(param, ImageParam) else image_param(param, (batch, h, w), decorrelate=decorrelate,
                                                               generator=gen, device=net.device)
-    transform = resolve(transforms, min(h, w))
+    transform = resolve(transforms, min(h, w), logits=obj.needs_logits)
     start = time.perf_counter()
     history, done, interrupted = optimize(
         net, obj, p, steps=steps, transform=transform, regularizers=regularizers, lr=lr, optimizer=optimizer,
@@ -317,52 +320,59 @@ def multiscale(
     rounds: int = 12,
     steps: int = 20,
     lr: float = 0.1,
-    weight_decay: float = 1e-6,
     blur: int | None = None,
+    decorrelate: bool = True,
+    transforms: str | Transform | Sequence[Transform] | None = "auto",
+    regularizers: Sequence[Regularizer] = (),
     seed: int | None = 0,
     progress: bool | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Rendering:
-    """Coarse-to-fine pixel optimisation: ``steps`` Adam steps at ``start`` px, then upscale by ``factor``.
+    """Coarse-to-fine optimisation: ``steps`` steps at ``start`` px, then upscale by ``factor``, ``rounds`` times.
 
-    The image is optimised directly in the model's input space (Adam, ``lr``, ``weight_decay``) from
-    uniform noise in [150, 180]/255; after each of the ``rounds`` rounds but the last it is resized by
-    ``factor`` (bicubic) and, with ``blur=k``, box-blurred with a k x k kernel. Final side:
-    ``start * factor**(rounds - 1)``. Upscaling low-frequency patterns found at small sizes avoids the
-    high-frequency noise of pure pixel optimisation.
+    The seeds' recipe (Mordvintsev et al. 2015; Nguyen et al. 2016): start small, where the network
+    sees only coarse structure, upscale (bicubic) between rounds and, with ``blur=k``, blur by a
+    Gaussian of width k/4 px (the size of the old k x k box blur, without its ringing), so each round
+    adds detail to the layout found at the coarser scale. Each round is one :func:`optimize` run on a
+    per-pixel parameterisation in ImageNet-decorrelated colour through a sigmoid (``decorrelate``;
+    optimising the model's raw input gave saturated rainbow texture), seen through ``transforms``
+    (by default Lucid's standard set, or :func:`~convscope.synthesis.transforms.strong` for class
+    objectives, scaled to the round's size), with Adam at ``lr``, from grey plus
+    small noise. Final side: ``start * factor**(rounds - 1)``.
     """
     net = network(model, mean=mean, std=std)
     obj = as_objective(objective, net.model)
     if start < 16 or factor < 1 or rounds < 1:
         raise ConvscopeError("multiscale needs start >= 16, factor >= 1 and rounds >= 1")
+    if steps < 1 or not lr > 0:
+        raise ConvscopeError("multiscale needs steps >= 1 and a positive learning rate")
     check_size(round(start * factor ** (rounds - 1)), "multiscale")
     if blur is not None and not 1 <= blur <= start:
         raise ConvscopeError(f"blur must be between 1 and the start size ({start}), got {blur}")
     gen = seeded(seed)
-    pixels = (150 + 30 * torch.rand((1, 3, start, start), generator=gen)) / 255
-    pixels = pixels.to(net.device, net.dtype)
+    pixels = (0.5 + 0.02 * torch.randn((1, 3, start, start), generator=gen)).clamp(0, 1).to(net.device, net.dtype)
     history: list[float] = []
     done = 0
+    interrupted = False
     size = float(start)
-    with interruptible(rounds * steps, f"multiscale {obj.name}", progress) as run, capture_for(net, obj) as cap:
-        for r in range(rounds):
-            x = net.normalize(pixels).detach().requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=lr, weight_decay=weight_decay)
-            for _ in range(steps):
-                values = objective_values(cap, obj, x)
-                if not values.requires_grad:
-                    raise NotDifferentiableError(f"the objective {obj.name!r} does not depend differentiably on the input")
-                opt.zero_grad(set_to_none=True)
-                (-values.sum()).backward()
-                opt.step()
-                history.append(float(values.detach().mean()))
-                done += 1
-                run.tick()
-            pixels = net.to_pixels(x.detach()).clamp(0, 1)
-            if r < rounds - 1:
-                size *= factor
-                pixels = F.interpolate(pixels, size=(int(size), int(size)), mode="bicubic", align_corners=False).clamp(0, 1)
-                if blur:
-                    pixels = F.avg_pool2d(F.pad(pixels, (blur // 2, (blur - 1) // 2) * 2, mode="reflect"), blur, stride=1)
-    return _finish(net, obj, pixels.detach(), history, done, run.interrupted, run.start, sizes=(start, int(size)))
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        side = int(pixels.shape[-1])
+        param = pixel_image((1, side, side), init=pixels, decorrelate=decorrelate, device=net.device)
+        hist, n, interrupted = optimize(
+            net, obj, param, steps=steps, transform=resolve(transforms, side, logits=obj.needs_logits), regularizers=regularizers, lr=lr,
+            generator=gen, redirect_relu=16 if r == 0 else 0, progress=progress,
+            description=f"multiscale {obj.name} {side} px ({r + 1}/{rounds})")
+        history += hist
+        done += n
+        with torch.no_grad():
+            pixels = param.image().detach()
+        if interrupted:
+            break
+        if r < rounds - 1:
+            size *= factor
+            pixels = F.interpolate(pixels, size=(int(size), int(size)), mode="bicubic", align_corners=False).clamp(0, 1)
+            if blur:
+                pixels = gaussian_blur(pixels, blur / 4)
+    return _finish(net, obj, pixels.detach(), history, done, interrupted, t0, sizes=(start, int(pixels.shape[-1])))

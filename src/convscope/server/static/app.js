@@ -3,7 +3,27 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, image: null, methods: {}, busy: 0 };
+// gen: bumped whenever the image changes; seq: the newest request of each panel. A response whose
+// gen or seq is no longer current is dropped, so a result for a previous image never lands beside a new one.
+const state = { info: null, image: null, methods: {}, busy: 0, gen: 0, seq: {}, job: null };
+// The per-launch token: `convscope serve` prints it in the URL (?token=...), every API call sends it.
+const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
+// Uploads are kept per page (browser tab): a random id, kept across reloads of the tab.
+const CLIENT = (() => {
+  let id = sessionStorage.getItem("convscope-client");
+  if (!id) {
+    const bytes = new Uint8Array(12);
+    crypto.getRandomValues(bytes);
+    id = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    sessionStorage.setItem("convscope-client", id);
+  }
+  return id;
+})();
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+// A job estimated (from its first steps) to take longer than this many seconds stops and asks first.
+const BUDGET_SECONDS = 20;
+// Panels whose jobs do not depend on the image shown (they survive an image change).
+const IMAGE_FREE = ["visualize", "batch"];
 
 // ------------------------------------------------------------------ requests
 function setBusy(delta, text) {
@@ -18,9 +38,11 @@ async function api(path, params, options) {
   for (const [k, v] of Object.entries(params || {})) {
     if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, v);
   }
+  const opts = { ...(options || {}) };
+  opts.headers = { ...(opts.headers || {}), "X-Convscope-Token": TOKEN, "X-Convscope-Client": CLIENT };
   let response;
   try {
-    response = await fetch(url, options);
+    response = await fetch(url, opts);
   } catch (err) {
     throw new Error("the server did not answer (is `convscope serve` still running?)");
   }
@@ -30,11 +52,69 @@ async function api(path, params, options) {
   } catch (err) {
     throw new Error(`unexpected answer from the server (HTTP ${response.status})`);
   }
-  if (!response.ok) throw new Error(data && data.error ? data.error : `HTTP ${response.status}`);
+  if (!response.ok) {
+    let message = data && data.error ? data.error : `HTTP ${response.status}`;
+    if (response.status === 403 && /token/.test(message) && !TOKEN) {
+      message += " (this page was opened without the ?token=... that `convscope serve` printed)";
+    }
+    throw new Error(message);
+  }
   return data;
 }
 
-async function run(label, errorBox, work) {
+// ------------------------------------------------------------------ jobs (long calls, with progress and cancel)
+function showJob(text, fraction) {
+  $("job").hidden = false;
+  $("job-text").textContent = text;
+  $("job-progress").value = Math.max(0, Math.min(1, fraction || 0));
+}
+
+async function cancelJob() {
+  const job = state.job;
+  state.job = null;
+  $("job").hidden = true;
+  if (job) {
+    try { await api(`/api/jobs/${job.id}/cancel`, {}, { method: "POST" }); } catch (err) { /* gone already */ }
+  }
+}
+
+// Queue a job and poll it; the result, or null when it was cancelled or is stale (another image, a
+// newer request of the same panel). Errors throw (shown by run()).
+async function runJob(kind, params, label, panel, gen, seq) {
+  if (state.job) await cancelJob();  // one job at a time from this page
+  const budget = state.noBudget ? "" : BUDGET_SECONDS;
+  state.noBudget = false;
+  const job = await api("/api/jobs", { kind, budget, ...params }, { method: "POST" });
+  state.job = { id: job.id, panel };
+  showJob(`${label}: waiting`, 0);
+  const current = () => state.job && state.job.id === job.id && (gen === null || gen === state.gen) && seq === state.seq[panel];
+  while (true) {
+    await sleep(150);
+    if (!current()) return null;
+    const j = await api(`/api/jobs/${job.id}`);
+    if (!current()) return null;
+    if (j.status === "queued") showJob(`${label}: waiting (${j.position} ahead)`, 0);
+    else if (j.status === "running") {
+      const steps = j.total ? ` ${j.stage} ${j.done}/${j.total}` : "";
+      const left = j.fraction > 0.02 ? ` · about ${Math.ceil((j.elapsed * (1 - j.fraction)) / j.fraction)} s left` : "";
+      showJob(`${label}:${steps} · ${j.elapsed.toFixed(1)} s${left}`, j.fraction);
+    } else {
+      state.job = null;
+      $("job").hidden = true;
+      if (j.status === "done") return j.result;
+      if (j.status === "cancelled") throw new Error(`cancelled (${j.reason})`);
+      if (j.status === "estimate") {
+        const err = new Error(`${label} would take about ${Math.round(j.estimate_seconds)} s ` +
+          `(${j.total} steps of ${j.stage}; the budget is ${j.budget} s).`);
+        err.estimate = j;
+        throw err;
+      }
+      throw new Error(j.error);
+    }
+  }
+}
+
+async function run(label, errorBox, work, resultBox, gen) {
   const box = $(errorBox);
   box.hidden = true;
   box.textContent = "";
@@ -42,11 +122,39 @@ async function run(label, errorBox, work) {
   try {
     return await work();
   } catch (err) {
+    if (gen !== undefined && gen !== state.gen) return null;  // about an image no longer shown
     box.textContent = err.message || String(err);
     box.hidden = false;
+    if (resultBox) $(resultBox).hidden = true;  // an error clears the previous result
     return null;
   } finally {
     setBusy(-1);
+  }
+}
+
+// Like run(), for a job: no page-wide busy state (the job bar shows progress and has the cancel
+// button; the image can change meanwhile), and nothing shown once the image or the request is stale.
+async function runJobPanel(kind, params, label, panel, errorBox, resultBox, retry) {
+  const gen = IMAGE_FREE.includes(panel) ? null : state.gen;  // these do not depend on the image shown
+  const seq = (state.seq[panel] = (state.seq[panel] || 0) + 1);
+  const box = $(errorBox);
+  box.hidden = true;
+  box.textContent = "";
+  try {
+    const data = await runJob(kind, params, label, panel, gen, seq);
+    const fresh = () => (gen === null || gen === state.gen) && seq === state.seq[panel];
+    return data && fresh() ? data : null;
+  } catch (err) {
+    if ((gen !== null && gen !== state.gen) || seq !== state.seq[panel]) return null;
+    box.textContent = err.message || String(err);
+    if (err.estimate && retry) {
+      const go = el("button", { type: "button", id: `${panel}-run-anyway`, text: "Run anyway" });
+      go.addEventListener("click", () => { state.noBudget = true; retry(); });
+      box.append(" ", go);
+    }
+    box.hidden = false;
+    $(resultBox).hidden = true;  // an error clears the previous result
+    return null;
   }
 }
 
@@ -95,12 +203,28 @@ async function init() {
     }
     families[m.family].append(el("option", { value: m.name, text: m.name }));
   }
-  method.value = state.methods.gradcam ? "gradcam" : info.methods[0].name;
+  const link = readLink();
+  const compareBox = $("compare-methods");
+  for (const m of info.methods) {
+    const id = `compare-${m.name}`.replace(/[^A-Za-z0-9_-]/g, "_");
+    const box = el("input", { type: "checkbox", id, value: m.name });
+    box.checked = ["gradcam", "saliency", "integrated_gradients", "guided_backprop"].includes(m.name);
+    compareBox.append(el("label", { for: id, className: "check" }, box, ` ${m.name}`));
+  }
+  method.value = state.methods[link.get("method")] ? link.get("method") : state.methods.gradcam ? "gradcam" : info.methods[0].name;
   showOptions();
+  if (link.get("tab") && $(`tab-${link.get("tab")}`)) selectTab(link.get("tab"));
   if (info.default_layer) {
     $("explain-layer").placeholder = info.default_layer;
     $("layer-name").placeholder = info.default_layer;
     $("objective").placeholder = `${info.default_layer}:0`;
+  }
+  const linked = link.get("image");
+  if (linked && !state.image) {
+    if (![...select.options].some((o) => o.value === linked)) select.append(el("option", { value: linked, text: `upload ${linked}` }));
+    select.value = linked;
+    await chooseImage(linked);
+    return;
   }
   const first = info.samples.find((s) => s.name === "chelsea") || info.samples[0];
   if (first && !state.image) {
@@ -110,8 +234,18 @@ async function init() {
 }
 
 // ------------------------------------------------------------------ image and prediction
+function imageChanged(id) {
+  if (id === state.image) return;
+  state.gen += 1;
+  $("target").value = "";  // the target class belongs to the previous image
+  for (const box of ["explain-result", "compare-result", "layer-result", "explain-error", "layer-error"]) $(box).hidden = true;
+  if (state.job && !IMAGE_FREE.includes(state.job.panel)) cancelJob();
+}
+
 function showImage(data, caption) {
+  imageChanged(data.id);
   state.image = data.id;
+  saveLink();
   $("preview").src = data.preview;
   $("preview-caption").textContent = `${caption}: ${data.width}×${data.height} px (shown as the network sees it)`;
   $("preview-figure").hidden = false;
@@ -119,8 +253,11 @@ function showImage(data, caption) {
 
 async function chooseImage(id) {
   if (!id) return;
-  const data = await run("Loading image…", "image-error", () => api("/api/image", { image: id }));
-  if (!data) return;
+  imageChanged(id);
+  state.image = null;
+  const gen = state.gen;
+  const data = await run("Loading image…", "image-error", () => api("/api/image", { image: id }), null, gen);
+  if (!data || gen !== state.gen) return;
   const option = [...$("image-select").options].find((o) => o.value === id);
   showImage(data, option ? option.textContent.split(":")[0] : id);
   await predict();
@@ -151,10 +288,11 @@ async function upload(file) {
 
 async function predict() {
   if (!state.image) return;
-  const data = await run("Predicting…", "image-error", () => api("/api/predict", { image: state.image, top: 5 }));
+  const gen = state.gen;
   const list = $("predictions");
   list.replaceChildren();
-  if (!data) return;
+  const data = await run("Predicting…", "image-error", () => api("/api/predict", { image: state.image, top: 5 }), null, gen);
+  if (!data || gen !== state.gen) return;
   for (const p of data.predictions) {
     const fill = el("span", { className: "fill" });
     fill.style.width = `${Math.max(1, Math.round(100 * p.probability))}%`;
@@ -205,7 +343,10 @@ function showOptions() {
   for (const opt of m.options) box.append(optionInput(m, opt));
   box.hidden = m.options.length === 0;
   $("layer-field").hidden = !m.uses_layer;
-  $("method-info").textContent = `${m.family} · cost: ${m.passes}${m.summary ? " · " + m.summary : ""}`;
+  $("method-info").textContent = `${m.family} · cost: ${m.passes}`;
+  $("method-description").textContent = m.description || m.summary || "";
+  $("method-paper").textContent = m.paper ? `Paper: ${m.paper}` : "";
+  saveLink();
 }
 
 function optionParams() {
@@ -236,10 +377,11 @@ async function explain() {
     view: $("view").value,
     ...optionParams(),
   };
-  const data = await run(`Explaining with ${method}…`, "explain-error", () => api("/api/explain", params));
+  const data = await runJobPanel("explain", params, `Explaining with ${method}`, "explain", "explain-error", "explain-result", explain);
   if (!data) return;
   $("explain-image").src = data.image;
   $("explain-image").alt = `${data.method} map for class ${data.target.label}`;
+  $("explain-image").dataset.image = params.image;
   const parts = [
     `${data.method}${data.layer ? " at " + data.layer : ""}`,
     `class ${data.target.index} (${data.target.label})`,
@@ -251,7 +393,82 @@ async function explain() {
   }
   if (data.extras && data.extras.engine) parts.push(`engine ${data.extras.engine}`);
   $("explain-caption").textContent = parts.join(" · ");
+  const advice = $("explain-advice");
+  advice.textContent = (data.extras && data.extras.advice) || "";
+  advice.hidden = !advice.textContent;
   $("explain-result").hidden = false;
+}
+
+// Several methods on one image, one job after another, side by side (Cancel stops the rest).
+async function compare() {
+  const names = [...document.querySelectorAll("#compare-methods input:checked")].map((i) => i.value);
+  const grid = $("compare-result");
+  grid.replaceChildren();
+  grid.hidden = true;
+  if (!state.image || names.length === 0) {
+    const box = $("explain-error");
+    box.textContent = state.image ? "tick at least one method to compare" : "choose or upload an image first";
+    box.hidden = false;
+    return;
+  }
+  const gen = state.gen;
+  const image = state.image;
+  for (const name of names) {
+    const m = state.methods[name];
+    const params = {
+      image, method: name, layer: m.uses_layer ? $("explain-layer").value.trim() : "",
+      target: $("target").value.trim(), view: $("view").value,
+    };
+    state.noBudget = true;  // ticked knowingly; Cancel stops the rest
+    const data = await runJobPanel("explain", params, `Comparing ${name}`, "compare", "explain-error", "compare-result");
+    if (!data || gen !== state.gen) return;  // cancelled, failed or another image: stop
+    const img = el("img", { src: data.image, alt: `${data.method} map for class ${data.target.label}` });
+    img.dataset.image = image;
+    const caption = `${data.method}${data.layer ? " at " + data.layer : ""} · ${data.target.label} · ` +
+      `${data.forward_passes}+${data.backward_passes} passes · ${data.seconds.toFixed(2)} s`;
+    grid.append(el("figure", { className: "result" }, img, el("figcaption", { text: caption })));
+    grid.hidden = false;
+  }
+}
+
+// A batch: every image of the image list (samples and this page's uploads), predicted, kept when the
+// top class matches the filter (index, or part of the label), and explained with the chosen method.
+async function batch() {
+  const filter = $("batch-filter").value.trim().toLowerCase();
+  const method = $("method").value;
+  const m = state.methods[method];
+  const grid = $("batch-result");
+  const caption = $("batch-caption");
+  grid.replaceChildren();
+  grid.hidden = true;
+  caption.hidden = true;
+  $("explain-error").hidden = true;
+  const seq = (state.seq.batchRun = (state.seq.batchRun || 0) + 1);
+  const ids = [...$("image-select").options].map((o) => [o.value, o.textContent.split(":")[0]]).filter(([v]) => v);
+  let kept = 0;
+  for (const [id, name] of ids) {
+    let top;
+    try {
+      top = (await api("/api/predict", { image: id, top: 1 })).predictions[0];
+    } catch (err) {
+      continue;  // e.g. an upload the server dropped
+    }
+    if (seq !== state.seq.batchRun) return;
+    const match = !filter || String(top.index) === filter || top.label.toLowerCase().includes(filter);
+    if (!match) continue;
+    kept += 1;
+    const params = { image: id, method, layer: m.uses_layer ? $("explain-layer").value.trim() : "", view: $("view").value, ...optionParams() };
+    state.noBudget = true;  // asked for knowingly; Cancel stops the rest
+    const data = await runJobPanel("explain", params, `Batch ${kept}: ${name}`, "batch", "explain-error", "batch-result");
+    if (!data || seq !== state.seq.batchRun) return;
+    const img = el("img", { src: data.image, alt: `${data.method} map of ${name}` });
+    img.dataset.image = id;
+    grid.append(el("figure", { className: "result" }, img, el("figcaption", {
+      text: `${name}: ${top.label} ${(100 * top.probability).toFixed(0)}% · ${data.method}` })));
+    grid.hidden = false;
+  }
+  caption.textContent = `${kept} of ${ids.length} images predicted as ${filter ? `“${filter}”` : "anything"}`;
+  caption.hidden = false;
 }
 
 // ------------------------------------------------------------------ layer views
@@ -267,20 +484,23 @@ async function layerView(kind) {
   const img = $("layer-image");
   const chart = $("channel-chart");
   const top = $("channel-top");
+  const gen = state.gen;
+  const seq = (state.seq.layer = (state.seq.layer || 0) + 1);
+  const stale = () => gen !== state.gen || seq !== state.seq.layer;
   let data;
   if (kind === "activations") {
     data = await run("Computing feature maps…", "layer-error", () =>
-      api("/api/activations", { image: state.image, layer, max, sort: $("layer-sort").value }));
-    if (!data) return;
+      api("/api/activations", { image: state.image, layer, max, sort: $("layer-sort").value }), "layer-result", gen);
+    if (!data || stale()) return;
     $("layer-caption").textContent = `${data.layer}: ${data.shown} of ${data.channels} channels, ${data.height}×${data.width}; ${data.zero_channels} channels are zero everywhere`;
   } else if (kind === "filters") {
-    data = await run("Drawing filters…", "layer-error", () => api("/api/filters", { layer, max }));
-    if (!data) return;
+    data = await run("Drawing filters…", "layer-error", () => api("/api/filters", { layer, max }), "layer-result");
+    if (!data || stale()) return;
     $("layer-caption").textContent = data.summary;
   } else {
     data = await run("Measuring channel responses…", "layer-error", () =>
-      api("/api/channels", { image: state.image, layer, top: Math.min(Number(max) || 8, 16) }));
-    if (!data) return;
+      api("/api/channels", { image: state.image, layer, top: Math.min(Number(max) || 8, 16) }), "layer-result", gen);
+    if (!data || stale()) return;
     $("layer-caption").textContent = `${data.layer}: mean response of each of ${data.channels} channels (${data.zero_channels} exactly zero); top channels highlighted`;
     drawChannels(data);
   }
@@ -336,7 +556,7 @@ function drawChannels(data) {
 async function visualize() {
   const objective = $("objective").value.trim() || $("objective").placeholder;
   const params = { objective, steps: $("steps").value, size: $("size").value, seed: $("seed").value };
-  const data = await run(`Rendering ${objective}…`, "visualize-error", () => api("/api/visualize", params));
+  const data = await runJobPanel("visualize", params, `Rendering ${objective}`, "visualize", "visualize-error", "visualize-result", visualize);
   if (!data) return;
   $("visualize-image").src = data.image;
   $("visualize-image").alt = `image that maximises ${data.objective}`;
@@ -345,6 +565,21 @@ async function visualize() {
 }
 
 // ------------------------------------------------------------------ tabs
+// ------------------------------------------------------------------ deep links: #image=...&tab=...&method=...
+function saveLink() {
+  if (!state.info) return;
+  const tab = document.querySelector("[role=tab][aria-selected=true]");
+  const link = new URLSearchParams();
+  if (state.image) link.set("image", state.image);
+  if (tab) link.set("tab", tab.id.slice(4));
+  if ($("method").value) link.set("method", $("method").value);
+  history.replaceState(null, "", `${window.location.pathname}${window.location.search}#${link}`);
+}
+
+function readLink() {
+  return new URLSearchParams(window.location.hash.slice(1));
+}
+
 function selectTab(name) {
   for (const tab of document.querySelectorAll("[role=tab]")) {
     const on = tab.id === `tab-${name}`;
@@ -352,6 +587,7 @@ function selectTab(name) {
     tab.tabIndex = on ? 0 : -1;
     $(tab.getAttribute("aria-controls")).hidden = !on;
   }
+  saveLink();
 }
 
 function wireTabs() {
@@ -379,5 +615,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("channels-button").addEventListener("click", () => layerView("channels"));
   $("filters-button").addEventListener("click", () => layerView("filters"));
   $("visualize-form").addEventListener("submit", (e) => { e.preventDefault(); visualize(); });
+  $("job-cancel").addEventListener("click", () => cancelJob());
+  $("compare-button").addEventListener("click", () => compare());
+  $("batch-button").addEventListener("click", () => batch());
+  window.addEventListener("pagehide", () => {  // the page goes away: its job with it
+    if (state.job) fetch(`/api/jobs/${state.job.id}/cancel`, { method: "POST", keepalive: true,
+      headers: { "X-Convscope-Token": TOKEN, "X-Convscope-Client": CLIENT } });
+  });
   init();
 });
