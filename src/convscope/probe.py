@@ -214,6 +214,35 @@ def backward_rules(kind: str) -> dict[type | str, BackwardRule] | None:
     return RULE_SETS[kind]
 
 
+#: Max-pooling modules: the only place where a DeconvNet's backward pass depends on the image (the
+#: "switches"; Zeiler & Fergus 2014). Convolutions and the ReLU-on-the-signal rule do not.
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+class NoSwitchesWarning(UserWarning):
+    """DeconvNet on a network without max-pooling: the projection does not depend on the image."""
+
+
+def max_pooling_layers(module: nn.Module) -> list[str]:
+    """Names of the max-pooling modules of ``module`` (functional ``F.max_pool2d`` calls are not seen)."""
+    return [name for name, m in module.named_modules() if isinstance(m, MAX_POOLS)]
+
+
+def no_switches_note(module: nn.Module) -> str | None:
+    """A sentence saying DeconvNet cannot depend on the image here, or ``None`` when the model max-pools.
+
+    Zeiler & Fergus's projections differ per image through the max-pooling switches; with ReLU applied to
+    the backward signal, transposed convolutions and eval-mode batch norm, a network without max-pooling
+    (EfficientNet-Lite, most modern CNNs) sends the same signal down for every image (only other
+    nonlinearities, e.g. SiLU or squeeze-excitation gates, and the image border bring in the image), so
+    every projection of a unit is nearly the same pattern. Guided backpropagation masks by the forward
+    activations and depends on the image."""
+    if max_pooling_layers(module):
+        return None
+    return ("the model has no max-pooling, so DeconvNet projections do not depend on the image (no switches; "
+            "Zeiler & Fergus's differ through them): use guided backpropagation for image-specific projections")
+
+
 class _RewiredBackward(torch.autograd.Function):
     """Identity on the module's output in the forward pass; the rule's gradient to its input in backward."""
 

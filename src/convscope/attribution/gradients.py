@@ -26,7 +26,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ConvscopeError, InputShapeError
 from ..probe import (
@@ -34,42 +33,16 @@ from ..probe import (
     GUIDED_RULES,
     BackwardRule,
     Capture,
+    NoSwitchesWarning,
     backward_rules,
     deconv_relu,
     guided_relu,
     guided_relu6,
+    max_pooling_layers,
+    no_switches_note,
 )
 from .contract import Context, MethodOutput
 from .registry import SEED_MAX, Option, register_method
-
-#: Max-pooling modules: the only place where a DeconvNet's backward pass depends on the image (the
-#: "switches"; Zeiler & Fergus 2014). Convolutions and the ReLU-on-the-signal rule do not.
-MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-
-
-class NoSwitchesWarning(UserWarning):
-    """DeconvNet on a network without max-pooling: the projection does not depend on the image."""
-
-
-def max_pooling_layers(module: nn.Module) -> list[str]:
-    """Names of the max-pooling modules of ``module`` (functional ``F.max_pool2d`` calls are not seen)."""
-    return [name for name, m in module.named_modules() if isinstance(m, MAX_POOLS)]
-
-
-def no_switches_note(module: nn.Module) -> str | None:
-    """A sentence saying DeconvNet cannot depend on the image here, or ``None`` when the model max-pools.
-
-    Zeiler & Fergus's projections differ per image through the max-pooling switches; with ReLU applied to
-    the backward signal, transposed convolutions and eval-mode batch norm, a network without max-pooling
-    (EfficientNet-Lite, most modern CNNs) sends the same signal down for every image (only other
-    nonlinearities, e.g. SiLU or squeeze-excitation gates, and the image border bring in the image), so
-    every projection of a unit is nearly the same pattern. Guided backpropagation masks by the forward
-    activations and depends on the image."""
-    if max_pooling_layers(module):
-        return None
-    return ("the model has no max-pooling, so DeconvNet projections do not depend on the image (no switches; "
-            "Zeiler & Fergus's differ through them): use guided backpropagation for image-specific projections")
-
 
 _RULES: dict[str, dict[type | str, BackwardRule] | None] = {
     "saliency": backward_rules("gradient"),
@@ -453,7 +426,6 @@ def gradient_rules(name: str) -> dict[type | str, BackwardRule] | None:
 __all__: list[str] = [
     "CompletenessWarning",
     "DECONV_RULES",
-    "MAX_POOLS",
     "NoSwitchesWarning",
     "GUIDED_RULES",
     "IG_RULES",

@@ -12,13 +12,13 @@ import os
 import warnings
 from typing import Any
 
-from ..attribution.gradients import NoSwitchesWarning
 from ..dataset.folder import SAVE_EVERY
 from ..dataset.projection import BATCH_SIZE as PROJECT_BATCH_SIZE
 from ..dataset.projection import DEFAULT_METHOD, METHODS, SCALES
 from ..dataset.topk import DEFAULT_ROWS, REDUCES, K, channel_ranges, top_activations
 from ..errors import ConvscopeError
 from ..options import bounded
+from ..probe import NoSwitchesWarning
 from .common import (
     check_run_outputs,
     dataset_command,

@@ -21,7 +21,7 @@ are cropped to :func:`effective_box`, and :func:`projection_picture` stretches e
 own (its 99.5th percentile of |x| saturates).
 
 On a network without max-pooling DeconvNet has no switches: its projections do not depend on the image
-(:func:`convscope.attribution.gradients.no_switches_note`), so the default method is ``"guided"``.
+(:func:`convscope.probe.no_switches_note`), so the default method is ``"guided"``.
 """
 
 from __future__ import annotations
@@ -36,11 +36,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attribution.gradients import NoSwitchesWarning, no_switches_note
 from ..errors import ConvscopeError
 from ..models import as_model
 from ..options import Option
-from ..probe import BackwardRule, Capture, backward_rules, forward_fast, resolve_layer
+from ..probe import (
+    BackwardRule,
+    Capture,
+    NoSwitchesWarning,
+    backward_rules,
+    forward_fast,
+    no_switches_note,
+    resolve_layer,
+)
 from ..progress import tqdm
 
 #: Backward rules a projection can use (see the module docstring).

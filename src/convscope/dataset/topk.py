@@ -294,7 +294,7 @@ class TopK(Pictured):
         down to the input with ``method``'s backward rule for ReLU/ReLU6: ``"guided"`` (guided backpropagation,
         default: it depends on the image on every architecture), ``"deconvnet"`` (Zeiler & Fergus; on a model
         without max-pooling it has no switches and gives the same pattern for every image: the result's
-        ``note`` says so and a :class:`~convscope.attribution.gradients.NoSwitchesWarning` is issued) or
+        ``note`` says so and a :class:`~convscope.probe.NoSwitchesWarning` is issued) or
         ``"gradient"``. The result is cropped to the unit's receptive-field box, the same box as the patch;
         ``effective`` is the centred part of the box holding 90% of the projections' mass, which pictures show. All hits of all channels are batched: each batch of
         ``batch_size`` hits costs one forward pass (stopped at the layer) and one backward pass.

@@ -72,7 +72,7 @@ from PIL import Image
 from torch import nn
 
 from ..attribution import attribute, get_method, method_names
-from ..attribution.registry import parse_option
+from ..attribution.registry import VIEWS, parse_option
 from ..errors import ConvscopeError
 from ..images import SAMPLES, load_image
 from ..inspect import channel_means, conv_layers, feature_maps, filters
@@ -419,7 +419,7 @@ class Explorer:
         layer = query.text("layer") if spec.uses_layer else None
         target_text = query.text("target")
         options = dict(parse_option(spec, f"{key}={value}") for key, value in query.prefixed("opt."))
-        view = query.choice("view", "auto", ("auto", "overlay", "heatmap", "mask"))
+        view = query.choice("view", "auto", ("auto", *VIEWS))
         alpha = query.number("alpha", 0.5, 0.0, 1.0)
         threshold = query.number("threshold", 0.5, 0.0, 1.0)
         with self.lock:

@@ -37,8 +37,8 @@ from .bounds import check_size
 from .network import Network, NotDifferentiableError, network
 from .params import image_param
 from .regularizers import total_variation
-from .transforms import jitter as jitter_transform
 from .result import ShortRepr, SynthesisResult, interruptible, seeded
+from .transforms import jitter as jitter_transform
 
 
 @dataclass(repr=False)
