@@ -219,9 +219,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                    help="weight of the content loss (default 1)")
     p.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs", help="L-BFGS (Gatys; default) or Adam")
     p.add_argument("--preserve-color", action="store_true", help="keep the content image's colours")
-    p.add_argument("--tv", type=_weight("--tv"), default=0.0, help="total-variation weight (default 0; e.g. 1e7 against grain)")
-    p.add_argument("--color-weight", type=_weight("--color-weight"), default=0.0,
-                   help="weight of matching the style images' colour mean and covariance (default 0)")
+    p.add_argument("--tv", type=_weight("--tv"), default=1e7, help="total-variation weight (default 1e7; 0: Gatys's plain loss)")
+    p.add_argument("--color-weight", type=_weight("--color-weight"), default=1e7,
+                   help="weight of matching the style images' colour mean and covariance (default 1e7; 0: off)")
     _loss_net_option(p)
     p.set_defaults(func=run_style)
 
