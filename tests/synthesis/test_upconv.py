@@ -119,3 +119,23 @@ def test_cli_trains_resumes_and_refuses_bad_output(model, data, tmp_path, capsys
     assert code == 0 and load_upconv(net).step == 9
     code, _, err = run_cli(capsys, "upconv-train", str(folder), "--layer", "relu1", "-o", str(tmp_path / "n.xyz"))
     assert code == 2 and "n.xyz" in err and not (tmp_path / "n.xyz").exists()
+
+
+def test_cli_invert_upconv_and_visualize_generator(model, data, nets, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "dec.pt"
+    nets["relu1"].save(path)
+    image = tmp_path / "shape.png"
+    data[1][0].save(image)
+    monkeypatch.setattr("convscope.cli.cmd_synthesis.load_model_from_args", lambda args: model)
+    out = tmp_path / "inv.png"
+    code, stdout, _ = run_cli(capsys, "invert", str(image), "--method", "upconv", "--net", str(path), "-o", str(out))
+    assert code == 0 and "one pass" in stdout and Image.open(out).size[0] >= 2 * SIZE
+    code, stdout, _ = run_cli(capsys, "invert", str(image), "--method", "upconv", "--net", str(path), "--perturb", "-o", str(out))
+    assert code == 0 and "binarised" in stdout
+    code, _, err = run_cli(capsys, "invert", str(image), "--method", "upconv", "-o", str(out))
+    assert code == 2 and "--net" in err
+    code, _, err = run_cli(capsys, "invert", str(image), "--method", "upconv", "--net", str(path), "--layer", "fc", "-o", str(out))
+    assert code == 2 and "relu1" in err
+    gen = tmp_path / "gen.png"
+    code, stdout, _ = run_cli(capsys, "visualize", "logit:3", "--generator", str(path), "--steps", "5", "--no-progress", "-o", str(gen))
+    assert code == 0 and "through the generator" in stdout and Image.open(gen).size == (SIZE, SIZE)

@@ -38,6 +38,8 @@ from ..synthesis import (
 )
 from ..synthesis.bounds import LR, SEED, SIZE, STEPS, WEIGHT
 from ..synthesis.fast_style import TransformNet, load_transform_net, stylize, train_fast_style
+from ..synthesis.result import pixels_to_pil
+from ..synthesis.upconv import dgn_am, invert_upconv, load_upconv, upconv_perturbation
 from .common import info, load_model_from_args
 
 ORDER = 40
@@ -169,6 +171,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                         "--steps per round, e.g. 20)")
     p.add_argument("--blur", type=bounded(int, 1, 56, name="--blur"), default=None,
                    help="with --multiscale: blur between rounds, a Gaussian as wide as a box of this size (1..56 px; e.g. 8)")
+    p.add_argument("--generator", default=None, metavar="NET.pt",
+                   help="DGN-AM (Nguyen et al. 2016): optimise the code of this decoder (from convscope upconv-train) "
+                   "instead of the pixels; --steps and --lr apply (lr in units of the code range)")
     p.set_defaults(func=run_visualize)
 
     p = sub.add_parser("dream", parents=parents, help="DeepDream an image")
@@ -187,8 +192,13 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
     p = sub.add_parser("invert", parents=parents, help="reconstruct an image from a layer's features (Mahendran & Vedaldi)")
     p.add_argument("image", help="path or sample:NAME")
-    p.add_argument("--layer", action="append", required=True, help="layer to invert (repeat for several, side by side)")
+    p.add_argument("--layer", action="append", default=None,
+                   help="layer to invert (repeat for several, side by side); with --method upconv: the decoder's layer")
     _common(p, "invert.png", 200, None)
+    p.add_argument("--method", choices=["optimize", "upconv"], default="optimize",
+                   help="optimize: Mahendran & Vedaldi's optimisation (default); upconv: one pass of a decoder trained "
+                   "by convscope upconv-train (Dosovitskiy & Brox 2016), given with --net")
+    p.add_argument("--net", default=None, metavar="NET.pt", help="with --method upconv: the decoder file")
     p.add_argument("--tv", type=_weight("--tv"), default=0.5, help="total-variation weight (default 0.5)")
     p.add_argument("--alpha-weight", type=_weight("--alpha-weight"), default=1e-3, help="alpha-norm weight (default 0.001)")
     p.add_argument("--jitter", type=bounded(int, 0, 64, name="--jitter"), default=None,
@@ -280,6 +290,12 @@ def run_visualize(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     kw = dict(steps=args.steps, size=args.size, seed=args.seed, progress=_progress(args))
     transforms = "none" if args.no_transforms else "auto"
+    if args.generator:
+        g = dgn_am(model, args.objective, load_upconv(args.generator, model.device), steps=args.steps, lr=args.lr,
+                   seed=args.seed, progress=_progress(args))
+        _save(g.image, out)
+        print(f"objective {args.objective} through the generator: best {g.objective:.4g} ({len(g.history)} steps, {g.seconds:.1f} s)")
+        return _done(g.interrupted)
     if args.multiscale:
         r = multiscale(model, args.objective, steps=args.steps, blur=args.blur, transforms=transforms,
                        decorrelate=not args.no_decorrelate, seed=args.seed, progress=_progress(args))
@@ -304,6 +320,27 @@ def run_visualize(args: argparse.Namespace) -> int:
     return _done(r.interrupted)
 
 
+def _invert_upconv(args: argparse.Namespace, out: str) -> int:
+    """``invert --method upconv``: decode the image's features with a trained decoder (and its perturbations)."""
+    if not args.net:
+        raise ConvscopeError("--method upconv needs the decoder: --net NET.pt (train one with convscope upconv-train)")
+    model = load_model_from_args(args)
+    net = load_upconv(args.net, model.device)
+    if args.layer and args.layer != [net.layer]:
+        raise ConvscopeError(f"{args.net} decodes layer {net.layer!r}, not {', '.join(args.layer)}")
+    if args.perturb:
+        r = upconv_perturbation(model, args.image, net, seed=args.seed)
+        for label, mse in r.extras["mse"].items():
+            print(f"{net.layer:16s} {label:12s} pixel MSE {mse:.4f}")
+        _save(r.picture(), out)
+    else:
+        r = invert_upconv(model, args.image, net)
+        print(f"{net.layer:16s} decoded in one pass, pixel MSE {r.extras['mse']:.4f}")
+        original = pixels_to_pil(r.extras["original"])[0]
+        _save(grid([original, r.image], labels=["original", f"{net.layer} (upconv)"]), out)
+    return 0
+
+
 def run_dream(args: argparse.Namespace) -> int:
     _, d = _picture_command(args, lambda model: dream(
         model, args.image, args.objective, octaves=args.octaves, octave_scale=args.octave_scale, steps=args.steps,
@@ -315,6 +352,10 @@ def run_dream(args: argparse.Namespace) -> int:
 
 def run_invert(args: argparse.Namespace) -> int:
     out = _output(args)
+    if args.method == "upconv":
+        return _invert_upconv(args, out)
+    if not args.layer:
+        raise ConvscopeError("give the layer to invert with --layer L (or --method upconv --net NET.pt)")
     model = load_model_from_args(args)
     kw = dict(steps=args.steps, size=args.size, tv_weight=args.tv, alpha_weight=args.alpha_weight, jitter=args.jitter,
               param=args.param, seed=args.seed, progress=_progress(args))
