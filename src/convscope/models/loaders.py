@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsafeModelFileError, suggestion
 from .labels import default_labels, imagenet_labels
-from .model import PLAIN_MODULE_DEFAULTS, Model
+from .model import IMAGENET_MEAN, IMAGENET_STD, PLAIN_MODULE_DEFAULTS, Model
 
 BUILTIN = "efficientnet_lite0"
 _NETWORK_ERRORS = (OSError, ConnectionError, TimeoutError)
@@ -276,8 +276,8 @@ def _timm(name: str, *, weights: str | None, num_classes: int | None) -> Model:
     return Model(
         module=module,
         input_size=(size, size),
-        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
         labels=default_labels(n),
         name=f"timm {name} ({'pretrained' if pretrained else 'random weights'})",
         resize_size=round(size / crop),

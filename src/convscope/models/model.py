@@ -16,6 +16,10 @@ from ..images import ImageLike, load_image
 from ..probe import choose_layer, guard, layer_table, module_device, resolve_layer
 from .labels import default_labels
 
+#: ImageNet's channel mean and standard deviation (pixels in [0, 1]): the default normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -50,8 +54,8 @@ class Model:
 
     module: nn.Module = field(repr=False)
     input_size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     labels: list[str] | None = field(default=None, repr=False)  # None: counted by one dry run when first read
     name: str = "model"
     resize_size: int | None = None
@@ -209,7 +213,7 @@ Model.labels = property(Model._get_labels, Model._set_labels, doc="Class names, 
 
 #: Preprocessing assumed for a plain ``nn.Module`` (wrapped by :func:`as_model` or ``load_model(module)``)
 #: unless the caller says otherwise: ImageNet's mean and std, 224 px inputs (shorter side resized to 256).
-PLAIN_MODULE_DEFAULTS: dict[str, Any] = {"input_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+PLAIN_MODULE_DEFAULTS: dict[str, Any] = {"input_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 def as_model(model: Model | nn.Module, *, input_size: int | tuple[int, int] | None = None) -> Model:
