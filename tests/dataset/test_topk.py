@@ -22,7 +22,8 @@ from convscope.dataset.folder import (
     StateFileError,
     list_images,
 )
-from convscope.dataset.topk import StateMismatchError, TopKError, sidecar_path, top_activations
+from convscope.dataset.folder import StateMismatchError
+from convscope.dataset.topk import TopKError, sidecar_path, top_activations
 
 SIZE = 32
 SQUARE = (12, 20, 3)  # top, left, side of the bright square planted in image 13
@@ -152,9 +153,10 @@ def test_interrupt_then_resume_equals_one_run(model, folder, tmp_path):
     part = top_activations(model, folder, "conv2", k=4, batch_size=3, state=state, save_every=100, progress=stop_after_two_batches)
     assert part.interrupted and part.processed == 6 and not part.complete
     saved = torch.load(state, weights_only=True)
-    assert set(saved) == {"meta", "values", "indices", "positions"}
+    assert set(saved) == {"meta", "run/topk:conv2/values", "run/topk:conv2/indices", "run/topk:conv2/positions"}
     manifest = json.loads(sidecar_path(state).read_text())
-    assert manifest["processed"] == 6 and len(manifest["files"]) == 20 and manifest["files"][0] == "a/img_01.png"
+    assert manifest["stages"]["run"]["processed"] == 6 and not manifest["stages"]["run"]["complete"]
+    assert len(manifest["files"]) == 20 and manifest["files"][0] == "a/img_01.png"
     resumed_from = []
     rest = top_activations(model, folder, "conv2", k=4, batch_size=3, state=state, progress=lambda d, t: resumed_from.append(d))
     assert resumed_from[0] == 9  # continued after the 6 done, not from the start

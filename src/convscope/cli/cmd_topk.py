@@ -22,6 +22,7 @@ from ..probe import NoSwitchesWarning
 from .common import (
     check_run_outputs,
     dataset_command,
+    engine_kwargs,
     finish_run,
     info,
     layer_and_output,
@@ -65,7 +66,7 @@ def run_topk(args: argparse.Namespace) -> int:
     with skipped_reported_once():
         r = top_activations(model, args.folder, layer, k=args.k, channels=args.channels, reduce=args.reduce,
                             batch_size=args.batch_size, state=args.state, save_every=args.save_every,
-                            progress=False if args.no_progress else None)
+                            progress=False if args.no_progress else None, **engine_kwargs(args))
     if args.json:
         data = r.to_dict()
         data["root"] = os.path.abspath(args.folder)
@@ -140,7 +141,7 @@ DESCRIPTION = (
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``topk`` parser."""
     p = dataset_command(subparsers, parents, "topk", help=HELP, description=DESCRIPTION,
-                        func=run_topk, state=True, output="grid picture (default topk-LAYER.png)", json_help="print every channel's top images as JSON")
+                        func=run_topk, state=True, engine=True, output="grid picture (default topk-LAYER.png)", json_help="print every channel's top images as JSON")
     p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
     p.add_argument("--layer", default=None, metavar="L", help="layer name (default: the last spatial layer)")
     p.add_argument("--k", type=K.argtype("--k"), default=K.default, metavar="K",

@@ -17,6 +17,8 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from ..dataset.engine import AMP_DTYPES, ENGINES
+from ..dataset.engine import WORKERS as ENGINE_WORKERS
 from ..dataset.folder import BATCH_SIZE as DATASET_BATCH_SIZE
 from ..dataset.folder import SkippedImagesWarning, skipped_summary
 from ..errors import ConvscopeError
@@ -133,10 +135,12 @@ def info(message: str) -> None:
 
 
 def add_dataset_options(p: argparse.ArgumentParser, *, output: str, json_help: str, state: bool = False,
-                        batch_size: bool = True) -> None:
+                        batch_size: bool = True, engine: bool = False) -> None:
     """The options every dataset command takes, declared once: ``--batch-size`` (bounded like the Python
     API's ``batch_size``), ``--state FILE`` (resumable runs only), ``-o/--output`` (``output``: its help),
-    ``--json`` and ``--no-progress``."""
+    ``--json`` and ``--no-progress``; with ``engine``, the dataset engine's (:func:`add_engine_options`)."""
+    if engine:
+        add_engine_options(p)
     if batch_size:
         p.add_argument("--batch-size", type=DATASET_BATCH_SIZE.argtype("--batch-size"), default=DATASET_BATCH_SIZE.default,
                        metavar="N", help=f"images per forward pass ({DATASET_BATCH_SIZE.range_text()}; default "
@@ -147,6 +151,31 @@ def add_dataset_options(p: argparse.ArgumentParser, *, output: str, json_help: s
     p.add_argument("-o", "--output", default=None, metavar="FILE.png", help=output)
     p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The dataset engine's options (:func:`convscope.dataset.engine.run`): ``--engine local|ray``, ``--address``,
+    ``--workers``, ``--amp`` and ``--num-gpus``; :func:`engine_kwargs` turns them into keyword arguments."""
+    g = p.add_argument_group("dataset engine")
+    g.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: this process (CPU or --device cuda); ray: a Ray cluster (pip install convscope[ray])")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --engine ray: the cluster to join (e.g. 10.0.0.1:6379 or auto; default: start a local Ray)")
+    g.add_argument("--workers", type=ENGINE_WORKERS.argtype("--workers"), default=None, metavar="N",
+                   help=f"image decode threads ({ENGINE_WORKERS.range_text()}; 0: decode in the main thread; "
+                   "default min(8, cores))")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
+                   help="autocast the forward passes (bf16 on CPU or CUDA, fp16 on CUDA); default float32")
+    g.add_argument("--num-gpus", type=bounded(float, 0, 64, name="--num-gpus"), default=None, metavar="G",
+                   help="with --engine ray: GPUs per actor (e.g. 1, or 0.5 to share one between two actors)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of the dataset engine named by :func:`add_engine_options`'s options."""
+    if args.engine != "ray" and (args.address is not None or args.num_gpus is not None):
+        raise ConvscopeError("--address and --num-gpus need --engine ray")
+    return {"engine": args.engine, "address": args.address, "workers": args.workers, "amp": args.amp,
+            "num_gpus": args.num_gpus}
 
 
 def check_run_outputs(args: argparse.Namespace) -> None:
@@ -209,10 +238,11 @@ def finish_run(result: Any, state: str | None) -> int:
 
 
 def dataset_command(subparsers: Any, parents: list[argparse.ArgumentParser], name: str, *, help: str, description: str,
-                    func: Any, output: str, json_help: str, state: bool = False, batch_size: bool = True) -> argparse.ArgumentParser:
+                    func: Any, output: str, json_help: str, state: bool = False, batch_size: bool = True,
+                    engine: bool = False) -> argparse.ArgumentParser:
     """Add the parser of a dataset command with the options they all take (:func:`add_dataset_options`) and its
     ``func``; the command adds its own options to the parser returned."""
     p = subparsers.add_parser(name, parents=parents, help=help, description=description)
-    add_dataset_options(p, output=output, json_help=json_help, state=state, batch_size=batch_size)
+    add_dataset_options(p, output=output, json_help=json_help, state=state, batch_size=batch_size, engine=engine)
     p.set_defaults(func=func)
     return p

@@ -19,37 +19,28 @@ With ``state=PATH`` the running top-k, the list of inputs and the progress are s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
-from torch import nn
 
-from ..errors import LayerKindError
 from ..models import Model, as_model
 from ..options import Option
-from ..probe import Capture, ReceptiveField, forward_fast, resolve_layer
-from ..progress import tqdm
+from ..probe import ReceptiveField
 from ..render import matrix_grid
 from ..render.picture import Pictured
+from .engine import Forward, Reducer, RunInfo, feature_maps
+from .engine import run as run_engine
 from .folder import (
     BATCH_SIZE,
     SAVE_EVERY,
     DatasetError,
-    StateMismatchError,
-    check_any_scored,
-    check_state_path,
-    model_fingerprint,
-    open_images,
-    resume_state,
-    save_state,
     tensor_picture,
 )
 from .projection import BATCH_SIZE as PROJECT_BATCH_SIZE
@@ -428,17 +419,6 @@ def channel_ranges(channels: Sequence[int]) -> str:
 # ============================================================================ running top-k
 
 
-class _Run(NamedTuple):
-    """The whole mutable state of a run, replaced in one assignment per batch (so Ctrl-C never tears it)."""
-
-    values: torch.Tensor | None  # (R, k) float32, -inf where empty
-    indices: torch.Tensor | None  # (R, k) int64, -1 where empty
-    positions: torch.Tensor | None  # (R, k) int64 flat index into the h x w map, -1 for mean or empty
-    processed: int
-    scored: int
-    skipped: tuple[tuple[int, str], ...]
-
-
 def batch_scores(act: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel: the response (B, C) and where it is (flat index into h x w; -1 for mean).
 
@@ -468,44 +448,89 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Ten
     return v.gather(1, order), torch.cat([indices, new_indices], dim=1).gather(1, order), kept_positions
 
 
-# ============================================================================ saved state
+# ============================================================================ the reducer
+
+
+class TopKReducer(Reducer):
+    """The running top-``k`` of every chosen channel of ``layer`` (see the module docstring), as a reducer of the
+    dataset engine (:func:`convscope.dataset.engine.run`): several share one forward pass with other analyses.
+
+    State: ``values``/``indices``/``positions`` (R, m <= k) and the rows (channels) and map size, all replaced, never
+    changed in place. :meth:`merge_states` of a run over earlier inputs with one over later inputs equals the run
+    over both (ties go to the earlier image in both)."""
+
+    def __init__(self, layer: str, *, k: int = 9, channels: Sequence[int] | None = None, reduce: str = "max",
+                 name: str | None = None):
+        super().__init__()
+        K.check("k", k)
+        if reduce not in REDUCES:
+            raise TopKError(f"unknown reduce {reduce!r}; choose {' or '.join(REDUCES)}")
+        wanted = None if channels is None else [int(c) for c in channels]
+        if wanted is not None:
+            if not wanted:
+                raise TopKError("channels is empty")
+            if len(set(wanted)) != len(wanted):
+                raise TopKError("channels holds duplicates")
+            if min(wanted) < 0:
+                raise TopKError(f"channel {min(wanted)} is negative")
+        self.layer, self.k, self.reduce, self.channels = layer, k, reduce, wanted
+        self.layers = (layer,)
+        self.name = name or f"topk:{layer}"
+
+    def options(self) -> dict[str, Any]:
+        return {"layer": self.layer, "k": self.k, "reduce": self.reduce, "channels": self.channels}
+
+    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
+        act = feature_maps(batch.activations[self.layer], self.layer)
+        c = int(act.shape[1])
+        if self.channels is not None and max(self.channels) >= c:
+            raise TopKError(f"channel {max(self.channels)} out of range: layer {self.layer!r} has {c} channels (0..{c - 1})")
+        rows = self.channels if self.channels is not None else list(range(c))
+        v, p = batch_scores(act.index_select(1, torch.as_tensor(rows, device=act.device)), self.reduce)
+        idx = batch.index.to(v.device).unsqueeze(0).expand(v.shape[1], -1)
+        part = {"values": v.T.contiguous(), "indices": idx.contiguous(), "positions": p.T.contiguous(), "rows": rows,
+                "map_size": [int(s) for s in act.shape[-2:]]}
+        return self.merge_states(state, part)
+
+    def merge_states(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+        if a is None or b is None:
+            return _trim(b if a is None else a, self.k)
+        if a["map_size"] != b["map_size"]:
+            raise TopKError(f"layer {self.layer!r} gave maps of {tuple(b['map_size'])} after {tuple(a['map_size'])}; "
+                            "every input must have the same size")
+        values, indices, positions = merge_topk(a["values"], a["indices"], a["positions"], b["values"].to(a["values"].device),
+                                                b["indices"].to(a["values"].device), b["positions"].to(a["values"].device), self.k)
+        return {"values": values, "indices": indices, "positions": positions, "rows": a["rows"], "map_size": a["map_size"]}
+
+    def finish(self, state: dict[str, Any] | None, run: RunInfo) -> TopK:
+        model = run.model
+        if state is None:  # nothing scored (every file skipped, or interrupted at once)
+            empty = torch.zeros((0, 0))
+            return TopK(self.layer, self.reduce, self.k, [], empty, empty.long(), empty.long().view(0, 0, 2), run.paths,
+                        run.processed, run.total, list(run.skipped), (0, 0), (0, 0), None, run.interrupted, run.seconds, model)
+        values, indices, flat = state["values"].cpu(), state["indices"].cpu(), state["positions"].cpu()
+        w = int(state["map_size"][1])
+        positions = torch.stack([torch.where(flat >= 0, flat // w, -1), torch.where(flat >= 0, flat % w, -1)], dim=-1)
+        input_size = tuple(int(s) for s in (run.input_size or (0, 0)))
+        rf = _receptive_field(model, self.layer, input_size) if self.reduce == "max" and model is not None else None
+        return TopK(layer=self.layer, reduce=self.reduce, k=self.k, channels=[int(c) for c in state["rows"]], values=values,
+                    indices=indices, positions=positions, sources=run.paths, processed=run.processed, total=run.total,
+                    skipped=list(run.skipped), input_size=input_size, map_size=tuple(int(s) for s in state["map_size"]),
+                    receptive_field=rf, interrupted=run.interrupted, seconds=run.seconds, model=model)
+
+
+def _trim(state: dict[str, Any] | None, k: int) -> dict[str, Any] | None:
+    """A state with more than ``k`` columns (one batch's scores) cut to its top ``k``, stably."""
+    if state is None or state["values"].shape[1] <= k:
+        return state
+    order = torch.sort(state["values"], dim=1, descending=True, stable=True).indices[:, :k]
+    return {**state, "values": state["values"].gather(1, order), "indices": state["indices"].gather(1, order),
+            "positions": state["positions"].gather(1, order)}
 
 
 def sidecar_path(state: str | os.PathLike) -> Path:
     """The JSON manifest written next to a state file (``PATH.json``)."""
     return Path(str(state) + ".json")
-
-
-def _save_state(path: Path, run: _Run, meta: dict[str, Any], names: list[str | None] | None) -> None:
-    """Tensors (and the run's description as a JSON string) with ``torch.save``, then a JSON manifest; both atomic."""
-    progress = {"processed": run.processed, "scored": run.scored, "skipped": [list(s) for s in run.skipped]}
-    payload: dict[str, Any] = {"meta": json.dumps({**meta, **progress})}
-    if run.values is not None:
-        payload.update(values=run.values.cpu(), indices=run.indices.cpu(), positions=run.positions.cpu())
-    manifest = {**meta, **progress, "state_file": path.name,
-                "files": None if names is None else [n if n is not None else "<memory>" for n in names]}
-    save_state(path, payload, manifest)
-
-
-def _check_inputs(path: Path, saved: dict[str, Any], meta: dict[str, Any]) -> None:
-    if saved.get("count") != meta["count"] or saved.get("files_sha256") != meta["files_sha256"]:
-        raise StateMismatchError(f"{path}: saved for a different list of inputs ({_list_difference(path, saved, meta)}); "
-                                 "use another state file or delete this one")
-
-
-def _list_difference(path: Path, saved: dict[str, Any], meta: dict[str, Any]) -> str:
-    text = f"{saved.get('count')} inputs then, {meta['count']} now"
-    names = meta.get("_names")
-    try:
-        old = json.loads(sidecar_path(path).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError):
-        old = None
-    if old is not None and names is not None:
-        now = [n if n is not None else "<memory>" for n in names]
-        for i, (a, b) in enumerate(zip(old, now)):
-            if a != b:
-                return f"{text}; input {i} was {a!r}, is now {b!r}"
-    return text
 
 
 # ============================================================================ the run
@@ -523,163 +548,43 @@ def top_activations(
     state: str | os.PathLike | None = None,
     save_every: int = 20,
     progress: bool | None | Callable[[int, int | None], None] = None,
+    workers: int | None = None,
+    amp: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    num_gpus: float | None = None,
 ) -> TopK:
     """The ``k`` inputs with the largest response of each channel of ``layer`` (Zeiler & Fergus 2014).
 
     ``images``: a folder (listed recursively, sorted by relative path), a list of paths / ``sample:NAME``
-    / PIL images, a tensor (N, 3, H, W) or an iterable of preprocessed tensors. ``channels``: channel
-    numbers to rank (default: all). ``reduce``: ``"max"`` (spatial maximum, with its position) or
+    / PIL images, a tensor (N, 3, H, W), an iterable of preprocessed tensors or a torch Dataset. ``channels``:
+    channel numbers to rank (default: all). ``reduce``: ``"max"`` (spatial maximum, with its position) or
     ``"mean"`` (spatial mean). ``batch_size``: images per forward pass; each pass stops right after
     ``layer``. Unreadable files are skipped and counted (:attr:`TopK.skipped`).
 
-    ``state``: a file to save to (``torch.save`` of plain tensors, loaded with ``weights_only=True``, plus
-    a JSON manifest ``PATH.json`` with the list of inputs): written atomically every ``save_every``
-    batches, at the end, on Ctrl-C and on errors. If it exists, the run continues from it; a state saved
-    for other inputs, layer, k, channels, reduce or weights raises :class:`StateMismatchError`. In-memory
-    inputs can be checked only by their count. ``progress``: a tqdm bar (``None``: only on a terminal),
-    or a callable ``(processed, total)`` called after every batch.
+    ``state``: a file to save to (see :class:`convscope.dataset.engine.StateStore`: plain tensors loaded with
+    ``weights_only=True``, plus a JSON manifest ``PATH.json`` with the list of inputs): written atomically every
+    ``save_every`` batches, at the end, on Ctrl-C and on errors. If it exists, the run continues from it; a
+    state saved for other inputs, layer, k, channels, reduce or weights raises :class:`StateMismatchError`.
+    In-memory inputs can be checked only by their count. ``progress``: a tqdm bar (``None``: only on a
+    terminal), or a callable ``(processed, total)`` called after every batch. ``workers``, ``amp``, ``engine``,
+    ``address``, ``num_gpus``: see :func:`convscope.dataset.engine.run` (decode threads, autocast, Ray).
 
     ``model``: a :class:`~convscope.Model`, or a plain module (:func:`convscope.as_model`: files are then
     read with the documented plain-module preprocessing). A run whose every file is unreadable raises
     :class:`~convscope.dataset.folder.UnreadableImagesError`; some unreadable files are listed, not fatal.
-    Memory: channels x min(k, images) values; ``k`` is at most :data:`K`'s maximum.
+    Memory: channels x min(k, images) values; ``k`` is at most :data:`K`'s maximum. To compute channel
+    statistics or embeddings in the same pass, give :func:`~convscope.dataset.engine.run` several reducers.
 
     Ctrl-C stops the run and returns what is done (``interrupted=True``). Returns a :class:`TopK`.
     """
-    model = as_model(model)
-    K.check("k", k)
-    if reduce not in REDUCES:
-        raise TopKError(f"unknown reduce {reduce!r}; choose {' or '.join(REDUCES)}")
+    reducer = TopKReducer(layer, k=k, channels=channels, reduce=reduce)
     BATCH_SIZE.check("batch_size", batch_size)
     SAVE_EVERY.check("save_every", save_every)
-    wanted = None if channels is None else [int(c) for c in channels]
-    if wanted is not None:
-        if not wanted:
-            raise TopKError("channels is empty")
-        if len(set(wanted)) != len(wanted):
-            raise TopKError("channels holds duplicates")
-        if min(wanted) < 0:
-            raise TopKError(f"channel {min(wanted)} is negative")
-    module = model.module
-    resolve_layer(module, layer)
-    device = model.device
-    path = check_state_path(state)
-    source = open_images(images, device)
-    names = source.names
-    meta: dict[str, Any] = {
-        "format": STATE_FORMAT, "layer": layer, "k": k, "reduce": reduce, "channels": wanted,
-        "count": None if names is None else len(names), "files_sha256": source.fingerprint(),
-        "root": None if source.root is None else str(Path(source.root).resolve()), "model": model_fingerprint(module),
-    }
-    total = meta["count"]
-    run = _Run(None, None, None, 0, 0, ())
-    shape: dict[str, Any] = {}
-    resumed = resume_state(path, STATE_FORMAT, "top-k", meta, ("layer", "k", "reduce", "channels"))
-    if resumed is not None:
-        saved, tensors = resumed
-        _check_inputs(path, saved, {**meta, "_names": names})
-        run = _Run(tensors.get("values"), tensors.get("indices"), tensors.get("positions"), int(saved["processed"]),
-                   int(saved["scored"]), tuple((int(i), str(r)) for i, r in saved.get("skipped", [])))
-        if run.values is not None:
-            run = run._replace(values=run.values.to(device), indices=run.indices.to(device), positions=run.positions.to(device))
-            shape = {"rows": saved["rows"], "input_size": tuple(saved["input_size"]), "map_size": tuple(saved["map_size"])}
-
-    def save() -> None:
-        if path is not None:
-            _save_state(path, run, {**meta, **{k_: (list(v) if isinstance(v, tuple) else v) for k_, v in shape.items()}}, names)
-
-    start = time.perf_counter()
-    interrupted = False
-    report = progress if callable(progress) else None
-    bar = tqdm(total=total, initial=run.processed, desc=f"top-k {layer}", unit="img",
-               disable=True if report else (None if progress is None else not progress), leave=False)
-    batches = source.batches(model.preprocess, batch_size, start=run.processed)
-    try:
-        with torch.no_grad(), Capture(module, [layer], stop=True) as cap:
-            try:
-                for n, batch in enumerate(batches, 1):
-                    values, indices, positions, scored = run.values, run.indices, run.positions, run.scored
-                    if batch.x is not None:
-                        act = _activation(module, cap, batch.x, layer)
-                        if not shape:
-                            shape = _first_shapes(module, batch.x, act, wanted, layer)
-                            values, indices, positions = _empty(len(shape["rows"]), device)
-                        elif tuple(batch.x.shape[-2:]) != tuple(shape["input_size"]):
-                            raise TopKError(f"input {batch.start} is {tuple(batch.x.shape[-2:])}, earlier inputs were "
-                                            f"{tuple(shape['input_size'])}; every input must have the same size")
-                        rows = torch.as_tensor(shape["rows"], device=act.device)
-                        v, p = batch_scores(act.index_select(1, rows), reduce)
-                        idx = batch.index.to(device).unsqueeze(0).expand(v.shape[1], -1)
-                        values, indices, positions = merge_topk(values, indices, positions, v.T, idx, p.T, k)
-                        scored += int(batch.x.shape[0])
-                    run = _Run(values, indices, positions, batch.stop, scored, run.skipped + tuple(batch.skipped))
-                    bar.update(batch.stop - batch.start)
-                    if report:
-                        report(run.processed, total)
-                    if path is not None and n % save_every == 0:
-                        save()
-            except KeyboardInterrupt:
-                interrupted = True
-            finally:
-                batches.close()
-    except BaseException:
-        if run.processed:
-            save()  # keep what is done even when a batch fails
-        raise
-    finally:
-        bar.close()
-    if total is None and not interrupted:
-        total = run.processed  # an iterable of unknown length: its end is now known
-    save()
-    if not interrupted:
-        check_any_scored(run.scored, run.skipped)
-    return _result(model, layer, reduce, k, source, run, shape, total, interrupted, time.perf_counter() - start)
-
-
-def _activation(module: nn.Module, cap: Capture, x: torch.Tensor, layer: str) -> torch.Tensor:
-    forward_fast(module, x, cap.forward)
-    act = cap.activations.get(layer)
-    if act is None:
-        raise LayerKindError(f"layer {layer!r} is never called in the model's forward pass")
-    if act.ndim != 4:
-        raise LayerKindError(f"layer {layer!r} outputs shape {tuple(act.shape)}, not feature maps (N, C, H, W); "
-                             "choose a convolutional layer (see `convscope summary`)")
-    return act
-
-
-def _first_shapes(module: nn.Module, x: torch.Tensor, act: torch.Tensor, wanted: list[int] | None, layer: str) -> dict[str, Any]:
-    c = int(act.shape[1])
-    if wanted is not None and max(wanted) >= c:
-        raise TopKError(f"channel {max(wanted)} out of range: layer {layer!r} has {c} channels (0..{c - 1})")
-    return {"rows": wanted if wanted is not None else list(range(c)), "input_size": tuple(int(s) for s in x.shape[-2:]),
-            "map_size": tuple(int(s) for s in act.shape[-2:])}
-
-
-def _empty(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nothing kept yet: (rows, 0) tensors, which :func:`merge_topk` grows to min(k, images seen) columns."""
-    return (torch.empty((rows, 0), device=device), torch.empty((rows, 0), dtype=torch.long, device=device),
-            torch.empty((rows, 0), dtype=torch.long, device=device))
+    return run_engine(model, images, [reducer], what="top-k", batch_size=batch_size, state=state, save_every=save_every,
+               progress=progress, desc=f"top-k {layer}", workers=workers, amp=amp, engine=engine, address=address,
+               num_gpus=num_gpus).results[0]
 
 
 def _receptive_field(model: Model, layer: str, input_size: tuple[int, int]) -> ReceptiveField | None:
     return next((r.receptive_field for r in model.layers(input_size) if r.name == layer), None)
-
-
-def _result(model: Model, layer: str, reduce: str, k: int, source: Any, run: _Run, shape: dict[str, Any],
-            total: int | None, interrupted: bool, seconds: float) -> TopK:
-    if not shape:  # nothing scored (every file skipped, or interrupted at once)
-        empty = torch.zeros((0, 0))
-        return TopK(layer, reduce, k, [], empty, empty.long(), empty.long().view(0, 0, 2), source.paths, run.processed, total,
-                    list(run.skipped), (0, 0), (0, 0), None, interrupted, seconds, model)
-    kept = min(k, run.scored)
-    values = run.values[:, :kept].cpu()
-    indices = run.indices[:, :kept].cpu()
-    flat = run.positions[:, :kept].cpu()
-    w = int(shape["map_size"][1])
-    positions = torch.stack([torch.where(flat >= 0, flat // w, -1), torch.where(flat >= 0, flat % w, -1)], dim=-1)
-    input_size = tuple(int(s) for s in shape["input_size"])
-    rf = _receptive_field(model, layer, input_size) if reduce == "max" else None
-    return TopK(layer=layer, reduce=reduce, k=k, channels=[int(c) for c in shape["rows"]], values=values, indices=indices,
-                positions=positions, sources=source.paths, processed=run.processed, total=total, skipped=list(run.skipped),
-                input_size=input_size, map_size=tuple(int(s) for s in shape["map_size"]), receptive_field=rf,
-                interrupted=interrupted, seconds=seconds, model=model)
