@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +213,44 @@ def test_model_untouched_and_resume_after_interrupt(broden, tmp_path):
     assert torch.equal(again.iou, full.iou) and torch.equal(again.thresholds, full.thresholds)
     with pytest.raises(StateMismatchError, match="quantile"):  # one error class for every resumable analysis
         dissect(model, broden, "relu", quantile=0.9, state=state, progress=False)
+
+
+# ---------------------------------------------------------------------------- regression against the pre-engine code
+
+REGRESSION = Path(__file__).parent / "data" / "dissect_regression.pt"
+N_IMAGES = 24
+#: The runs whose results ``data/dissect_regression.pt`` holds (exact tails and histogram sketches, uneven batches).
+CASES = {
+    "relu1_exact": {"layer": "relu1", "batch_size": 7},
+    "relu2_exact_q90": {"layer": "relu2", "batch_size": 5, "quantile": 0.9, "categories": ["object", "part", "scene"]},
+    "relu1_sketch": {"layer": "relu1", "batch_size": 4, "quantile_memory": 16, "top_k": 3},
+    "relu2_sketch": {"layer": "relu2", "batch_size": 6, "quantile_memory": 16},
+}
+
+
+def regression_model(weights: dict[str, torch.Tensor]) -> cs.Model:
+    """conv-relu (16 x 16 maps: the mask size) then conv-relu (8 x 8: upsampled), weights from the data file."""
+    m = nn.Sequential(OrderedDict(conv1=nn.Conv2d(3, 4, 2, stride=2), relu1=nn.ReLU(),
+                                  conv2=nn.Conv2d(4, 6, 2, stride=2), relu2=nn.ReLU()))
+    m.load_state_dict(weights)
+    return cs.Model(m, input_size=SIZE, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7), labels=["x"], resize_size=SIZE)
+
+
+def test_same_numbers_as_the_pre_engine_implementation(tmp_path):
+    """``data/dissect_regression.pt`` was written by the streaming loop dissect() had before it ran on the dataset
+    engine (commit fddb7d5): the port must give the same thresholds, IoUs (1e-6), detectors and top images."""
+    saved = torch.load(REGRESSION, weights_only=True)
+    model = regression_model({k[len("weights/"):]: v for k, v in saved.items() if k.startswith("weights/")})
+    root = make_synthetic_broden(tmp_path / "b", N_IMAGES, size=SIZE, square_every=3)
+    for name, kw in CASES.items():
+        d = dissect(model, root, progress=False, **kw)
+        assert torch.equal(d.thresholds, saved[f"{name}/thresholds"]), name
+        assert torch.equal(d.threshold_error, saved[f"{name}/threshold_error"]), name
+        np.testing.assert_allclose(d.iou.numpy(), saved[f"{name}/iou"].numpy(), rtol=0, atol=1e-6, err_msg=name)
+        for key in ("intersection", "unit_area", "label_area"):
+            assert torch.equal(getattr(d, key).double(), saved[f"{name}/{key}"].double()), (name, key)
+        assert torch.equal(d.top_images, saved[f"{name}/top_images"]), name
+        assert [u.label if u.detector else -1 for u in d.units()] == saved[f"{name}/detectors"].tolist(), name
 
 
 def test_cli_json_and_synthetic(tmp_path, capsys, monkeypatch):

@@ -1,4 +1,6 @@
-"""Feature embeddings: pooled features exact, neighbours = brute force, t-SNE separates blobs, PCA = SVD."""
+"""Feature embeddings: pooled features exact, neighbours = brute force, t-SNE separates blobs, PCA = SVD.
+
+The neighbour indexes and map methods at scale (FAISS, openTSNE, umap-learn) are tested in test_maps.py."""
 
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from convscope.cli import cmd_embed
 from convscope.cli.main import main
 from convscope.dataset.embed import (
     EmbeddingError,
-    conditional_probabilities,
     embed,
     load_embedding,
     pca,
@@ -170,18 +171,6 @@ def test_tsne_separates_blobs_and_is_reproducible():
     r1 = tsne(x, perplexity=10, iterations=50, init="random", seed=1, progress=False)
     assert torch.equal(r1, tsne(x, perplexity=10, iterations=50, init="random", seed=1, progress=False))
     assert not torch.equal(r1, tsne(x, perplexity=10, iterations=50, init="random", seed=2, progress=False))
-
-
-@pytest.mark.parametrize("perplexity", [5.0, 20.0])
-def test_conditional_probabilities_have_the_perplexity(perplexity):
-    x = torch.randn(80, 10, generator=torch.Generator().manual_seed(1)) * 3
-    p = conditional_probabilities(x, perplexity).double()
-    assert torch.all(p.diagonal() == 0)
-    torch.testing.assert_close(p.sum(1), torch.ones(80, dtype=torch.float64), atol=1e-6, rtol=0)
-    entropy_bits = -(p * torch.log2(p.clamp_min(1e-300))).sum(1)
-    assert (entropy_bits - np.log2(perplexity)).abs().max().item() < 1e-3
-    with pytest.raises(EmbeddingError, match="perplexity"):
-        conditional_probabilities(x, 79)
 
 
 def test_tsne_limits():

@@ -310,6 +310,22 @@ def test_cli_json_and_grid(monkeypatch, capsys, model, folder, tmp_path):
     assert code == 0 and stdout.splitlines()[0].startswith("relu2: top 3 by mean over 20 images")
 
 
+def test_cli_stats_in_the_same_pass(monkeypatch, capsys, model, folder, tmp_path):
+    monkeypatch.setattr(cmd_topk, "load_model_from_args", lambda args: model)
+    out = tmp_path / "grid.png"
+    assert main(["topk", str(folder), "--layer", "relu2", "--k", "3", "--stats", "--json", "-o", str(out), "--no-progress",
+                 "--workers", "0"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    stats = data["stats"]
+    assert stats["images"] == 20 and len(stats["channels"]) == 6 and data["complete"]
+    assert all(0 <= c["sparsity"] <= 1 and c["max"] >= c["mean"] for c in stats["channels"])
+    assert main(["topk", str(folder), "--layer", "relu2", "--stats", "-o", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "statistics of relu2 over 20 images" in text and "never fires:" in text
+    assert main(["topk", str(folder), "--layer", "relu2", "--address", "x:1", "-o", str(out)]) == 2
+    assert "--engine ray" in capsys.readouterr().err
+
+
 def test_cli_bad_input_exits_2(monkeypatch, capsys, model, folder, tmp_path):
     monkeypatch.setattr(cmd_topk, "load_model_from_args", lambda args: model)
     assert main(["topk", str(folder), "--layer", "relu2", "--channels", "99", "-o", str(tmp_path / "g.png")]) == 2

@@ -13,6 +13,8 @@ import os
 from typing import Any
 
 from ..dataset.embed import ITERATIONS, MAP_SIZE, METHODS, METRICS, NEIGHBOURS, POOLS, THUMB, embed
+from ..dataset.folder import ImageSource
+from ..dataset.maps import INDEXES, MAX_POINTS, check_map_size
 from ..errors import ConvscopeError
 from ..files import check_output_path
 from ..images import load_image
@@ -37,9 +39,12 @@ SEED_MAX = 2**32 - 1
 def run_embed(args: argparse.Namespace) -> int:
     """Embed the images, save the features, draw the map and the neighbours, print the data.
 
-    Every argument is checked before anything is computed or written: the image list, the output paths
-    and the ``--neighbours`` query image (a query that cannot be read leaves no file behind)."""
+    Every argument is checked before anything is computed or written: the image list, the output paths,
+    the ``--neighbours`` query image (a query that cannot be read leaves no file behind) and whether the
+    map method can take that many images (:func:`~convscope.dataset.maps.check_map_size`, ``--max-points``),
+    so a set too large for t-SNE fails at once, not after every image has been embedded."""
     images = image_inputs(args.images)
+    check_map_size(args.method, len(ImageSource(images)), max_points=args.max_points)
     root = images if isinstance(images, str) else None
     out = output_file(args.output, "embedding-map.png")
     nn_out = output_file(args.neighbours_out, "neighbours.png") if args.neighbours else None
@@ -65,8 +70,9 @@ def run_embed(args: argparse.Namespace) -> int:
             info(f"only {len(e)} images: t-SNE perplexity {perplexity:.3g} instead of {DEFAULT_PERPLEXITY:g} (set it with --perplexity)")
     options: dict[str, Any] = {}
     if args.method == "tsne":
-        options = {"perplexity": perplexity, "iterations": args.iterations}
-    e.project(args.method, seed=args.seed, progress=False if args.no_progress else None, **options)
+        options = {"perplexity": perplexity, "iterations": args.iterations, "index": args.index}
+    e.project(args.method, seed=args.seed, max_points=args.max_points, progress=False if args.no_progress else None,
+              **options)
     if args.save:
         _write_embedding(e, args.save)  # now with the map's coordinates
     save(e.map_image(size=args.size, thumb=args.thumb), out, f"{args.method} map")
@@ -142,6 +148,12 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help=f"t-SNE perplexity, at least 1 (default {DEFAULT_PERPLEXITY:g}, lowered to (N-1)/3 for small sets)")
     p.add_argument("--iterations", type=ITERATIONS.argtype("--iterations"), default=ITERATIONS.default, metavar="N",
                    help=f"t-SNE iterations ({ITERATIONS.range_text()}; default {ITERATIONS.default})")
+    p.add_argument("--index", choices=("auto", *INDEXES), default="auto",
+                   help="neighbour index of t-SNE's kNN graph: flat (exact), ivf or hnsw (approximate); "
+                        "default auto: flat up to 200,000 images, hnsw beyond")
+    p.add_argument("--max-points", type=bounded(int, 2, 2**40, name="--max-points"), default=None, metavar="N",
+                   help=f"most images the map method takes (default: {MAX_POINTS['tsne']:,} for tsne and umap, "
+                        "no limit for pca); checked before any image is embedded")
     p.add_argument("--seed", type=bounded(int, 0, SEED_MAX, name="--seed"), default=0, metavar="S",
                    help=f"random seed of the projection (0..{SEED_MAX}; default 0)")
     p.add_argument("--size", type=MAP_SIZE.argtype("--size"), default=MAP_SIZE.default, metavar="PX",

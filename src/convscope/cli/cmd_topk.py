@@ -12,10 +12,12 @@ import os
 import warnings
 from typing import Any
 
+from ..dataset.engine import ChannelStats
+from ..dataset.engine import run as run_engine
 from ..dataset.folder import SAVE_EVERY
 from ..dataset.projection import BATCH_SIZE as PROJECT_BATCH_SIZE
 from ..dataset.projection import DEFAULT_METHOD, METHODS, SCALES
-from ..dataset.topk import DEFAULT_ROWS, REDUCES, K, channel_ranges, top_activations
+from ..dataset.topk import DEFAULT_ROWS, REDUCES, K, TopKReducer, channel_ranges, top_activations
 from ..errors import ConvscopeError
 from ..options import bounded
 from ..probe import NoSwitchesWarning
@@ -63,10 +65,18 @@ def run_topk(args: argparse.Namespace) -> int:
         raise ConvscopeError("--project and --dead need --reduce max (a unit position per image, the maximum over the dataset)")
     model = load_model_from_args(args)
     layer, out = layer_and_output(args, model, "topk")
+    stats = None
     with skipped_reported_once():
-        r = top_activations(model, args.folder, layer, k=args.k, channels=args.channels, reduce=args.reduce,
-                            batch_size=args.batch_size, state=args.state, save_every=args.save_every,
-                            progress=False if args.no_progress else None, **engine_kwargs(args))
+        if args.stats:  # one pass for both: the engine hands every batch to the two reducers
+            both = run_engine(model, args.folder, [TopKReducer(layer, k=args.k, channels=args.channels, reduce=args.reduce),
+                                                  ChannelStats(layer)], what="top-k", batch_size=args.batch_size,
+                             state=args.state, save_every=args.save_every, progress=False if args.no_progress else None,
+                             desc=f"top-k + statistics {layer}", **engine_kwargs(args))
+            r, stats = both.results
+        else:
+            r = top_activations(model, args.folder, layer, k=args.k, channels=args.channels, reduce=args.reduce,
+                                batch_size=args.batch_size, state=args.state, save_every=args.save_every,
+                                progress=False if args.no_progress else None, **engine_kwargs(args))
     if args.json:
         data = r.to_dict()
         data["root"] = os.path.abspath(args.folder)
@@ -77,11 +87,15 @@ def run_topk(args: argparse.Namespace) -> int:
             item["source"] = _relative(item["source"], args.folder)
         if args.dead:
             data["dead"] = r.dead()
+        if stats is not None:
+            data["stats"] = stats.to_dict()
         print(json.dumps(data, indent=1))
     else:
         _print_table(r, args.folder)
         if args.dead:
             _print_dead(r)
+        if stats is not None:
+            _print_stats(stats)
     if r.channels:
         shown = args.channels if args.channels is not None else r.channels[: args.rows]
         if args.project:
@@ -117,6 +131,20 @@ def _print_table(r: Any, folder: str) -> None:
         where = "" if h.y is None else f"({h.y},{h.x})"
         rest = ", ".join(_relative(o.source, folder) or str(o.image) for o in hits[1:4]) + (" ..." if len(hits) > 4 else "")
         print(f"{c:>7}  {h.value:>10.4g}  {where:>9}  {_relative(h.source, folder)}" + (f"  | {rest}" if rest else ""))
+
+
+def _print_stats(stats: Any) -> None:
+    order = sorted(range(len(stats.mean)), key=lambda c: -float(stats.mean[c]))
+    print(f"statistics of {stats.layer} over {stats.images} images (mean, std, max, sparsity = share of positions <= 0, "
+          "fires = share of images with max > 0), strongest mean first:")
+    print(f"{'channel':>7}  {'mean':>9}  {'std':>9}  {'max':>9}  {'sparsity':>8}  {'fires':>6}")
+    for c in order[:16]:
+        print(f"{c:>7}  {float(stats.mean[c]):>9.4g}  {float(stats.std[c]):>9.4g}  {float(stats.max[c]):>9.4g}  "
+              f"{float(stats.sparsity[c]):>8.3f}  {float(stats.fires[c]):>6.3f}")
+    if len(order) > 16:
+        print(f"... and {len(order) - 16} more channels (--json lists all)")
+    dead = stats.never_fires
+    print(f"never fires: {channel_ranges(dead) if dead else 'none'} ({len(dead)} of {len(order)} channels)")
 
 
 def _print_dead(r: Any) -> None:
@@ -161,6 +189,9 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                    default=PROJECT_BATCH_SIZE.default, metavar="N",
                    help=f"units per forward + backward pass of --project ({PROJECT_BATCH_SIZE.range_text()}; default 16)")
     p.add_argument("--dead", action="store_true", help="also list the channels that never fire (max response <= 0)")
+    p.add_argument("--stats", action="store_true",
+                   help="also compute every channel's statistics (mean, std, max, sparsity, share of images where it "
+                   "fires, never-firing channels) in the same forward passes")
     p.add_argument("--rows", type=bounded(int, 1, 4096, name="--rows"), default=DEFAULT_ROWS, metavar="N",
                    help=f"channels drawn without --channels (1..4096; default {DEFAULT_ROWS})")
     p.add_argument("--save-every", type=SAVE_EVERY.argtype("--save-every"), default=SAVE_EVERY.default, metavar="N",

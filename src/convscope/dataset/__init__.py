@@ -8,8 +8,13 @@
 - :mod:`.net2vec`: Net2Vec (Fong & Vedaldi 2018): concepts learned as weighted sets of a layer's channels,
   against the best single unit.
 - :mod:`.embed`: one pooled feature vector per image; nearest neighbours; PCA, t-SNE and UMAP maps.
+- :mod:`.maps`: FAISS neighbour indexes (exact flat, approximate IVF / HNSW; :func:`knn` for every row at
+  once), PCA, t-SNE (openTSNE) and UMAP (umap-learn), and the size limits checked before work.
 - :mod:`.evolution`: how filters and representations change across training checkpoints (weight drift,
   filter cosine, linear CKA to the final checkpoint).
+- :mod:`.engine`: the one streaming runner (:func:`run`) every analysis above runs on: reducers
+  (:class:`Reducer`; :class:`ChannelStats` here, :class:`TopKReducer` in :mod:`.topk`) share one forward pass,
+  parallel decoding, atomic resumable states (:class:`StateStore`), local or Ray engines.
 - :mod:`.folder`: streaming image folders, lists and tensors in batches; the options every run takes
   (``BATCH_SIZE``, ``SAVE_EVERY``), saved run states and their errors (:class:`StateFileError`,
   :class:`StateMismatchError`, shared by every resumable analysis), :class:`UnreadableImagesError`.
@@ -42,13 +47,24 @@ from .embed import (
     Embedding,
     EmbeddingError,
     Neighbour,
-    conditional_probabilities,
     embed,
     feature_distances,
     load_embedding,
     pca,
     tsne,
     umap_projection,
+)
+from .engine import (
+    ChannelStats,
+    EngineError,
+    Forward,
+    Preprocessing,
+    Reducer,
+    Run,
+    RunInfo,
+    StateStore,
+    Stats,
+    run,
 )
 from .evolution import Evolution, EvolutionError, centered_gram, evolution, gram_cka, linear_cka
 from .folder import (
@@ -62,11 +78,23 @@ from .folder import (
     list_images,
     open_images,
 )
+from .maps import NeighbourIndex, build_index, check_map_size, knn
 from .net2vec import ConceptVector, Net2Vec, average_precision, net2vec
 from .projection import ProjectionError, Projections, UnitGradients, projection_picture, unit_gradients
-from .topk import Hit, TopK, TopKError, top_activations
+from .topk import Hit, TopK, TopKError, TopKReducer, top_activations
 
 __all__ = [
+    "ChannelStats",
+    "EngineError",
+    "Forward",
+    "Preprocessing",
+    "Reducer",
+    "Run",
+    "RunInfo",
+    "StateStore",
+    "Stats",
+    "TopKReducer",
+    "run",
     "ConceptVector",
     "Net2Vec",
     "average_precision",
@@ -105,11 +133,14 @@ __all__ = [
     "TensorSource",
     "aggregation_matrix",
     "centered_gram",
-    "conditional_probabilities",
     "dissect",
     "embed",
     "evolution",
     "feature_distances",
+    "build_index",
+    "check_map_size",
+    "knn",
+    "NeighbourIndex",
     "load_embedding",
     "make_synthetic_broden",
     "open_broden",

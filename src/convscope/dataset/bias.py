@@ -9,20 +9,32 @@ out. Silhouettes and edge drawings (shape only) give a plain 16-way accuracy (:f
 
 - :func:`shape_bias` -> :class:`ShapeBias`; :func:`shape_accuracy` -> :class:`ShapeAccuracy`.
 - :func:`load_categories`, :func:`aggregation_matrix`, :func:`category_scores`: the 16-way decision rule.
+- :class:`CategoryScores`: the scoring as a reducer of the dataset engine (:mod:`convscope.dataset.engine`).
+- :func:`stimuli_state`: one state file for several stimulus sets (what ``convscope bias --state`` uses).
 - :func:`find_stimuli`: where the shipped stimuli are (``$CONVSCOPE_DATA``, ``../shared/data``).
 
-Forward passes are batched, run in inference mode under :class:`~convscope.probe.guard` (the model is
-left as it was) and on the model's device. Memory is bounded by the number of images x 16 scores; a
-Ctrl-C returns the decisions made so far (``interrupted=True``).
+The stimuli stream through :func:`convscope.dataset.engine.run` (threaded decode, batched forward passes in
+inference mode, the model restored afterwards, on its device) into one :class:`CategoryScores` reducer: per
+image the 16 category scores and the top ImageNet class, kept by input position (memory: images x 16).
+Stimuli are fed whole, resized to the input size with the model's interpolation
+(``Preprocessing(kind="whole")``, the published protocol), or with the model's own preprocessing for
+``crop=True``. An unreadable stimulus is skipped and listed (:attr:`StimuliRun.unreadable`), never fatal; a
+set whose every stimulus is unreadable raises :class:`~convscope.dataset.folder.UnreadableImagesError`.
+A Ctrl-C returns the decisions made so far (``interrupted=True``). With ``state=PATH`` the scores are saved
+atomically every ``save_every`` batches, on Ctrl-C and at the end; the same call again continues where it
+stopped (a finished set is read back without a forward pass), and a state saved for other stimuli,
+categories, preprocessing or weights is refused with :class:`~convscope.dataset.folder.StateMismatchError`
+naming what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,12 +46,12 @@ from PIL import Image
 
 from ..errors import ConvscopeError
 from ..images import list_images, load_image
-from ..models import Model, as_model, output_logits
-from ..probe import forward_fast, guard
-from ..progress import tqdm
+from ..models import Model, as_model, model_fingerprint
 from ..render import figure_to_image
 from ..render.picture import Pictured
-from .folder import BATCH_SIZE
+from .engine import MODEL_PREPROCESSING, Forward, Preprocessing, Reducer, RunInfo, StateStore
+from .engine import run as run_engine
+from .folder import BATCH_SIZE, SAVE_EVERY, ImageSource, StateMismatchError
 
 #: Shape bias published with mean aggregation (Geirhos et al. 2019 and their model-vs-human benchmark).
 PUBLISHED_SHAPE_BIAS: dict[str, float] = {
@@ -60,6 +72,8 @@ PUBLISHED_SHAPE_ACCURACY: dict[str, dict[str, float]] = {
 IMAGENET_CLASSES = 1000
 
 CUE_CONFLICT = "cue-conflict-sample"
+#: The stage of the cue-conflict set in a state file (shape-only sets are ``shape-only:KIND``).
+CUE_CONFLICT_STAGE = "cue-conflict"
 STIMULI_URL = "https://github.com/rgeirhos/texture-vs-shape (folder stimuli/, CC BY 4.0)"
 
 _CONFLICT_NAME = re.compile(r"^(?P<shape>.+?)\d+-(?P<texture>.+?)\d+$")
@@ -211,8 +225,11 @@ class CategoryCounts:
 class StimuliRun(Pictured):
     """What both experiments record besides their counts: the 16-way ``categories``, ``scores`` (N, K) mean
     softmax per category for the images decided (columns in ``categories`` order), the stimulus folder
-    ``root``, the ``model_name``, ``total`` stimuli, ``skipped`` files that are no stimulus, and whether Ctrl-C
-    ``interrupted`` the run. ``protocol``: how stimuli reached the model (:func:`stimulus_inputs`)."""
+    ``root``, the ``model_name``, ``total`` stimuli, ``skipped`` files that are no stimulus (their names do
+    not give two categories), ``unreadable`` stimuli (file, reason) that could not be read and were left
+    out, ``processed`` stimuli done (unreadable ones included; ``total`` when the run is complete), and
+    whether Ctrl-C ``interrupted`` the run (the same call with the same ``state`` continues it).
+    ``protocol``: how stimuli reached the model (:func:`stimulus_inputs`). ``seconds``: time of this call."""
 
     categories: dict[str, list[int]]
     scores: torch.Tensor
@@ -222,7 +239,15 @@ class StimuliRun(Pictured):
     total: int = 0
     skipped: list[str] = field(default_factory=list)
     interrupted: bool = False
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    processed: int = 0
+    seconds: float = 0.0
     _image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every stimulus was processed (decided or found unreadable)."""
+        return self.processed >= self.total and not self.interrupted
 
 
 @dataclass(eq=False)
@@ -287,9 +312,11 @@ class ShapeBias(StimuliRun):
             "excluded": self.excluded,
             "images": len(self.decisions),
             "total": self.total,
+            "processed": self.processed,
             "interrupted": self.interrupted,
             "protocol": self.protocol,
             "skipped": list(self.skipped),
+            "unreadable": _unreadable_dicts(self.unreadable),
             "per_category": [
                 {"category": c.category, "shape": c.shape, "texture": c.texture, "n": c.n, "shape_bias": _num(c.shape_bias)}
                 for c in self.per_category
@@ -304,7 +331,8 @@ class ShapeBias(StimuliRun):
         return (f"{self.model_name}: shape bias {self.shape_bias:.3f} over {self.conflicts} cue-conflict images "
                 f"(shape {self.shape}, texture {self.texture}, neither {self.neither}; {self.excluded} same-category left out; "
                 f"{self.protocol})"
-                + (f"; interrupted after {len(self.decisions)} of {self.total}" if self.interrupted else ""))
+                + (f"; {len(self.unreadable)} unreadable left out" if self.unreadable else "")
+                + (f"; interrupted after {self.processed} of {self.total}" if self.interrupted else ""))
 
 
 @dataclass(eq=False)
@@ -331,9 +359,9 @@ class ShapeAccuracy(StimuliRun):
     def to_dict(self, *, images: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "kind": self.kind, "model": self.model_name, "root": self.root, "accuracy": _num(self.accuracy),
-            "correct": self.correct, "n": self.n, "total": self.total, "interrupted": self.interrupted,
-            "protocol": self.protocol,
-            "skipped": list(self.skipped),
+            "correct": self.correct, "n": self.n, "total": self.total, "processed": self.processed,
+            "interrupted": self.interrupted, "protocol": self.protocol,
+            "skipped": list(self.skipped), "unreadable": _unreadable_dicts(self.unreadable),
             "per_category": {c: {"correct": k, "n": n} for c, (k, n) in self.per_category.items()},
             "published": dict(PUBLISHED_SHAPE_ACCURACY.get(self.kind, {})),
         }
@@ -347,6 +375,10 @@ class ShapeAccuracy(StimuliRun):
 
 def _num(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _unreadable_dicts(unreadable: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"file": f, "reason": r} for f, r in unreadable]
 
 
 def _decision_dict(d: Decision) -> dict[str, Any]:
@@ -411,30 +443,175 @@ def stimulus_inputs(model: Model, files: Sequence[Any], *, crop: bool = False) -
     return model.from_pixels(pixels)
 
 
-def _classify(model: Model, files: Sequence[Path], matrix: torch.Tensor, *, batch_size: int, progress: bool | None,
-              desc: str, crop: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Batched inference: (scores (M, K), top ImageNet class (M,), interrupted) for the first M files."""
-    module = model.module
-    scores, tops = [], []
-    interrupted = False
-    bar = tqdm(total=len(files), desc=desc, unit="image", disable=None if progress is None else not progress, leave=False)
-    try:
-        with guard(module, eval=True, freeze=False, no_inplace=False), torch.inference_mode():
-            for start in range(0, len(files), batch_size):
-                x = stimulus_inputs(model, files[start:start + batch_size], crop=crop)
-                logits = output_logits(forward_fast(module, x))
-                if logits.ndim != 2 or logits.shape[1] != IMAGENET_CLASSES:
-                    raise StimuliError(_classes_message(logits.shape[-1] if logits.ndim else 0))
-                scores.append(category_scores(logits, matrix).cpu())
-                tops.append(logits.argmax(dim=1).cpu())
-                bar.update(x.shape[0])
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    k = matrix.shape[0]
-    return (torch.cat(scores) if scores else torch.zeros(0, k),
-            torch.cat(tops) if tops else torch.zeros(0, dtype=torch.long), interrupted)
+# ============================================================================ the reducer
+
+
+@dataclass
+class Scored:
+    """What :class:`CategoryScores` gives back, for the M images scored, in input order: ``scores`` (M, K) the
+    category scores, ``top`` (M,) the top ImageNet class, ``index`` (M,) each image's position in the inputs."""
+
+    scores: torch.Tensor
+    top: torch.Tensor
+    index: torch.Tensor
+
+
+class CategoryScores(Reducer):
+    """Per image, the 16-way category scores (:func:`category_scores` of the logits) and the top ImageNet
+    class, stored by input position: the scoring of both experiments as a reducer of
+    :func:`convscope.dataset.engine.run`.
+
+    State: ``scores`` (M, K), ``top`` (M,), ``index`` (M,) of the M images seen (the only state that grows with
+    the images: M x (K + 2) numbers). :meth:`merge_states` concatenates (``a``'s images precede ``b``'s), so
+    any split of the inputs gives the same result. A model whose output is not 1000 class scores raises
+    :class:`StimuliError` at the first batch."""
+
+    needs_output = True
+
+    def __init__(self, categories: Mapping[str, Sequence[int]], *, name: str = "category-scores"):
+        super().__init__()
+        self.categories = {str(k): [int(i) for i in v] for k, v in categories.items()}
+        self.matrix = aggregation_matrix(self.categories)
+        self.name = name
+
+    def options(self) -> dict[str, Any]:
+        return {"categories": self.categories}
+
+    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
+        logits = batch.output
+        if logits is None or logits.ndim != 2 or logits.shape[1] != IMAGENET_CLASSES:
+            n = 0 if logits is None or not logits.ndim else int(logits.shape[-1])
+            raise StimuliError(_classes_message(n))
+        part = {"scores": category_scores(logits, self.matrix).cpu(), "top": logits.argmax(dim=1).cpu(),
+                "index": batch.index.cpu()}
+        return self.merge_states(state, part)
+
+    def merge_states(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+        if a is None or b is None:
+            return b if a is None else a
+        return {k: torch.cat([a[k].cpu(), b[k].cpu()]) for k in ("scores", "top", "index")}
+
+    def finish(self, state: dict[str, Any] | None, run: RunInfo) -> Scored:
+        if state is None:  # nothing scored yet (interrupted at once)
+            return Scored(torch.zeros(0, len(self.categories)), torch.zeros(0, dtype=torch.long),
+                          torch.zeros(0, dtype=torch.long))
+        return Scored(state["scores"].cpu(), state["top"].cpu(), state["index"].cpu())
+
+
+# ============================================================================ stimulus sets and their state
+
+
+class _Stimuli(ImageSource):
+    """The stimulus files of one set, in order, named by their paths relative to the set's folder."""
+
+    def __init__(self, root: Path, files: Sequence[Path]):
+        super().__init__([str(f) for f in files])
+        self.root = root
+        self.names = [f.relative_to(root).as_posix() for f in files]
+
+
+@dataclass
+class _Set:
+    """One stimulus set: its stage name in a state file, folder, categories, stimuli and their categories."""
+
+    stage: str
+    path: Path
+    cats: dict[str, list[int]]
+    source: _Stimuli
+    pairs: list[tuple[str, str]]
+    skipped: list[str]
+
+    def entry(self) -> dict[str, Any]:
+        """The set's part of a state's fingerprint (the list of stimuli and the categories)."""
+        return {"count": len(self.source), "sha256": self.source.fingerprint(), "categories": self.cats}
+
+
+def _preprocessing(crop: bool) -> Preprocessing:
+    """The model's preprocessing (``crop=True``) or the whole stimulus resized with the model's interpolation."""
+    return MODEL_PREPROCESSING if crop else Preprocessing(kind="whole")
+
+
+def _fingerprint(what: str, model: Model, sets: Sequence[_Set], crop: bool) -> dict[str, Any]:
+    """The identity of a run over ``sets`` (see :class:`~convscope.dataset.engine.StateStore`)."""
+    digest = hashlib.sha256()
+    for s in sets:
+        digest.update(f"{s.stage}\0{s.source.fingerprint()}\0".encode())
+    return {"what": what, "model": model_fingerprint(model.module),
+            "inputs": {"count": sum(len(s.source) for s in sets), "sha256": digest.hexdigest(), "root": None},
+            "preprocessing": _preprocessing(crop).to_json(),
+            "input": {"size": list(model.input_size), "resize_size": model.resize_size,
+                      "interpolation": model.interpolation, "mean": list(model.mean), "std": list(model.std)},
+            "sets": {s.stage: s.entry() for s in sets}}
+
+
+def _store(path: str | os.PathLike, what: str, model: Model, sets: Sequence[_Set], crop: bool) -> StateStore:
+    names = [f"{s.stage}/{n}" for s in sets for n in s.source.names]
+    return StateStore(path, what, _fingerprint(what, model, sets, crop), names)
+
+
+def _check_store(store: StateStore, model: Model, s: _Set, crop: bool) -> None:
+    """Refuse a shared state (:func:`stimuli_state`) made for another model, protocol or stimulus set."""
+    now = _fingerprint(store.what, model, [s], crop)
+    saved = store.fingerprint
+    why = None
+    if saved.get("sets", {}).get(s.stage) is None:
+        why = f"it holds the sets {', '.join(saved.get('sets', {})) or 'none'}, not {s.stage!r}"
+    elif saved["sets"][s.stage] != now["sets"][s.stage]:
+        why = f"its set {s.stage!r} holds other stimuli or categories than {s.path}"
+    elif (saved.get("model") != now["model"] or saved.get("preprocessing") != now["preprocessing"]
+          or saved.get("input") != now["input"]):
+        why = "it was made for another model or preprocessing"
+    if why is not None:
+        raise StateMismatchError(f"{store.path}: this state does not fit: {why}; make it with stimuli_state for these "
+                                 "stimuli and this model")
+
+
+def _conflict_set(root: str | os.PathLike | None, categories: Any) -> _Set:
+    path = _check_root(root) if root is not None else _default_root()
+    cats = load_categories(categories, near=path)
+    files, pairs, skipped = _sorted_stimuli(path, cats, _conflict_pair,
+                                            "no cue-conflict images; expected files named SHAPEi-TEXTUREj.png (e.g. cat3-elephant1.png) "
+                                            "with SHAPE and TEXTURE")
+    return _Set(CUE_CONFLICT_STAGE, path, cats, _Stimuli(path, files), pairs, skipped)
+
+
+def _shape_only_set(root: str | os.PathLike, kind: str | None, categories: Any) -> tuple[_Set, str]:
+    path = _check_root(root)
+    cats = load_categories(categories, near=path)
+
+    def category_of(f: Path) -> tuple[str, str] | None:
+        name = f.parent.name if f.parent != path else None
+        if name not in cats:
+            m = _LEADING_NAME.match(f.stem)
+            name = m["name"] if m else None
+        return None if name is None else (name, name)
+
+    files, pairs, skipped = _sorted_stimuli(path, cats, category_of, "no shape-only images; expected CATEGORY/*.png with CATEGORY")
+    kind = kind or path.name
+    return _Set(f"shape-only:{kind}", path, cats, _Stimuli(path, files), pairs, skipped), kind
+
+
+def stimuli_state(
+    path: str | os.PathLike,
+    model: Any,
+    *,
+    data: str | os.PathLike | None = None,
+    shape_only: Sequence[tuple[str, str | os.PathLike]] = (),
+    categories: str | os.PathLike | Mapping[str, Sequence[int]] | None = None,
+    crop: bool = False,
+) -> StateStore:
+    """One state file for :func:`shape_bias` on ``data`` followed by :func:`shape_accuracy` on each
+    ``(kind, folder)`` of ``shape_only``; pass it as ``state=`` to each of those calls (the same ``categories``
+    and ``crop``): every set is one stage of the file (``cue-conflict``, ``shape-only:KIND``), finished sets
+    are read back without a forward pass, and the set that was interrupted continues. What ``convscope bias
+    --state FILE`` uses. Refused (:class:`~convscope.dataset.folder.StateMismatchError`, naming what differs)
+    when ``path`` holds a state of other stimuli, sets, categories, preprocessing or weights."""
+    model = _check_model(model)
+    sets = [_conflict_set(data, categories)] + [_shape_only_set(folder, kind, categories)[0] for kind, folder in shape_only]
+    return _store(path, "shape bias", model, sets, crop)
+
+
+# ============================================================================ running
 
 
 def _sorted_stimuli(path: Path, cats: Mapping[str, Sequence[int]], categories_of: Any, what: str
@@ -455,24 +632,33 @@ def _sorted_stimuli(path: Path, cats: Mapping[str, Sequence[int]], categories_of
     return files, pairs, skipped
 
 
-def _decide(model: Model, path: Path, cats: dict[str, list[int]], files: list[Path], pairs: list[tuple[str, str]],
-            skipped: list[str], *, batch_size: int, progress: bool | None, desc: str, crop: bool = False
+def _decide(model: Model, s: _Set, *, what: str, crop: bool, state: str | os.PathLike | StateStore | None,
+            batch_size: int, save_every: int, progress: Any, desc: str, engine_options: dict[str, Any]
             ) -> tuple[list[Decision], dict[str, Any]]:
-    """The 16-way decision of every file (in order; fewer after Ctrl-C) and the fields both result types share
-    (``categories``, ``scores`` (M, K), ``root``, ``model_name``, ``total``, ``skipped``, ``interrupted``,
-    ``protocol``)."""
-    scores, tops, interrupted = _classify(model, files, aggregation_matrix(cats), batch_size=batch_size,
-                                          progress=progress, desc=desc, crop=crop)
-    names = list(cats)
-    chosen = scores.argmax(dim=1).tolist() if len(scores) else []
+    """The 16-way decision of every readable stimulus (in order; fewer after Ctrl-C) and the fields both result
+    types share (``categories``, ``scores`` (M, K), ``root``, ``model_name``, ``total``, ``skipped``,
+    ``unreadable``, ``processed``, ``interrupted``, ``protocol``, ``seconds``)."""
+    BATCH_SIZE.check("batch_size", batch_size)
+    SAVE_EVERY.check("save_every", save_every)
+    if isinstance(state, StateStore):
+        _check_store(state, model, s, crop)
+    elif state is not None:
+        state = _store(state, what, model, [s], crop)
+    ran = run_engine(model, s.source, [CategoryScores(s.cats)], what=what, batch_size=batch_size,
+                     preprocessing=_preprocessing(crop), state=state, stage=s.stage, save_every=save_every,
+                     progress=progress, desc=desc, **engine_options)
+    scored, info = ran.results[0], ran.info
+    names = list(s.cats)
+    chosen = scored.scores.argmax(dim=1).tolist() if len(scored.scores) else []
     decisions = [
-        Decision(file=f.relative_to(path).as_posix(), shape=s, texture=t, decision=names[c], top_class=int(top),
-                 top_label=model.label(int(top)))
-        for f, (s, t), c, top in zip(files, pairs, chosen, tops.tolist())
+        Decision(file=s.source.names[i], shape=s.pairs[i][0], texture=s.pairs[i][1], decision=names[c],
+                 top_class=int(top), top_label=model.label(int(top)))
+        for i, c, top in zip(scored.index.tolist(), chosen, scored.top.tolist())
     ]
-    return decisions, {"categories": cats, "scores": scores, "root": str(path), "model_name": model.name,
-                       "total": len(files), "skipped": skipped, "interrupted": interrupted,
-                       "protocol": protocol_text(model, crop)}
+    return decisions, {"categories": s.cats, "scores": scored.scores, "root": str(s.path), "model_name": model.name,
+                       "total": len(s.source), "skipped": s.skipped, "interrupted": info.interrupted,
+                       "unreadable": [(s.source.names[i], reason) for i, reason in info.skipped],
+                       "processed": info.processed, "seconds": info.seconds, "protocol": protocol_text(model, crop)}
 
 
 def _conflict_pair(f: Path) -> tuple[str, str] | None:
@@ -486,8 +672,15 @@ def shape_bias(
     *,
     categories: str | os.PathLike | Mapping[str, Sequence[int]] | None = None,
     batch_size: int = 32,
-    progress: bool | None = None,
+    progress: bool | None | Callable[[int, int | None], None] = None,
     crop: bool = False,
+    state: str | os.PathLike | StateStore | None = None,
+    save_every: int = 20,
+    workers: int | None = None,
+    amp: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    num_gpus: float | None = None,
 ) -> ShapeBias:
     """Shape-vs-texture bias of an ImageNet classifier on cue-conflict images (Geirhos et al., ICLR 2019).
 
@@ -497,21 +690,29 @@ def shape_bias(
     default) or the full 1280-image set. ``categories``: the 16-class mapping (JSON file or dict; default
     ``imagenet16.json`` next to the data, else the shipped copy). Each image is decided by the mean
     softmax over each category's ImageNet classes, argmax over the categories. Cost: one forward pass
-    per image, ``batch_size`` at a time. ``progress``: tqdm bar (None: only on a terminal).
+    per image, ``batch_size`` at a time. ``progress``: tqdm bar (None: only on a terminal) or a callable
+    ``(processed, total)`` called after every batch.
     ``crop``: ``False`` (default) feeds each whole stimulus resized to the input size, as Geirhos et al. and
     model-vs-human do; ``True`` uses the model's ImageNet preprocessing (resize, centre crop), which zooms
     the stimuli and cuts off their border. The result's ``protocol`` says which (:func:`stimulus_inputs`).
+
+    ``state``: a file (or a :func:`stimuli_state` shared with :func:`shape_accuracy` runs) saved atomically
+    every ``save_every`` batches, on Ctrl-C, on errors and at the end; the same call again continues where
+    it stopped, and returns a finished run from the file without a forward pass. A state of other stimuli,
+    categories, ``crop`` or weights raises :class:`~convscope.dataset.folder.StateMismatchError` naming what
+    differs. ``workers``, ``amp``, ``engine``, ``address``, ``num_gpus``: see
+    :func:`convscope.dataset.engine.run` (decode threads, autocast, Ray). Unreadable stimuli are skipped and
+    listed in :attr:`ShapeBias.unreadable`; if none can be read,
+    :class:`~convscope.dataset.folder.UnreadableImagesError`.
     """
     model = _check_model(model)
     BATCH_SIZE.check("batch_size", batch_size)
-    path = _check_root(root) if root is not None else _default_root()
-    cats = load_categories(categories, near=path)
-    files, pairs, skipped = _sorted_stimuli(path, cats, _conflict_pair,
-                                            "no cue-conflict images; expected files named SHAPEi-TEXTUREj.png (e.g. cat3-elephant1.png) "
-                                            "with SHAPE and TEXTURE")
-    decisions, common = _decide(model, path, cats, files, pairs, skipped, batch_size=batch_size, progress=progress,
-                                desc="shape bias", crop=crop)
-    names = list(cats)
+    s = _conflict_set(root, categories)
+    decisions, common = _decide(model, s, what="shape bias", crop=crop, state=state, batch_size=batch_size,
+                                save_every=save_every, progress=progress, desc="shape bias",
+                                engine_options=dict(workers=workers, amp=amp, engine=engine, address=address,
+                                                    num_gpus=num_gpus))
+    names = list(s.cats)
     per = {name: CategoryCounts(name) for name in names}
     confusion = torch.zeros(len(names), len(names), dtype=torch.long)
     where = {name: i for i, name in enumerate(names)}
@@ -547,8 +748,15 @@ def shape_accuracy(
     kind: str | None = None,
     categories: str | os.PathLike | Mapping[str, Sequence[int]] | None = None,
     batch_size: int = 32,
-    progress: bool | None = None,
+    progress: bool | None | Callable[[int, int | None], None] = None,
     crop: bool = False,
+    state: str | os.PathLike | StateStore | None = None,
+    save_every: int = 20,
+    workers: int | None = None,
+    amp: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    num_gpus: float | None = None,
 ) -> ShapeAccuracy:
     """16-way accuracy on shape-only stimuli laid out as ``CATEGORY/*.png`` (silhouettes, edge drawings).
 
@@ -556,24 +764,17 @@ def shape_accuracy(
     files outside category folders, the name before its number: ``cat3.png``). ``kind``: a name for the
     set (default: the folder's name; ``silhouettes`` and ``edges`` have published references in
     :data:`PUBLISHED_SHAPE_ACCURACY`). ``crop``: as in :func:`shape_bias` (default: whole stimulus, no crop).
+    ``state``, ``save_every``, the engine options and unreadable stimuli: as in :func:`shape_bias` (a shared
+    :func:`stimuli_state` keeps this set as its stage ``shape-only:KIND``).
     """
     model = _check_model(model)
     BATCH_SIZE.check("batch_size", batch_size)
-    path = _check_root(root)
-    cats = load_categories(categories, near=path)
-
-    def category_of(f: Path) -> tuple[str, str] | None:
-        name = f.parent.name if f.parent != path else None
-        if name not in cats:
-            m = _LEADING_NAME.match(f.stem)
-            name = m["name"] if m else None
-        return None if name is None else (name, name)
-
-    files, pairs, skipped = _sorted_stimuli(path, cats, category_of, "no shape-only images; expected CATEGORY/*.png with CATEGORY")
-    kind = kind or path.name
-    decisions, common = _decide(model, path, cats, files, pairs, skipped, batch_size=batch_size, progress=progress,
-                                desc=kind, crop=crop)
-    names = list(cats)
+    s, kind = _shape_only_set(root, kind, categories)
+    decisions, common = _decide(model, s, what="shape accuracy", crop=crop, state=state, batch_size=batch_size,
+                                save_every=save_every, progress=progress, desc=kind,
+                                engine_options=dict(workers=workers, amp=amp, engine=engine, address=address,
+                                                    num_gpus=num_gpus))
+    names = list(s.cats)
     per: dict[str, tuple[int, int]] = {}
     for d in decisions:
         k, n = per.get(d.shape, (0, 0))
@@ -678,7 +879,9 @@ __all__ = [
     "PUBLISHED_SHAPE_ACCURACY",
     "PUBLISHED_SHAPE_BIAS",
     "CategoryCounts",
+    "CategoryScores",
     "Decision",
+    "Scored",
     "ShapeAccuracy",
     "ShapeBias",
     "StimuliError",
@@ -689,4 +892,5 @@ __all__ = [
     "load_categories",
     "shape_accuracy",
     "shape_bias",
+    "stimuli_state",
 ]

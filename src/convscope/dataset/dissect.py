@@ -33,6 +33,23 @@ exact and costs units x m x 4 bytes, with n = images x h x w known from the inde
 width (merging neighbours) whenever a larger value arrives, so the estimate is off by at most one bin width,
 reported per unit in :attr:`Dissection.threshold_error` (0 in exact mode).
 
+**On the dataset engine.** Both passes are reducers of :func:`convscope.dataset.engine.run`
+(:class:`ThresholdReducer`, then :class:`IoUReducer`), which streams the images (decoded by worker threads, fed
+whole: :data:`WHOLE`) and records the layer; the labels of a batch are read from the Broden index by the
+positions of its images. A reducer's step is pure: it returns new tensors (the exact tail is the top m of
+kept + new values, the histogram a grown copy, the IoU counters old + this batch's) and the engine commits a batch
+to the state in one assignment. **State and resume**: with ``state=PATH`` both passes share one state file
+(:class:`~convscope.dataset.engine.StateStore`, stages ``"thresholds"`` and ``"iou"``), saved atomically every
+``save_every`` batches, at the end of each pass, on Ctrl-C and on errors; a batch interrupted anywhere (Ctrl-C
+in the middle of an update, an error, ``kill -9``) counts once or not at all, so a resumed run gives exactly the
+numbers of an uninterrupted one. The same call resumes: a finished pass 1 is read back from the file, pass 2
+continues after its last committed batch. A state of another run (model weights, dataset, layer, quantile,
+categories, ``top_k``, ``quantile_memory``...) raises :class:`~convscope.dataset.folder.StateMismatchError`
+naming what differs, and so does a state file written before the engine (format ``convscope-dissect/1``:
+delete it and run again). With ``engine="ray"`` the per-batch states are merged in input order with
+:meth:`Reducer.merge_states`: exact for the tail and the IoU counters; merging two histograms re-bins the second
+one's bins at their centres, and the error bound grows by half its bin width (:attr:`threshold_error` says so).
+
 Broden format (Bau et al.'s ``broden1_224``/``broden1_227``): ``index.csv`` with columns ``image, split, ih, iw,
 sh, sw, color, object, part, material, scene, texture``; images and mask PNGs live under ``images/`` (paths in the
 index are relative to it). The first four label columns name mask PNGs (several separated by ``;``: parts stack);
@@ -47,12 +64,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,22 +81,12 @@ from PIL import Image
 from ..images import load_image
 from ..models import Model, as_model
 from ..options import Option
-from ..probe import Capture, forward_fast, resolve_layer
-from ..progress import tqdm
+from ..probe import resolve_layer
 from ..render import matrix_grid
 from ..render.picture import Pictured
-from .folder import (
-    BATCH_SIZE,
-    SAVE_EVERY,
-    Batch,
-    DatasetError,
-    ImageSource,
-    check_any_scored,
-    check_state_path,
-    model_fingerprint,
-    resume_state,
-    save_state,
-)
+from .engine import Forward, Preprocessing, Reducer, RunInfo, StateStore, decode, feature_maps, fingerprint, forward_batches, normalise
+from .engine import run as run_engine
+from .folder import BATCH_SIZE, SAVE_EVERY, DatasetError, ImageSource, check_state_path
 from .topk import merge_topk
 
 #: Label columns of ``index.csv``: the first four name mask PNGs, the last two whole-image labels.
@@ -89,7 +95,8 @@ IMAGE_COLUMNS = ("scene", "texture")
 CATEGORIES = PIXEL_COLUMNS + IMAGE_COLUMNS
 #: Bins per unit of the histogram used when the exact top tail would not fit in ``quantile_memory``.
 HISTOGRAM_BINS = 4096
-STATE_FORMAT = "convscope-dissect/1"
+#: Broden images are fed whole (resized, never cropped: the masks stay aligned), bilinear like Bau et al.'s code.
+WHOLE = Preprocessing(kind="whole", resample="bilinear")
 #: Elements of a (images x units x mask pixels) block processed at once in pass 2.
 CHUNK_ELEMENTS = 1 << 25
 
@@ -518,12 +525,8 @@ class Dissection(Pictured):
         wanted = sorted({i for u in chosen for i in self.top_images[u].tolist() if i >= 0})
         if not wanted:
             raise DissectError("no images were scored; nothing to draw")
-        module = model.module
         pictures = {i: load_image(self.sources[i]) for i in wanted}
-        with torch.no_grad(), Capture(module, [self.layer], stop=True) as cap:
-            x = whole_image_input(model, [pictures[i] for i in wanted])
-            forward_fast(module, x, cap.forward)
-            act = cap.activations[self.layer].float()
+        act = layer_activations(model, [pictures[i] for i in wanted], self.layer)
         position = {i: j for j, i in enumerate(wanted)}
         table = []
         for u in chosen:
@@ -552,341 +555,3 @@ def _outlined(pic: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
-# ============================================================================ the run
-
-
-def whole_image_input(model: Model, pictures: list[Image.Image]) -> torch.Tensor:
-    """Broden images fed whole: resized (bilinear) to the model's input size, never cropped, so the masks stay
-    aligned, then normalised with the model's mean/std (:meth:`~convscope.Model.from_pixels`)."""
-    h, w = model.input_size
-    arrays = [np.asarray(p if p.size == (w, h) else p.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-              for p in pictures]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return model.from_pixels(x).contiguous().to(model.device)
-
-
-def tail_size(n: int, quantile: float) -> int:
-    """How many of the largest of ``n`` values the linear-interpolation ``quantile`` reads: n - floor(q (n - 1))."""
-    return int(n - math.floor(quantile * (n - 1))) if n > 0 else 0
-
-
-def quantile_from_tail(tail: torch.Tensor, n: int, quantile: float) -> torch.Tensor:
-    """Per row, ``numpy.quantile(values, quantile)`` (method "linear") from the row's largest values.
-
-    ``tail`` (U, m): the m >= :func:`tail_size` largest of each row's ``n`` values, any order.
-    """
-    t = torch.sort(tail.double(), dim=1).values
-    m = t.shape[1]
-    pos = quantile * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    a, b = t[:, lo - (n - m)], t[:, hi - (n - m)]
-    return a + frac * (b - a)
-
-
-class _Histogram:
-    """Per-unit fixed-size histograms whose range grows by doubling the bin width (merging neighbours).
-
-    ``counts`` (U, bins) float64, ``lo`` (U,): the left edge, ``width`` (U,): the bin width; a saved state
-    holds exactly these three tensors.
-    """
-
-    def __init__(self, counts: torch.Tensor, lo: torch.Tensor, width: torch.Tensor):
-        self.bins = int(counts.shape[1])
-        self.counts, self.lo, self.width = counts, lo, width
-
-    @classmethod
-    def of(cls, values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> _Histogram:
-        """A histogram of ``values`` (U, n) whose range starts at their min/max (the max at half the bins)."""
-        lo = values.amin(dim=1).double()
-        hi = values.amax(dim=1).double()
-        width = ((hi - lo) / (bins / 2)).clamp_min(1e-12)
-        hist = cls(torch.zeros(values.shape[0], bins, dtype=torch.float64, device=values.device), lo, width)
-        hist.add(values)
-        return hist
-
-    def add(self, values: torch.Tensor) -> None:
-        v = values.double()
-        top = v.amax(dim=1)
-        need = torch.ceil(torch.log2(((top - self.lo) / (self.width * self.bins)).clamp_min(1e-300))).clamp_min(0)
-        need = torch.where(top >= self.lo + self.width * self.bins, need.clamp_min(1), need * 0)
-        for d in torch.unique(need[need > 0]).tolist():
-            rows = (need == d).nonzero().flatten()
-            f = 2 ** int(d)
-            if f >= self.bins:
-                merged = self.counts[rows].sum(dim=1, keepdim=True)
-                self.counts[rows] = F.pad(merged, (0, self.bins - 1))
-            else:
-                merged = self.counts[rows].view(len(rows), self.bins // f, f).sum(dim=2)
-                self.counts[rows] = F.pad(merged, (0, self.bins - self.bins // f))
-            self.width[rows] *= f
-        idx = ((v - self.lo[:, None]) / self.width[:, None]).floor().clamp(0, self.bins - 1).long()
-        self.counts.scatter_add_(1, idx, torch.ones_like(v))
-
-    def quantile(self, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Linear-interpolation quantile per unit and its error bound (one bin width).
-
-        The values at the two integer ranks around q (n - 1) are each placed inside their bin (ranks spread
-        evenly through it), so each is off by less than a bin width, and so is their interpolation.
-        """
-        n = self.counts.sum(dim=1)
-        pos = quantile * (n - 1)
-        lo = pos.floor()
-        cum = self.counts.cumsum(dim=1)
-
-        def at(rank: torch.Tensor) -> torch.Tensor:
-            b = torch.searchsorted(cum, rank[:, None], right=True).clamp_max(self.bins - 1).flatten()
-            before = torch.where(b > 0, cum.gather(1, (b - 1).clamp_min(0)[:, None]).flatten(), torch.zeros_like(rank))
-            inside = self.counts.gather(1, b[:, None]).flatten().clamp_min(1)
-            return self.lo + self.width * (b.double() + ((rank - before + 0.5) / inside).clamp(0, 1))
-
-        a, b = at(lo), at(torch.minimum(lo + 1, n - 1))
-        return a + (pos - lo) * (b - a), self.width.clone()
-
-
-def dissect(
-    model: Any,
-    broden_root: str | os.PathLike,
-    layer: str,
-    *,
-    batch_size: int = 32,
-    categories: Sequence[str] | None = None,
-    quantile: float = 0.995,
-    iou_threshold: float = 0.04,
-    max_images: int | None = None,
-    top_k: int = 4,
-    quantile_memory: int = 256 * 2**20,
-    state: str | os.PathLike | None = None,
-    save_every: int = 20,
-    progress: bool | None | Callable[[str, int, int], None] = None,
-) -> Dissection:
-    """Network Dissection (Bau et al., CVPR 2017) of ``layer`` over the Broden dataset at ``broden_root``.
-
-    ``model``: a :class:`~convscope.Model` or a plain module (:func:`convscope.as_model`: ImageNet mean/std,
-    224 px); images are resized whole to its input size and normalised with its mean/std, no crop, so the masks
-    stay aligned (:func:`whole_image_input`). A saved state of another run raises
-    :class:`~convscope.dataset.folder.StateMismatchError`; a dataset whose every image is unreadable,
-    :class:`~convscope.dataset.folder.UnreadableImagesError`.
-    ``categories``: which concept categories to score (default all). ``quantile``: per-unit activation threshold
-    (0.995). ``iou_threshold``: a detector's best IoU must exceed it (0.04). ``max_images``: the first N index rows.
-    ``top_k``: images kept per unit for the picture. ``quantile_memory``: bytes allowed for the exact per-unit
-    top tail; above that a histogram sketch is used (see the module docstring). ``state``: a file saved after
-    pass 1, every ``save_every`` batches and on Ctrl-C (``torch.save`` of plain tensors, read back with
-    ``weights_only=True``); the same call continues from it. ``progress``: tqdm bars (``None``: only on a
-    terminal) or a callable ``(stage, done, total)``.
-
-    Cost: two forward passes per image (each stopped at ``layer``). Memory: units x labels float64 counters
-    plus the threshold tail. Returns a :class:`Dissection`; Ctrl-C returns what is done (``interrupted``).
-    """
-    model = as_model(model)
-    if not 0 < quantile < 1:
-        raise DissectError(f"quantile must be between 0 and 1, got {quantile}")
-    BATCH_SIZE.check("batch_size", batch_size)
-    SAVE_EVERY.check("save_every", save_every)
-    TOP_K.check("top_k", top_k)
-    module = model.module
-    resolve_layer(module, layer)
-    device = model.device
-    path = check_state_path(state)
-    ds = open_broden(broden_root, categories, max_images=max_images)
-    paths = [str(ds.image_path(i)) for i in range(len(ds))]
-    source = ImageSource(paths)
-    total = len(ds)
-    K = len(ds.categories)
-    L = len(ds.names)
-    cat_of = torch.tensor(ds.category_of, dtype=torch.long)
-    cat_matrix = torch.zeros(L, max(K, 1), dtype=torch.float32)
-    used = (cat_of >= 0).nonzero().flatten()
-    cat_matrix[used, cat_of[used]] = 1
-    cat_matrix = cat_matrix.to(device)
-    keep = torch.where(cat_of >= 0, torch.arange(L), torch.zeros(L, dtype=torch.long))
-    meta = {"format": STATE_FORMAT, "layer": layer, "quantile": quantile, "categories": ds.categories, "count": total,
-            "root": str(Path(broden_root).resolve()), "model": model_fingerprint(module)}
-    st: dict[str, Any] = {"stage": "thresholds", "processed": 0, "scored": 0, "skipped": []}
-    t: dict[str, torch.Tensor] = {}
-    resumed = resume_state(path, STATE_FORMAT, "dissection", meta, ("layer", "quantile", "categories", "count", "root"))
-    if resumed is not None:
-        saved, tensors = resumed
-        st = saved["progress"]
-        t = {k: v.to(device) for k, v in tensors.items()}
-
-    def save() -> None:
-        if path is not None:
-            described = {**meta, "progress": st}
-            save_state(path, {"meta": json.dumps(described), **{k: v.cpu() for k, v in t.items()}}, described)
-
-    report = progress if callable(progress) else None
-    disable = True if report else (None if progress is None else not progress)
-
-    def stream(stage: str, desc: str) -> Iterator[Batch]:
-        """One pass over the images from ``st["processed"]`` on; after each batch the progress, skipped files
-        and periodic saves are booked (a batch interrupted by Ctrl-C counts as not done)."""
-        bar = tqdm(total=total, initial=st["processed"], desc=f"dissect {layer}: {desc}", unit="img", leave=False, disable=disable)
-        batches = source.batches(lambda pictures: whole_image_input(model, pictures), batch_size, start=st["processed"])
-        try:
-            for n_batch, batch in enumerate(batches, 1):
-                yield batch
-                st["processed"] = batch.stop
-                st["skipped"] += [list(s) for s in batch.skipped]
-                bar.update(batch.stop - batch.start)
-                if report:
-                    report(stage, st["processed"], total)
-                if n_batch % save_every == 0:
-                    save()
-        finally:
-            batches.close()
-            bar.close()
-
-    start = time.perf_counter()
-    interrupted = False
-    hist: _Histogram | None = None
-    with torch.no_grad(), Capture(module, [layer], stop=True) as cap:
-        def activations(x: torch.Tensor) -> torch.Tensor:
-            forward_fast(module, x, cap.forward)
-            act = cap.activations.get(layer)
-            if act is None or act.ndim != 4:
-                raise DissectError(f"layer {layer!r} gives no feature maps (N, C, H, W); choose a convolutional layer")
-            return act.float()
-
-        try:
-            # ---------------------------------------------------------------- pass 1: thresholds
-            if st["stage"] == "thresholds":
-                if "hist_counts" in t:
-                    hist = _Histogram(t["hist_counts"], t["hist_lo"], t["hist_width"])
-                with contextlib.closing(stream("thresholds", "thresholds")) as batches:
-                    for batch in batches:
-                        if batch.x is None:
-                            continue
-                        act = activations(batch.x)
-                        U, h, w = act.shape[1:]
-                        if "map_size" not in st:
-                            st["map_size"] = [int(h), int(w)]
-                            m = tail_size(total * h * w, quantile)
-                            st["exact"] = U * m * 4 <= quantile_memory
-                            st["tail"] = m
-                        vals = act.permute(1, 0, 2, 3).reshape(U, -1)
-                        if st["exact"]:
-                            kept = torch.cat([t["tail"], vals], dim=1) if "tail" in t else vals
-                            t["tail"] = torch.topk(kept, min(st["tail"], kept.shape[1]), dim=1, sorted=False).values
-                        else:
-                            if hist is None:
-                                hist = _Histogram.of(vals)
-                            else:
-                                hist.add(vals)
-                            t.update(hist_counts=hist.counts, hist_lo=hist.lo, hist_width=hist.width)
-                        st["scored"] += int(act.shape[0])
-                check_any_scored(st["scored"], st["skipped"])
-                h, w = st["map_size"]
-                n = st["scored"] * h * w
-                if st["exact"]:
-                    thr = quantile_from_tail(t.pop("tail"), n, quantile)
-                    err = torch.zeros_like(thr)
-                else:
-                    thr, err = hist.quantile(quantile)
-                    for k in ("hist_counts", "hist_lo", "hist_width"):
-                        t.pop(k, None)
-                U = thr.shape[0]
-                t.update(thresholds=thr, threshold_error=err,
-                         inter=torch.zeros(U, L, dtype=torch.float64, device=device),
-                         unit_area=torch.zeros(U, max(K, 1), dtype=torch.float64, device=device),
-                         label_area=torch.zeros(L, dtype=torch.float64, device=device),
-                         top_values=torch.full((U, top_k), -math.inf, device=device),
-                         top_index=torch.full((U, top_k), -1, dtype=torch.long, device=device))
-                st.update(stage="iou", processed=0, skipped=[])
-                save()
-            # ---------------------------------------------------------------- pass 2: IoU tallies
-            if st["stage"] == "iou":
-                thr32 = t["thresholds"].float().view(1, -1, 1, 1)
-                P = ds.mask_size[0] * ds.mask_size[1]
-                with contextlib.closing(stream("iou", "IoU")) as batches:
-                    for batch in batches:
-                        if batch.x is None:
-                            continue
-                        act = activations(batch.x)
-                        U = act.shape[1]
-                        idx = batch.index.tolist()
-                        _tally(act, thr32, [ds.labels(i) for i in idx], ds.mask_size, keep, cat_matrix, t, P)
-                        score = act.amax(dim=(2, 3)).T
-                        t["top_values"], t["top_index"], _ = merge_topk(
-                            t["top_values"], t["top_index"], None,
-                            score, batch.index.to(device).unsqueeze(0).expand(U, -1), None, top_k)
-                st["stage"] = "done"
-        except KeyboardInterrupt:
-            interrupted = True
-        except BaseException:
-            save()
-            raise
-    save()
-    return _result(model, layer, ds, st, t, quantile, iou_threshold, interrupted, time.perf_counter() - start, paths, top_k)
-
-
-def _tally(act: torch.Tensor, thr: torch.Tensor, labels: list[tuple[list[np.ndarray], list[int]]], mask_size: tuple[int, int],
-           keep: torch.Tensor, cat_matrix: torch.Tensor, t: dict[str, torch.Tensor], P: int) -> None:
-    """Add one batch's intersections, unit areas per category and label areas to the counters in ``t``."""
-    device = act.device
-    n, U = act.shape[:2]
-    # compact label ids of this batch: column 0 = no label
-    layers = max([len(m) for m, _ in labels] + [1])
-    pix = np.zeros((n, layers, P), np.int64)
-    whole: list[list[int]] = []
-    for j, (maps, img_labels) in enumerate(labels):
-        for k, m in enumerate(maps):
-            pix[j, k] = m.reshape(-1)
-        whole.append(img_labels)
-    pix_t = torch.from_numpy(pix)
-    if pix_t.numel() and int(pix_t.max()) >= len(keep) or any(lab >= len(keep) or lab < 0 for w in whole for lab in w):
-        raise DissectError(f"a mask or whole-image label uses a label number not in label.csv (largest known {len(keep) - 1})")
-    pix_t = keep[pix_t]
-    whole = [[int(keep[lab]) for lab in w if int(keep[lab]) > 0] for w in whole]
-    present = torch.unique(torch.cat([pix_t.flatten(), torch.tensor([lab for w in whole for lab in w] + [0], dtype=torch.long)]))
-    lookup = torch.zeros(len(keep), dtype=torch.long)
-    lookup[present] = torch.arange(len(present))
-    Lb = len(present)
-    compact = lookup[pix_t].to(device)
-    present_d = present.to(device)
-    step = max(1, CHUNK_ELEMENTS // max(1, P * max(U, Lb)))
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        onehot = torch.zeros(hi - lo, P, Lb, device=device)
-        for k in range(layers):
-            onehot.scatter_add_(2, compact[lo:hi, k].unsqueeze(-1), torch.ones(hi - lo, P, 1, device=device))
-        for j in range(lo, hi):
-            if whole[j]:
-                onehot[j - lo, :, lookup[torch.tensor(whole[j])].to(device)] = 1
-        onehot[..., 0] = 0
-        onehot.clamp_(max=1)
-        up = F.interpolate(act[lo:hi], size=mask_size, mode="bilinear", align_corners=False)
-        masks = (up > thr).reshape(hi - lo, U, P).float()
-        inter = torch.bmm(masks, onehot).sum(0).double()                 # (U, Lb)
-        t["inter"].index_add_(1, present_d, inter)
-        t["label_area"].index_add_(0, present_d, onehot.sum(dim=(0, 1)).double())
-        has = (onehot.amax(dim=1) @ cat_matrix[present_d] > 0).float()   # (n, K): image carries a label of category k
-        t["unit_area"] += (masks.sum(dim=2).T @ has).double()
-
-
-def _result(model: Model, layer: str, ds: Broden, st: dict[str, Any], t: dict[str, torch.Tensor], quantile: float,
-            iou_threshold: float, interrupted: bool, seconds: float, paths: list[str], top_k: int) -> Dissection:
-    L = len(ds.names)
-    label_category = [ds.categories[c] if c >= 0 else None for c in ds.category_of]
-    if "inter" not in t:  # stopped during pass 1: no thresholds yet
-        z = torch.zeros(0)
-        return Dissection(layer, quantile, iou_threshold, ds.categories, ds.names, label_category, z, z, True,
-                          torch.zeros(0, L, dtype=torch.float64), torch.zeros(0, L, dtype=torch.float64), torch.zeros(0, len(ds.categories)),
-                          torch.zeros(L), torch.zeros(0, top_k, dtype=torch.long), paths, ds.mask_size,
-                          tuple(st.get("map_size", (0, 0))), 0, len(ds), [], interrupted, st["stage"], seconds,
-                          str(ds.root), model)
-    inter = t["inter"].cpu()
-    cat_of = torch.tensor(ds.category_of)
-    unit_area = t["unit_area"].cpu()
-    area_u = torch.zeros_like(inter)
-    used = (cat_of >= 0).nonzero().flatten()
-    area_u[:, used] = unit_area[:, cat_of[used]]
-    union = area_u + t["label_area"].cpu()[None] - inter
-    iou = torch.where(union > 0, inter / union.clamp_min(1e-300), torch.zeros_like(inter))
-    iou[:, 0] = 0
-    top = torch.where(torch.isfinite(t["top_values"]), t["top_index"], -1).cpu()
-    return Dissection(layer, quantile, iou_threshold, ds.categories, ds.names, label_category, t["thresholds"].cpu(),
-                      t["threshold_error"].cpu(), bool(st.get("exact", True)), iou, inter, unit_area[:, :len(ds.categories)],
-                      t["label_area"].cpu(), top, paths, ds.mask_size, tuple(st["map_size"]), int(st["processed"]), len(ds),
-                      [(int(i), str(r)) for i, r in st["skipped"]], interrupted, st["stage"], seconds, str(ds.root), model)

@@ -6,23 +6,22 @@ a non-spatial layer, or, by default, the model's *penultimate* features (what it
 result, an :class:`Embedding`, answers two questions about what the network "thinks is similar":
 
 - :meth:`Embedding.neighbours`: the images whose features are closest to a query (an image of the set,
-  a new image embedded the same way, or a vector), by cosine or euclidean distance;
+  a new image embedded the same way, or a vector), by cosine or euclidean distance (an exact FAISS index);
 - :meth:`Embedding.project`: a 2-D map of the whole set by PCA, t-SNE (van der Maaten & Hinton, JMLR 2008,
-  "Visualizing Data using t-SNE", implemented here in torch) or UMAP (McInnes et al. 2018, through the
-  optional package ``umap-learn``); :meth:`Embedding.map_image` draws it with thumbnails.
+  "Visualizing Data using t-SNE", FFT-accelerated by openTSNE) or UMAP (McInnes et al. 2018, umap-learn);
+  :meth:`Embedding.map_image` draws it with thumbnails.
 
-Memory: the features are N x C float32 (10,000 images x 1,280 channels = 51 MB), kept on the CPU; that
-is fine for the datasets people browse this way. Exact t-SNE needs several N x N matrices, so it is capped
-(:data:`TSNE_MAX_POINTS`); use PCA or UMAP beyond that.
+The neighbour indexes (exact and approximate, :func:`~convscope.dataset.maps.knn` for all rows at once)
+and the map methods live in :mod:`.maps` and are re-exported here. Memory: the features are N x C float32
+(100,000 images x 1,280 channels = 512 MB), kept on the CPU. t-SNE and UMAP are capped at a million points
+by default (:func:`~convscope.dataset.maps.check_map_size`, ``max_points``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,29 +41,30 @@ from ..probe import Capture, forward_fast, guard, name_of, resolve_layer
 from ..progress import tqdm
 from ..render import font, grid
 from ..render.picture import Pictured
-from .folder import BATCH_SIZE, DatasetError, check_any_scored, open_images, save_tensors, tensor_picture
+from .folder import BATCH_SIZE, check_any_scored, open_images, save_tensors, tensor_picture
+from .maps import INDEXES as INDEXES  # re-exported: the projections and neighbour indexes live in .maps
+from .maps import ITERATIONS as ITERATIONS
+from .maps import MAX_POINTS as MAX_POINTS
+from .maps import METHODS as METHODS
+from .maps import METRICS as METRICS
+from .maps import TSNE_MAX_POINTS as TSNE_MAX_POINTS
+from .maps import UMAP_MAX_POINTS as UMAP_MAX_POINTS
+from .maps import EmbeddingError as EmbeddingError
+from .maps import NeighbourIndex as NeighbourIndex
+from .maps import build_index as build_index
+from .maps import check_map_size as check_map_size
+from .maps import knn as knn
+from .maps import pca as pca
+from .maps import tsne as tsne
+from .maps import umap_projection as umap_projection
 
 POOLS = ("avg", "max")
-METRICS = ("cosine", "euclidean")
-METHODS = ("tsne", "pca", "umap")
 FORMAT = "convscope-embedding/1"
-#: Largest set exact t-SNE accepts by default: it holds a few N x N float32 matrices (10,000 -> ~0.4 GB each).
-TSNE_MAX_POINTS = 10_000
-#: Early exaggeration factor and how long it lasts; momentum before and after the switch (van der Maaten 2008/2014).
-EXAGGERATION, EXAGGERATION_ITERS = 12.0, 250
-MOMENTUM_START, MOMENTUM_FINAL = 0.5, 0.8
 #: Neighbours returned by :meth:`Embedding.neighbours`.
 NEIGHBOURS = Option(int, 8, "neighbours to find", minimum=1, maximum=100_000)
 #: Side of :meth:`Embedding.map_image`'s square canvas, and of each thumbnail, in pixels.
 MAP_SIZE = Option(int, 1200, "map width and height in pixels", minimum=64, maximum=8192)
 THUMB = Option(int, 48, "thumbnail size in pixels", minimum=2, maximum=512)
-#: t-SNE iterations.
-ITERATIONS = Option(int, 1000, "t-SNE iterations", minimum=1, maximum=100_000)
-
-
-class EmbeddingError(DatasetError):
-    """An embedding option or query that cannot be used (unknown pool/metric/method, a bad index, k < 1...)."""
-
 
 # ============================================================================ result
 
@@ -174,37 +174,39 @@ class Embedding(Pictured):
         a zero vector is at distance 1 from everything) or ``"euclidean"``.
         """
         NEIGHBOURS.check("k", k)
-        d = self.distances(query, metric)
-        order = torch.sort(d, stable=True).indices[:k]
-        return [Neighbour(r, int(i), self.sources[int(i)], float(d[i])) for r, i in enumerate(order.tolist(), 1)]
+        if metric not in METRICS:
+            raise EmbeddingError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}")
+        v = self.vector(query)
+        # an exact FAISS index (flat): the same order as sorting every distance; for all rows at once see knn()
+        d, rows = build_index(self.features, metric, "flat").search(v[None], min(k, len(self)))
+        return [Neighbour(r, i, self.sources[i], dist) for r, (i, dist) in enumerate(zip(rows[0].tolist(), d[0].tolist()), 1)]
 
     # ------------------------------------------------------------------ 2-D maps
     def project(self, method: str = "tsne", dims: int = 2, seed: int = 0, perplexity: float = 30.0, *,
-                iterations: int = 1000, learning_rate: float | str = "auto", init: str = "pca",
-                max_points: int = TSNE_MAX_POINTS, device: str | torch.device | None = None,
+                iterations: int = ITERATIONS.default, learning_rate: float | str = "auto", init: str = "pca",
+                max_points: int | None = None, index: str = "auto", device: str | torch.device | None = None,
                 progress: bool | None = None, **umap_options: Any) -> torch.Tensor:
         """Coordinates (N, dims) of every image on a map where near means similar features.
 
-        ``"pca"``: the first ``dims`` principal components (centred SVD, exact, no randomness).
-        ``"tsne"``: exact t-SNE (:func:`tsne`; ``perplexity``, ``iterations``, ``learning_rate``, ``init``,
-        ``seed``); O(N^2) memory, at most ``max_points`` images. ``"umap"``: UMAP through the optional
-        ``umap-learn`` package (``seed`` -> ``random_state``, extra keywords such as ``n_neighbors`` and
-        ``min_dist`` go to ``umap.UMAP``). t-SNE runs on ``device`` (default: the model's device). The
-        result is also kept in :attr:`coords` (for :meth:`map_image` and :meth:`save`).
+        ``"pca"``: the first ``dims`` principal components (exact, no randomness; :func:`pca`).
+        ``"tsne"``: openTSNE's FFT-accelerated t-SNE (:func:`tsne`: PCA to 50 dimensions, an exact FAISS kNN
+        graph up to 200,000 points (``index``), ``perplexity``, ``iterations``, ``learning_rate``, ``init``,
+        ``seed``). ``"umap"``: umap-learn (``seed`` -> ``random_state``, extra keywords such as
+        ``n_neighbors`` and ``min_dist`` go to ``umap.UMAP``). ``max_points``: the most points the method
+        takes (default :data:`~convscope.dataset.maps.MAX_POINTS`: a million for t-SNE and UMAP, checked
+        first by :func:`check_map_size`). PCA runs on ``device`` (default: the model's device), t-SNE and
+        UMAP on the CPU. The result is also kept in :attr:`coords` (for :meth:`map_image` and :meth:`save`).
         """
-        if method not in METHODS:
-            raise EmbeddingError(f"unknown method {method!r}; choose {', '.join(METHODS)}")
-        if len(self) < 2:
-            raise EmbeddingError(f"a map needs at least 2 images, the embedding has {len(self)}")
+        check_map_size(method, len(self), dims, max_points=max_points, features=self.dims)
         if device is None:
             device = self.model.device if self.model is not None else self.features.device
         if method == "pca":
-            coords = pca(self.features, dims)
+            coords = pca(self.features, dims, device=device)
         elif method == "tsne":
             coords = tsne(self.features, dims, perplexity=perplexity, iterations=iterations, learning_rate=learning_rate,
-                          init=init, seed=seed, max_points=max_points, device=device, progress=progress)
+                          init=init, seed=seed, max_points=max_points, index=index, device=device, progress=progress)
         else:
-            coords = umap_projection(self.features, dims, seed=seed, **umap_options)
+            coords = umap_projection(self.features, dims, seed=seed, max_points=max_points, **umap_options)
         self.coords, self.method, self._image = coords, method, None
         return coords
 
@@ -421,183 +423,6 @@ def feature_distances(features: torch.Tensor, query: torch.Tensor, metric: str =
         return (f - q).norm(dim=1)
     sims = (f @ q) / (f.norm(dim=1) * q.norm()).clamp_min(1e-12)
     return (1 - sims).clamp(0, 2)
-
-
-# ============================================================================ projections
-
-
-def _check_points(x: Any) -> torch.Tensor:
-    x = torch.as_tensor(x)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise EmbeddingError(f"expected points (N, D) with N >= 2, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise EmbeddingError("the features hold NaN or infinite values")
-    return x
-
-
-def pca(x: torch.Tensor, dims: int = 2) -> torch.Tensor:
-    """Scores (N, dims) on the first ``dims`` principal components: U S of the centred data's thin SVD.
-
-    Signs are fixed so the largest-magnitude loading of each component is positive (the SVD's own sign
-    is arbitrary), which makes the result reproducible across runs and devices.
-    """
-    x = _check_points(x).float()
-    if not 1 <= dims <= min(x.shape):
-        raise EmbeddingError(f"dims must be between 1 and {min(x.shape)} for {x.shape[0]} points in {x.shape[1]}-D, got {dims}")
-    xc = x - x.mean(0, keepdim=True)
-    u, s, vh = torch.linalg.svd(xc, full_matrices=False)
-    u, s, vh = u[:, :dims], s[:dims], vh[:dims]
-    sign = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True))).squeeze(1)
-    sign[sign == 0] = 1
-    return u * (s * sign)
-
-
-def conditional_probabilities(x: torch.Tensor, perplexity: float = 30.0, *, tol: float = 1e-5, max_iter: int = 200,
-                              chunk: int | None = None) -> torch.Tensor:
-    """t-SNE's conditional probabilities p_{j|i} (N, N): Gaussian kernels whose widths give every row the
-    perplexity ``perplexity`` (van der Maaten & Hinton 2008, section 2).
-
-    For each point a precision beta_i = 1 / (2 sigma_i^2) is found by bisection (all rows at once, on
-    squared euclidean distances in float64) so that the row's Shannon entropy is log(perplexity) within
-    ``tol`` nats. Rows sum to 1, the diagonal is 0. Rows are done ``chunk`` at a time (memory chunk x N).
-    """
-    x = _check_points(x)
-    n = x.shape[0]
-    if not 1.0 <= perplexity < n - 1:
-        raise EmbeddingError(f"perplexity must be at least 1 and below N - 1 = {n - 1} (the effective number of "
-                             f"neighbours), got {perplexity}; typical values are 5-50 and about N/3 at most")
-    xd = x.to(torch.float64)
-    sq = (xd * xd).sum(1)
-    target = math.log(perplexity)
-    chunk = chunk or max(1, min(n, 4_000_000 // n))
-    out = torch.empty((n, n), dtype=torch.float32, device=x.device)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        d = (sq[lo:hi, None] + sq[None, :] - 2 * xd[lo:hi] @ xd.T).clamp_min(0)
-        rows = torch.arange(hi - lo, device=x.device)
-        d[rows, rows + lo] = math.inf  # no self-neighbour
-        d = d - d.min(1, keepdim=True).values  # shift: p and the entropy do not change, exp cannot underflow to 0/0
-        beta = torch.ones(hi - lo, dtype=torch.float64, device=x.device)
-        beta_lo = torch.zeros_like(beta)
-        beta_hi = torch.full_like(beta, math.inf)
-        for _ in range(max_iter):
-            p = torch.exp(-d * beta[:, None])
-            s = p.sum(1)
-            h = torch.log(s) + beta * (torch.nan_to_num(d, posinf=0.0) * p).sum(1) / s
-            diff = h - target
-            if bool((diff.abs() < tol).all()):
-                break
-            up = diff > 0  # entropy too high: narrow the kernel (larger beta)
-            beta_lo = torch.where(up, beta, beta_lo)
-            beta_hi = torch.where(up, beta_hi, beta)
-            beta = torch.where(torch.isinf(beta_hi), beta * 2, (beta_lo + beta_hi) / 2)
-        p = torch.exp(-d * beta[:, None])
-        out[lo:hi] = (p / p.sum(1, keepdim=True)).to(torch.float32)
-    return out
-
-
-def tsne(x: torch.Tensor, dims: int = 2, *, perplexity: float = 30.0, iterations: int = 1000,
-         learning_rate: float | str = "auto", init: str = "pca", seed: int = 0, pca_dims: int | None = 50,
-         max_points: int = TSNE_MAX_POINTS, device: str | torch.device | None = None,
-         progress: bool | None | Callable[[int, int], None] = None) -> torch.Tensor:
-    """Exact t-SNE (van der Maaten & Hinton, JMLR 2008) of points ``x`` (N, D) -> (N, dims).
-
-    Affinities: :func:`conditional_probabilities` for ``perplexity``, symmetrised p_ij = (p_j|i + p_i|j) / 2N.
-    Map: Student-t (one degree of freedom) similarities q_ij; gradient 4 sum_j (p_ij - q_ij)(y_i - y_j) /
-    (1 + |y_i - y_j|^2). Optimisation as in the reference implementation: gradient descent with momentum
-    0.5 for the first 250 iterations and 0.8 after, early exaggeration (P x 12) for the first 250, per-
-    coordinate adaptive gains (+0.2 when the gradient turns against the last step, else x0.8, at least
-    0.01); steps and gains restart when the exaggeration ends, as in scikit-learn (carried over, they
-    overshoot: the map then needs ~2x the iterations to settle). ``learning_rate="auto"``: max(N / 12 / 4, 50),
-    the rule of Belkina et al. (2019, N / exaggeration) as scikit-learn applies it to this gradient.
-    ``init="pca"``: the first ``dims`` principal components scaled to standard deviation 1e-4 in the first
-    coordinate (scikit-learn's choice: stable global layout, no randomness); ``"random"``: N(0, 1e-4^2)
-    from ``seed``. Inputs with more than ``pca_dims`` features are first reduced to ``pca_dims`` by PCA
-    (the paper's preprocessing; ``None`` keeps them). Memory O(N^2): at most ``max_points`` points. The
-    same inputs, seed and device give the same map.
-    """
-    x = _check_points(x)
-    n = x.shape[0]
-    if n > max_points:
-        raise EmbeddingError(f"exact t-SNE of {n} points needs several {n} x {n} matrices; at most {max_points} "
-                             "(raise max_points if you have the memory), or use method='pca' or 'umap'")
-    if n < 3:
-        raise EmbeddingError(f"t-SNE needs at least 3 points, got {n}")
-    if init not in ("pca", "random"):
-        raise EmbeddingError(f"unknown init {init!r}; choose pca or random")
-    ITERATIONS.check("iterations", iterations)
-    if learning_rate == "auto":
-        lr = max(n / EXAGGERATION / 4, 50.0)
-    elif isinstance(learning_rate, (int, float)) and learning_rate > 0:
-        lr = float(learning_rate)
-    else:
-        raise EmbeddingError(f"learning_rate must be 'auto' or a positive number, got {learning_rate!r}")
-    device = torch.device(device) if device is not None else x.device
-    x = x.to(device, torch.float32)
-    if pca_dims is not None and x.shape[1] > pca_dims:
-        x = pca(x, min(pca_dims, n))
-    p = conditional_probabilities(x, perplexity)
-    p = (p + p.T) / (2 * n)
-    p = p.clamp_min(1e-12)
-    p.fill_diagonal_(0)
-    if init == "pca":
-        y = pca(x, dims)
-        y = y / y[:, 0].std().clamp_min(1e-12) * 1e-4
-    else:
-        g = torch.Generator(device="cpu").manual_seed(int(seed))
-        y = (torch.randn((n, dims), generator=g) * 1e-4).to(device)
-    update = torch.zeros_like(y)
-    pe = p * EXAGGERATION
-    w = torch.empty_like(p)
-    m = torch.empty_like(p)
-    gains = torch.ones_like(y)
-    report = progress if callable(progress) else None
-    bar = tqdm(total=iterations, desc="t-SNE", unit="it", leave=False,
-               disable=True if report else (None if progress is None else not progress))
-    try:
-        for it in range(iterations):
-            exaggerate = it < EXAGGERATION_ITERS
-            momentum = MOMENTUM_START if it < EXAGGERATION_ITERS else MOMENTUM_FINAL
-            if it == EXAGGERATION_ITERS:  # a new objective (P no longer exaggerated): start the steps afresh
-                pe = p  # frees the exaggerated copy
-                update.zero_()
-                gains.fill_(1.0)
-            # in place, two N x N buffers: w = 1 / (1 + |y_i - y_j|^2), m = (p - w / sum w) * w
-            sq = (y * y).sum(1)
-            torch.mm(y, y.T, out=w)
-            w.mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0).add_(1).reciprocal_().fill_diagonal_(0)
-            torch.mul(w, -1.0 / float(w.sum()), out=m)
-            m.add_(pe if exaggerate else p).mul_(w)
-            grad = 4 * (m.sum(1, keepdim=True) * y - m @ y)
-            flipped = update * grad < 0  # the gradient turned against the last step: speed this coordinate up
-            gains = torch.where(flipped, gains + 0.2, gains * 0.8).clamp_min(0.01)
-            update = momentum * update - lr * gains * grad
-            y = y + update
-            bar.update(1)
-            if report:
-                report(it + 1, iterations)
-    finally:
-        bar.close()
-    return (y - y.mean(0)).cpu()
-
-
-def umap_projection(x: torch.Tensor, dims: int = 2, *, seed: int = 0, **options: Any) -> torch.Tensor:
-    """UMAP (McInnes, Healy & Melville 2018) through the optional package ``umap-learn`` -> (N, dims).
-
-    ``seed`` becomes ``random_state`` (reproducible, single-threaded in umap-learn); other keywords
-    (``n_neighbors``, ``min_dist``, ``metric`` ...) go to ``umap.UMAP``.
-    """
-    try:
-        import umap  # type: ignore[import-not-found]
-    except ImportError:
-        raise EmbeddingError("UMAP needs the optional package umap-learn, which is not installed: "
-                             "pip install umap-learn (or use method='tsne' or 'pca')") from None
-    x = _check_points(x)
-    options.setdefault("n_neighbors", min(15, x.shape[0] - 1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # umap-learn warns that a seed disables its parallelism
-        out = umap.UMAP(n_components=dims, random_state=seed, **options).fit_transform(x.detach().float().cpu().numpy())
-    return torch.as_tensor(np.asarray(out), dtype=torch.float32)
 
 
 # ============================================================================ streaming

@@ -281,8 +281,11 @@ class Loader:
                     pixels = pixels.pin_memory().to(self.device, non_blocking=True)
                 x = normalise(self.model, pixels)
         batch = Batch(x=x, index=torch.tensor(index, dtype=torch.long), start=lo, stop=hi, skipped=skipped)
+        classes = getattr(self.source, "classes", None)
         if isinstance(self.source, DatasetSource):
-            batch.labels = torch.tensor(labels, dtype=torch.long)  # type: ignore[attr-defined]
+            batch.labels = torch.tensor(labels, dtype=torch.long)
+        elif classes is not None:
+            batch.labels = torch.tensor([classes[i] for i in index], dtype=torch.long)
         return batch
 
 
@@ -433,10 +436,11 @@ class StateStore:
     The file is ``torch.save({"meta": JSON, "<stage>/<reducer>/<key>": tensor, ...})``, written atomically
     (so a ``kill -9`` leaves the old or the new file), with a JSON manifest ``PATH.json`` beside it (the
     description and the list of inputs, for people; never read back). ``what`` names the analysis in errors.
+    ``check=False`` reads a state without comparing fingerprints (to inspect it).
     """
 
     def __init__(self, path: str | os.PathLike | None, what: str, fingerprint: dict[str, Any],
-                 names: Sequence[str | None] | None = None):
+                 names: Sequence[str | None] | None = None, *, check: bool = True):
         self.path = check_state_path(path)
         self.what = what
         self.fingerprint = fingerprint
@@ -444,9 +448,9 @@ class StateStore:
         self.stages: dict[str, dict[str, Any]] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         if self.path is not None and self.path.exists():
-            self._load()
+            self._load(check)
 
-    def _load(self) -> None:
+    def _load(self, check: bool = True) -> None:
         assert self.path is not None
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -466,7 +470,8 @@ class StateStore:
         saved = meta.get("fingerprint", {})
         if saved.get("what") != self.fingerprint.get("what"):
             raise StateMismatchError(f"{self.path}: a {saved.get('what')} state, not a {self.what} state; choose another state file")
-        self._check(saved, meta)
+        if check:
+            self._check(saved, meta)
         self.stages = meta.get("stages", {})
         self.tensors = {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
 
@@ -786,7 +791,7 @@ def forward_batches(model: Model, source: Any, batch_size: int, *, preprocessing
                     logits = logits.float() if amp_dtype is not None else logits
                 yield batch, Forward(x=batch.x, index=batch.index.to(batch.x.device), activations=acts,
                                      inputs={k: (v.float() if amp_dtype is not None else v) for k, v in seen.items()},
-                                     output=logits, labels=getattr(batch, "labels", None))
+                                     output=logits, labels=batch.labels)
     finally:
         for h in handles:
             h.remove()

@@ -84,6 +84,8 @@ class Batch:
     start: int
     stop: int
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    #: (n,) class of each image where the source has classes (class sub-folders, a Dataset's labels), -1 for none
+    labels: torch.Tensor | None = None
 
 
 class ImageSource:
@@ -118,6 +120,16 @@ class ImageSource:
             raise DatasetError("no images to stream (empty list)")
         self.names: list[str | None] = [self._name(item) for item in self._items]
         self.skipped: list[tuple[int, str]] = []
+        #: a folder whose every image lies in a first-level sub-folder: the sub-folders are classes (sorted names)
+        #: and ``classes[i]`` is image i's class number; otherwise both ``None``
+        self.class_names: list[str] | None = None
+        self.classes: list[int] | None = None
+        if self.root is not None:
+            parts = [Path(n).parts for n in self.names if n is not None]
+            if parts and all(len(p) >= 2 for p in parts):
+                self.class_names = sorted({p[0] for p in parts})
+                where = {c: i for i, c in enumerate(self.class_names)}
+                self.classes = [where[p[0]] for p in parts]
 
     def _name(self, item: Any) -> str | None:
         if isinstance(item, (str, os.PathLike)):
