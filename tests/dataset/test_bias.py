@@ -1,4 +1,5 @@
-"""Shape-vs-texture bias (Geirhos et al. 2019): the 16-way decision rule, the counting, bad inputs, the CLI.
+"""Shape-vs-texture bias (Geirhos et al. 2019): the 16-way decision rule, the counting, bad inputs, the CLI, and the
+run on the dataset engine (inputs equal to stimulus_inputs, Ctrl-C then resume, refused resumes, unreadable stimuli).
 
 The decision logic is checked on a lookup model whose logits are built by hand (each image is a flat
 colour whose red value picks a row of logits), so every decision is known in advance. The built-in
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from torch import nn
 import convscope as cs
 from convscope.cli import cmd_bias
 from convscope.dataset import bias as B
+from convscope.dataset.folder import SkippedImagesWarning, StateMismatchError, UnreadableImagesError
 from convscope.errors import ConvscopeError
 from statecheck import assert_untouched, snapshot, untouched
 from testkit import run_cli as _run
@@ -63,6 +66,9 @@ class Lookup(nn.Module):
         super().__init__()
         self.register_buffer("table", table[:, :classes].float())
         self.scale = nn.Conv2d(3, 3, 1)  # a parameter, so the model has a device and a requires_grad flag
+        with torch.no_grad():  # the same weights every time: a resumed run recognises the model
+            self.scale.weight.fill_(0.5)
+            self.scale.bias.zero_()
         self.calls = 0
         self.interrupt_at: int | None = None
 
@@ -369,3 +375,156 @@ def test_result_says_which_protocol(conflict_dir):
     cropped = B.shape_bias(model, conflict_dir, progress=False, crop=True)
     assert "no crop" in default.protocol and "model-vs-human" in default.protocol and "no crop" in str(default)
     assert "centre crop" in cropped.protocol and cropped.to_dict()["protocol"] == cropped.protocol
+
+
+# ============================================================================ the engine: same inputs, resumable, unreadable stimuli (issue 9)
+
+
+def _noise_files(root: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (w, h) in enumerate(sizes):
+        f = root / f"img{i}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(f)
+        files.append(f)
+    return files
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_engine_inputs_equal_stimulus_inputs_exactly(tmp_path, interpolation):
+    """The engine's whole-stimulus decode (Preprocessing kind="whole") and its model preprocessing (crop=True) give
+    bit for bit the tensors of stimulus_inputs, on pictures that need resizing and with a non-trivial mean/std."""
+    from convscope.dataset.engine import MODEL_PREPROCESSING, Loader, Preprocessing
+
+    model = cs.Model(Lookup(_table()), input_size=(8, 10), mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25),
+                     labels=[f"c{i}" for i in range(1000)], interpolation=interpolation, resize_size=11)
+    files = _noise_files(tmp_path, [(13, 9), (8, 10), (30, 17), (10, 8)])
+    source = B._Stimuli(tmp_path, files)
+    for crop, prep in ((False, Preprocessing(kind="whole")), (True, MODEL_PREPROCESSING)):
+        batch = next(iter(Loader(model, source, 4, preprocessing=prep, workers=2)))
+        assert torch.equal(batch.x, B.stimulus_inputs(model, files, crop=crop)), crop
+    assert B._preprocessing(False) == Preprocessing(kind="whole") and B._preprocessing(True) == MODEL_PREPROCESSING
+
+
+def test_category_scores_reducer_merges_in_input_order(conflict_dir):
+    from convscope.dataset.engine import Forward
+
+    reducer = B.CategoryScores(CATS)
+    logits = _table()[:4] + 3.0
+    parts = [reducer.step(None, Forward(x=torch.zeros(2, 3, 8, 8), index=torch.tensor([2 * i, 2 * i + 1]), activations={},
+                                        inputs={}, output=logits[2 * i:2 * i + 2])) for i in range(2)]
+    whole = reducer.step(None, Forward(x=torch.zeros(4, 3, 8, 8), index=torch.arange(4), activations={}, inputs={},
+                                       output=logits))
+    merged = reducer.merge_states(parts[0], parts[1])
+    assert all(torch.equal(merged[k], whole[k]) for k in ("scores", "top", "index"))
+    assert parts[0]["index"].tolist() == [0, 1]  # the states it was given are left as they were
+    with pytest.raises(B.StimuliError, match="has 10 classes"):
+        reducer.step(None, Forward(x=torch.zeros(1, 3, 8, 8), index=torch.tensor([0]), activations={}, inputs={},
+                                   output=torch.zeros(1, 10)))
+
+
+def test_interrupt_then_resume_equals_one_run(conflict_dir, tmp_path):
+    once = B.shape_bias(_fake_model(), conflict_dir, batch_size=2, progress=False)
+    state = tmp_path / "bias.state"
+    seen: list[int] = []
+
+    def stop_after_one_batch(done, total):
+        seen.append(done)
+        raise KeyboardInterrupt
+
+    part = B.shape_bias(_fake_model(), conflict_dir, batch_size=2, state=state, save_every=100, progress=stop_after_one_batch)
+    assert part.interrupted and part.processed == 2 and len(part.decisions) == 2 and not part.complete
+    assert "interrupted after 2 of 6" in str(part)
+    model = _fake_model()
+    resumed_from: list[int] = []
+    rest = B.shape_bias(model, conflict_dir, batch_size=2, state=state, progress=lambda d, t: resumed_from.append(d))
+    assert resumed_from == [4, 6] and model.module.calls == 2  # continued after the 2 done, not from the start
+    assert rest.complete and not rest.interrupted and rest.processed == 6
+    assert [d.file for d in rest.decisions] == [d.file for d in once.decisions]
+    assert [(d.decision, d.top_class) for d in rest.decisions] == [(d.decision, d.top_class) for d in once.decisions]
+    assert torch.equal(rest.scores, once.scores) and torch.equal(rest.confusion, once.confusion)
+    assert rest.shape_bias == once.shape_bias
+    again_model = _fake_model()
+    again = B.shape_bias(again_model, conflict_dir, batch_size=2, state=state, progress=False)
+    assert again_model.module.calls == 0 and torch.equal(again.scores, once.scores)  # complete: read back, no pass
+
+
+def test_resume_with_other_inputs_or_options_is_refused(conflict_dir, tmp_path):
+    state = tmp_path / "bias.state"
+    B.shape_bias(_fake_model(), conflict_dir, state=state, progress=False)
+    with pytest.raises(StateMismatchError, match="preprocessing kind 'whole', this run asks for 'model'"):
+        B.shape_bias(_fake_model(), conflict_dir, state=state, crop=True, progress=False)
+    other = {**CATS, "dog": [152]}
+    with pytest.raises(StateMismatchError, match="sets cue-conflict categories dog"):
+        B.shape_bias(_fake_model(), conflict_dir, state=state, categories=other, progress=False)
+    changed = _fake_model()
+    with torch.no_grad():
+        changed.module.scale.weight.add_(1)
+    with pytest.raises(StateMismatchError, match="different model"):
+        B.shape_bias(changed, conflict_dir, state=state, progress=False)
+    _write(conflict_dir / "bird" / "bird1-cat1.png", 2)
+    with pytest.raises(StateMismatchError, match="6 inputs then, 7 now; input 2 was 'cue-conflict/car/car4-car2.png', "
+                       "is now 'cue-conflict/bird/bird1-cat1.png'"):
+        B.shape_bias(_fake_model(), conflict_dir, state=state, progress=False)
+    with pytest.raises(StateMismatchError, match="a shape bias state, not a shape accuracy state"):
+        B.shape_accuracy(_fake_model(), conflict_dir, kind="x", state=state, progress=False)
+
+
+def test_unreadable_stimuli_are_skipped_and_listed(conflict_dir, tmp_path):
+    (conflict_dir / "cat" / "cat2-bird1.png").write_bytes(b"not a png")
+    with pytest.warns(SkippedImagesWarning, match="skipped 1 unreadable"):
+        r = B.shape_bias(_fake_model(), conflict_dir, batch_size=4, progress=False)
+    assert r.total == 7 and r.processed == 7 and len(r.decisions) == 6 and r.complete
+    assert [f for f, _ in r.unreadable] == ["cat/cat2-bird1.png"] and "cat2-bird1.png" in r.unreadable[0][1]
+    assert "cat/cat2-bird1.png" not in [d.file for d in r.decisions] and r.shape_bias == pytest.approx(3 / 4)
+    assert r.to_dict()["unreadable"] == [{"file": "cat/cat2-bird1.png", "reason": r.unreadable[0][1]}]
+    assert "1 unreadable left out" in str(r)
+    broken = tmp_path / "broken"
+    for name in ("cat/cat1-dog1.png", "dog/dog1-cat1.png"):
+        (broken / name).parent.mkdir(parents=True)
+        (broken / name).write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)
+        with pytest.raises(UnreadableImagesError, match="none of the 2 image"):
+            B.shape_accuracy(_fake_model(), broken)
+
+
+def test_one_state_for_every_set_of_the_command(conflict_dir, tmp_path, monkeypatch, capsys):
+    sil = tmp_path / "silhouettes"
+    _write(sil / "airplane" / "airplane1.png", 0)
+    _write(sil / "bird" / "bird3.png", 2)
+    (sil / "dog").mkdir()
+    (sil / "dog" / "dog1.png").write_bytes(b"broken")
+    state = tmp_path / "cli.state"
+    models = []
+
+    def fake(args):
+        models.append(_fake_model())
+        if len(models) == 1:
+            models[0].module.interrupt_at = 3  # Ctrl-C in the cue conflicts' third batch
+        return models[-1]
+
+    monkeypatch.setattr(cmd_bias, "load_model_from_args", fake)
+    argv = ["bias", "--data", str(conflict_dir), "--silhouettes", str(sil), "--no-progress", "--batch-size", "2",
+            "--state", str(state), "--json"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 130 and "run the same command again to continue" in err
+    assert json.loads(out)["shape_bias"]["processed"] == 4 and json.loads(out)["shape_only"] == []
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert models[1].module.calls == 1 + 1  # the last cue-conflict batch, then the silhouettes' readable batch
+    assert "silhouettes: skipped 1 unreadable image(s)" in err and "dog1.png" in err
+    data = json.loads(out)
+    plain = B.shape_bias(_fake_model(), conflict_dir, progress=False)
+    assert [d["decision"] for d in data["shape_bias"]["decisions"]] == [d.decision for d in plain.decisions]
+    assert data["shape_only"][0]["n"] == 2 and data["shape_only"][0]["unreadable"][0]["file"] == "dog/dog1.png"
+    code, out2, _ = _run(capsys, *argv)
+    assert code == 0 and models[2].module.calls == 0 and json.loads(out2)["shape_bias"] == data["shape_bias"]
+    code, _, err = _run(capsys, *argv, "--crop")
+    assert code == 2 and err.count("\n") == 1 and "preprocessing" in err
+    code, _, err = _run(capsys, *[a for a in argv if a not in ("--silhouettes", str(sil))])
+    assert code == 2 and "'sets'" not in err and "inputs" in err  # a set less: other inputs
+    store = B.stimuli_state(state, _fake_model(), data=conflict_dir, shape_only=[("silhouettes", sil)])
+    with pytest.raises(StateMismatchError, match="it holds the sets cue-conflict, shape-only:silhouettes, not 'shape-only:edges'"):
+        B.shape_accuracy(_fake_model(), sil, kind="edges", state=store)

@@ -1,9 +1,12 @@
-"""Network Dissection: IoU equal to a brute-force computation, category-restricted unions, exact thresholds."""
+"""Network Dissection: IoU equal to a brute-force computation, category-restricted unions, exact thresholds; the same
+numbers as before the dataset engine; pure reducer steps and exact merges; Ctrl-C at every line of an update resumed
+to the uninterrupted result."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -11,14 +14,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from interrupts import interrupt_everywhere
 from PIL import Image
 from torch import nn
 
 import convscope as cs
 import statecheck
 from convscope.cli.main import main
-from convscope.dataset.dissect import DissectError, dissect, make_synthetic_broden, open_broden
-from convscope.dataset.folder import StateMismatchError
+from convscope.dataset.dissect import (
+    WHOLE,
+    DissectError,
+    IoUReducer,
+    ThresholdReducer,
+    dissect,
+    make_synthetic_broden,
+    open_broden,
+    whole_image_input,
+)
+from convscope.dataset.engine import EngineError, Forward, Loader, RunInfo
+from convscope.dataset.engine import run as engine_run
+from convscope.dataset.folder import ImageSource, StateMismatchError, save_state
+from convscope.dataset.topk import merge_topk
 
 SIZE = 32
 
@@ -253,6 +269,160 @@ def test_same_numbers_as_the_pre_engine_implementation(tmp_path):
         assert [u.label if u.detector else -1 for u in d.units()] == saved[f"{name}/detectors"].tolist(), name
 
 
+# ---------------------------------------------------------------------------- the passes as reducers
+
+
+def _plain(state):
+    """A state's values with its tensors cloned (to check that a step left them as they were)."""
+    return None if state is None else {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _equal(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def _tree(reducer, parts):
+    """Partial states merged pairwise (a balanced tree, inputs kept in order), as a parallel engine may."""
+    while len(parts) > 1:
+        parts = [reducer.merge_states(*parts[i:i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def test_pass_reducers_are_pure_and_their_merges_match_the_stream(broden):
+    """Steps never change the state they are given (the engine's one-assignment commit relies on it); merging
+    per-batch states in input order (sequentially or as a tree) gives the stream's result: exactly for the top tail
+    and the IoU counters, within the reported bound for the histogram sketch."""
+    ds = open_broden(broden)
+    g = torch.Generator().manual_seed(0)
+    acts = torch.rand(len(ds), 4, 4, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 8.0]).view(1, 4, 1, 1)
+    acts[10:] *= 3  # later batches go beyond the histogram's first range
+    batches = [Forward(x=torch.zeros(len(i), 3, 1, 1), index=i, activations={"relu": acts[i]}, inputs={}, output=None)
+               for i in torch.arange(len(ds)).split(7)]
+    exact = np.quantile(acts.permute(1, 0, 2, 3).reshape(4, -1).numpy(), 0.995, axis=1)
+    for reducer in (ThresholdReducer("relu", count=len(ds)), ThresholdReducer("relu", count=len(ds), quantile_memory=16),
+                    IoUReducer("relu", ds, torch.tensor(exact), top_k=3)):
+        state, parts = None, []
+        for b in batches:
+            before = _plain(state)
+            new = reducer.step(state, b)
+            assert _equal(state, before), f"{reducer.name}: step changed its input state"
+            state = new
+            parts.append(reducer.step(None, b))
+        streamed, sequential, tree = (reducer.finish(s, RunInfo()) for s in (state, _sequential(reducer, parts),
+                                                                              _tree(reducer, parts)))
+        if isinstance(reducer, ThresholdReducer) and not streamed["exact"]:
+            assert not np.allclose(streamed["threshold_error"].numpy(), 0)
+            for got in (streamed, sequential, tree):
+                assert np.all(np.abs(got["thresholds"].numpy() - exact) <= got["threshold_error"].numpy() + 1e-9)
+            continue
+        for got in (sequential, tree):
+            assert streamed.keys() == got.keys()
+            for k in streamed:
+                assert torch.equal(streamed[k], got[k]) if isinstance(streamed[k], torch.Tensor) else streamed[k] == got[k], k
+        if isinstance(reducer, ThresholdReducer):
+            np.testing.assert_allclose(streamed["thresholds"].numpy(), exact, rtol=0, atol=1e-6)
+
+
+def _sequential(reducer, parts):
+    state = None
+    for p in parts:
+        state = reducer.merge_states(state, p)
+    return state
+
+
+def test_whole_preprocessing_equals_the_pre_engine_input():
+    """The engine's ``Preprocessing(kind="whole", resample="bilinear")`` (decoded as uint8, normalised on the device)
+    gives exactly the float input dissect built before (bilinear resize, float32 / 255, (x - mean) / std)."""
+    model = regression_model(nn.Sequential(OrderedDict(conv1=nn.Conv2d(3, 4, 2, stride=2), relu1=nn.ReLU(),
+                                                       conv2=nn.Conv2d(4, 6, 2, stride=2), relu2=nn.ReLU())).state_dict())
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (45, 20), (17, 64), (8, 8))]
+    h, w = model.input_size
+    old = torch.from_numpy(np.stack([np.asarray(p if p.size == (w, h) else p.resize((w, h), Image.Resampling.BILINEAR),
+                                                dtype=np.float32) / 255.0 for p in pictures])).permute(0, 3, 1, 2)
+    old = model.from_pixels(old).contiguous()
+    batch = next(iter(Loader(model, ImageSource(pictures), len(pictures), preprocessing=WHOLE, workers=0)))
+    assert torch.equal(batch.x, old)
+    assert torch.equal(whole_image_input(model, pictures), old)
+
+
+def test_a_state_of_the_format_before_the_engine_is_refused_clearly(broden, tmp_path):
+    state = tmp_path / "old.state"
+    meta = {"format": "convscope-dissect/1", "layer": "relu", "quantile": 0.995, "progress": {"stage": "iou", "processed": 8}}
+    save_state(state, {"meta": json.dumps(meta), "inter": torch.zeros(4, 11)}, meta)
+    with pytest.raises(StateMismatchError, match="convscope-dissect/1.*delete it"):
+        dissect(planted_model(), broden, "relu", state=state, progress=False)
+
+
+# ---------------------------------------------------------------------------- interrupted anywhere, resumed exactly
+
+#: The code of an update: the reducers, the engine's runner and state store, the top-k merge.
+ENGINE_FILES = {f.__code__.co_filename for f in (dissect, engine_run, merge_topk)}
+
+
+def same_dissection(a, b) -> None:
+    assert not b.interrupted and b.stage == "done" and b.processed == a.processed
+    for key in ("thresholds", "threshold_error", "iou", "intersection", "unit_area", "label_area", "top_images"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+
+
+def test_interrupted_at_every_line_of_an_iou_update_resumes_to_the_same_result(tmp_path):
+    """The bug of the streaming loop before the engine: counters updated in several steps, so a Ctrl-C between them
+    was saved and the resumed run counted the batch twice. Ctrl-C at the lines of batch 2's IoU update (every line of
+    the reducer's step and of the engine's commit and save, and a spread of the others: the label reading, the top-k
+    merge, the next batch's loading), then the same call again: the result of an uninterrupted run, exactly."""
+    root = make_synthetic_broden(tmp_path / "b", 9, size=16, square_every=2)
+    model = planted_model()
+
+    def plain(state):
+        return dissect(model, root, "relu", batch_size=3, state=state, save_every=1, progress=False)
+
+    def stop(stage, done, total):
+        if stage == "iou":
+            raise KeyboardInterrupt
+
+    # every trial starts from a state with pass 1 and the first IoU batch done (cheaper than redoing them)
+    seed = tmp_path / "seed.state"
+    assert dissect(model, root, "relu", batch_size=3, state=seed, save_every=1, progress=stop).processed == 3
+
+    def analysis(state):
+        if not state.exists():
+            shutil.copy(seed, state)
+        return plain(state)
+
+    def interrupted(d):
+        assert d.interrupted and d.stage == "iou" and d.processed in (3, 6)
+
+    commit = {"IoUReducer.step", "run", "run.<locals>.save", "StateStore.save", "_local_states", "_local_states.<locals>.advance"}
+    report = interrupt_everywhere(analysis, tmp_path / "states", counts=lambda code: code.co_filename in ENGINE_FILES,
+                                  starts=lambda code: code is IoUReducer.step.__code__, batch=1, same=same_dissection,
+                                  always=lambda where: where[2] in commit, limit=15, interrupted=interrupted)
+    same_dissection(plain(None), report.expected)
+    where = {(name, qualname) for name, _, qualname in report.events}
+    assert {("dissect.py", "IoUReducer.step"), ("dissect.py", "_batch_counts"), ("topk.py", "merge_topk"),
+            ("engine.py", "run"), ("engine.py", "StateStore.save")} <= where
+    tried = [report.events[n] for n in report.points]
+    assert sum(w[2] in commit for w in tried) > 30 and not any(escaped for _, escaped in report.fired)
+
+
+def test_interrupted_in_a_histogram_update_resumes_to_the_same_thresholds(tmp_path):
+    """Pass 1 too (the histogram sketch grew in place before the engine): Ctrl-C at a spread of lines of batch 2's
+    update, resumed: the thresholds (and everything after them) of an uninterrupted run."""
+    root = make_synthetic_broden(tmp_path / "b", 6, size=16, square_every=2)
+    model = planted_model()
+
+    def analysis(state):
+        return dissect(model, root, "relu", batch_size=2, state=state, save_every=1, quantile_memory=16, progress=False)
+
+    report = interrupt_everywhere(analysis, tmp_path / "states", counts=lambda code: code.co_filename in ENGINE_FILES,
+                                  starts=lambda code: code is ThresholdReducer.step.__code__, batch=2,
+                                  same=same_dissection, limit=8)
+    assert not report.expected.exact_threshold and len(report.points) == 8
+    assert {"ThresholdReducer.step", "_Histogram.added"} <= {q for _, _, q in report.events}
+
+
 def test_cli_json_and_synthetic(tmp_path, capsys, monkeypatch):
     root = tmp_path / "syn"
     assert main(["dissect", "--synthetic", str(root), "--synthetic-images", "10"]) == 0
@@ -261,9 +431,13 @@ def test_cli_json_and_synthetic(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     out = tmp_path / "units.png"
     assert main(["dissect", str(root), "--layer", "relu", "--json", "--no-progress", "-o", str(out),
-                 "--categories", "object,part"]) == 0
+                 "--categories", "object,part", "--workers", "0", "--amp", "bf16"]) == 0  # engine options pass through
     data = json.loads(capsys.readouterr().out)
     assert data["units"] == 4 and set(data["per_category"]) == {"object", "part"}
     assert data["unit_results"][0]["label"] == "square" and data["unit_results"][0]["detector"]
     assert Image.open(out).size[0] > 100
     assert main(["dissect", str(tmp_path / "nothing"), "--layer", "relu"]) == 2
+    with pytest.raises(EngineError, match="fp16"):  # the engine keywords reach the engine
+        dissect(model, root, "relu", amp="fp16", progress=False)
+    with pytest.raises(EngineError, match="unknown engine"):
+        dissect(model, root, "relu", engine="spark", progress=False)

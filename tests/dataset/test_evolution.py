@@ -1,22 +1,34 @@
 """Evolution over training: CKA against the explicit HSIC formula, drift and CKA on a real tiny training run,
-permuted filters (cosine low, CKA 1), architecture checks, models untouched and freed, the CLI."""
+permuted filters (cosine low, CKA 1), architecture checks, models untouched and freed, the CLI; resumable runs
+(Ctrl-C between or inside checkpoints, then the same call equals one run), refused resumes, unreadable probe images."""
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import warnings
 import weakref
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import convscope as cs
 import statecheck
 from convscope.cli.main import main
-from convscope.dataset.evolution import EvolutionError, centered_gram, evolution, gram_cka, linear_cka
+from convscope.dataset.evolution import (
+    EvolutionError,
+    centered_gram,
+    checkpoint_identity,
+    evolution,
+    gram_cka,
+    linear_cka,
+)
+from convscope.dataset.folder import SkippedImagesWarning, StateMismatchError, UnreadableImagesError
 
 SIZE = 32
 STEPS = (0, 5, 20, 60)
@@ -317,3 +329,188 @@ def test_ctrl_c_keeps_the_checkpoints_done(run):
     finally:
         handle.remove()
     statecheck.assert_untouched(mods[-1], before)
+
+
+# ============================================================================ resumable, on the dataset engine (issue 9)
+
+
+def assert_same_evolution(a, b) -> None:
+    """Every number of two Evolution results equal (NaN where NaN), kernels and cosines included."""
+    def same(x, y):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+    assert a.checkpoints == b.checkpoints and a.layers == b.layers and a.done == b.done and a.images == b.images
+    for name in ("drift_previous", "drift_final", "filter_cosine", "cka", "cka_previous"):
+        same(getattr(a, name), getattr(b, name))
+    for name in ("agreement", "accuracy"):
+        assert (getattr(a, name) is None) == (getattr(b, name) is None), name
+        if getattr(a, name) is not None:
+            same(getattr(a, name), getattr(b, name))
+    assert a.kernels.keys() == b.kernels.keys() and a.strongest.keys() == b.strongest.keys()
+    for n in a.kernels:
+        same(a.kernels[n], b.kernels[n])
+        assert (a.strongest[n] is None and b.strongest[n] is None) or torch.equal(a.strongest[n], b.strongest[n])
+    assert [sorted(c) for c in a.filter_cosines] == [sorted(c) for c in b.filter_cosines]
+    for ca, cb in zip(a.filter_cosines, b.filter_cosines):
+        for n in ca:
+            same(ca[n], cb[n])
+    assert a.skipped == b.skipped
+
+
+def counting(mods: list[nn.Module]) -> list[int]:
+    """Forward calls per module, counted by a hook (removed with the modules)."""
+    calls = [0] * len(mods)
+    for i, m in enumerate(mods):
+        m.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def test_interrupt_then_resume_equals_one_run(run, tmp_path):
+    mods = modules_of(run["states"])
+    probe, targets = run["probe"][:12], run["probe_y"][:12]
+    once = evolution(mods, probe, targets=targets, batch_size=5, progress=False)
+    state = tmp_path / "evo.state"
+
+    def stop_after_two(done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    part = evolution(mods, probe, targets=targets, batch_size=5, state=state, progress=stop_after_two)
+    assert part.interrupted and part.done == [True, False, False, True] and part.resumed == 0
+    calls = counting(mods)
+    reports: list[int] = []
+    rest = evolution(mods, probe, targets=targets, batch_size=5, state=state, progress=lambda d, t: reports.append(d))
+    assert rest.resumed == 2 and reports == [3, 4] and not rest.interrupted
+    assert calls[0] == 0 and calls[3] == 0 and calls[1] > 0 and calls[2] > 0  # the checkpoints done are not run again
+    assert_same_evolution(rest, once)
+    before = list(calls)
+    again = evolution(mods, probe, targets=targets, batch_size=5, state=state, progress=lambda d, t: reports.append(-1))
+    assert -1 not in reports and again.resumed == 4 and calls == before  # complete: read back, nothing run
+    assert_same_evolution(again, once)
+    manifest = json.loads((tmp_path / "evo.state.json").read_text())
+    assert manifest["stages"]["evolution"]["complete"] and manifest["fingerprint"]["checkpoint_count"] == 4
+
+
+def test_ctrl_c_inside_a_probe_pass_then_resume(run, tmp_path):
+    """Ctrl-C in the middle of a checkpoint's probe pass: that checkpoint is not kept, and the resume measures it."""
+    mods = modules_of(run["states"])
+    probe = run["probe"][:10]
+    once = evolution(mods, probe, layers=["conv2", "relu2"], features="spatial", grid=2, batch_size=4, progress=False)
+    state = tmp_path / "evo.state"
+    seen = [0]
+
+    def ctrl_c_at_second_batch(*_args) -> None:
+        seen[0] += 1
+        if seen[0] == 2:
+            raise KeyboardInterrupt
+
+    handle = mods[1].conv1.register_forward_pre_hook(ctrl_c_at_second_batch)
+    part = evolution(mods, probe, layers=["conv2", "relu2"], features="spatial", grid=2, batch_size=4, state=state,
+                     progress=False)
+    handle.remove()
+    assert part.interrupted and part.done == [True, False, False, True]
+    rest = evolution(mods, probe, layers=["conv2", "relu2"], features="spatial", grid=2, batch_size=4, state=state,
+                     progress=False)
+    assert rest.resumed == 2 and "relu2" not in rest.kernels  # relu2: CKA only
+    assert_same_evolution(rest, once)
+
+
+def test_resume_with_other_checkpoints_or_options_is_refused(run, tmp_path):
+    mods = modules_of(run["states"][:3])
+    probe = run["probe"][:6]
+    state = tmp_path / "evo.state"
+    evolution(mods, probe, layers=["conv1"], state=state, progress=False)
+    with pytest.raises(StateMismatchError, match="features 'pooled', this run asks for 'spatial'"):
+        evolution(mods, probe, layers=["conv1"], features="spatial", state=state, progress=False)
+    with pytest.raises(StateMismatchError, match="layers"):
+        evolution(mods, probe, layers=["conv2"], state=state, progress=False)
+    with pytest.raises(StateMismatchError, match="max_images 256, this run asks for 100"):
+        evolution(mods, probe, layers=["conv1"], max_images=100, state=state, progress=False)
+    with pytest.raises(StateMismatchError, match="different list of inputs"):
+        evolution(mods, probe + 1, layers=["conv1"], state=state, progress=False)  # the same count, other values
+    with pytest.raises(StateMismatchError, match="checkpoints #1 module abs_sum"):
+        evolution([mods[0], mods[2], mods[2]], probe, layers=["conv1"], state=state, progress=False)
+    with pytest.raises(StateMismatchError, match="checkpoint_count 3, this run asks for 4"):
+        evolution(modules_of(run["states"]), probe, layers=["conv1"], state=state, progress=False)
+    with pytest.raises(StateMismatchError, match="targets"):
+        evolution(mods, probe, layers=["conv1"], targets=[0] * 6, state=state, progress=False)
+    same = evolution(mods, probe, layers=["conv1"], labels=["a", "b", "c"], state=state, progress=False)
+    assert same.resumed == 3 and same.checkpoints == ["a", "b", "c"]  # names are not part of the run's identity
+
+
+def test_checkpoint_files_are_known_by_path_size_and_time(tmp_path):
+    f = tmp_path / "a.pt"
+    torch.save({"w": torch.zeros(3)}, f)
+    first = checkpoint_identity(f)
+    assert first["file"] == str(f.resolve()) and first["size"] == f.stat().st_size
+    assert checkpoint_identity(str(f)) == first
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert checkpoint_identity(f) != first
+    m = tiny_cnn()
+    assert checkpoint_identity(m) == checkpoint_identity(cs.as_model(m)) == {"module": cs.models.model_fingerprint(m)}
+
+
+def test_unreadable_probe_images_are_skipped_and_listed(run, tmp_path):
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"p{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(paths[-1])
+    (tmp_path / "p1.png").write_bytes(b"broken")
+    mods = [cs.load_model(m, input_size=SIZE, mean=(0.5,) * 3, std=(0.25,) * 3, device="cpu") for m in modules_of(run["states"][-2:])]
+    with pytest.warns(SkippedImagesWarning) as caught:
+        ev = evolution(mods, paths, progress=False)
+    assert len([w for w in caught if issubclass(w.category, SkippedImagesWarning)]) == 1  # once, not per checkpoint
+    assert ev.images == 3 and [p for p, _ in ev.skipped] == [1] and "p1.png" in ev.skipped[0][1]
+    assert ev.to_dict()["skipped"][0]["position"] == 1 and all(ev.done)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)
+        assert evolution(mods, paths, max_images=3, progress=False).images == 2  # the probe set: the first 3 inputs
+        with pytest.raises(EvolutionError, match="at least 2 readable probe images, got 1"):
+            evolution(mods, paths, max_images=2, progress=False)
+    for p in paths:
+        p.write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedImagesWarning)
+        with pytest.raises(UnreadableImagesError):
+            evolution(mods, paths, progress=False)
+
+
+def test_cli_state_resumes(run, tmp_path, capsys, monkeypatch):
+    """The CLI with --state: a Ctrl-C in the third checkpoint's pass exits 130; the same command continues and prints
+    what one uninterrupted run prints."""
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    loads: list[str] = []
+    interrupt = {"at": "step020.pt"}
+
+    def fake_load(path, **_kw):  # tiny CNN state_dicts, with the CLI's loading replaced
+        loads.append(os.path.basename(path))
+        m = tiny_cnn()
+        m.load_state_dict(torch.load(path, weights_only=True))
+        if interrupt["at"] == os.path.basename(path):
+            m.conv1.register_forward_pre_hook(lambda *_a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        return cs.load_model(m, input_size=SIZE, device="cpu")
+
+    monkeypatch.setattr(cs.models, "load_model", fake_load)
+    state = tmp_path / "evo.state"
+    argv = ["evolution", *map(str, run["paths"]), "--arch", "tiny", "--images", str(folder), "--json", "--no-progress",
+            "-o", str(tmp_path / "curves.png")]
+    assert main([*argv, "--state", str(state)]) == 130
+    assert "run the same command again to continue" in capsys.readouterr().err
+    assert loads == ["step060.pt", "step000.pt", "step005.pt", "step020.pt"]
+    interrupt["at"] = None
+    loads.clear()
+    assert main([*argv, "--state", str(state)]) == 0
+    out, err = capsys.readouterr()
+    assert loads == ["step020.pt"] and "(3 read back from" in err
+    assert main(argv) == 0  # one uninterrupted run, no state
+    plain = json.loads(capsys.readouterr().out)
+    resumed = json.loads(out)
+    assert resumed.pop("resumed") == 3 and plain.pop("resumed") == 0
+    resumed.pop("seconds"), plain.pop("seconds")
+    assert resumed == plain
+    assert main([*argv, "--state", str(state), "--features", "spatial"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "features 'pooled', this run asks for 'spatial'" in err

@@ -64,7 +64,7 @@ def test_flat_knn_equals_brute_force(metric):
     qd, qi = build_index(x, metric).search(q, 5)
     full = torch.cdist(q.double(), x.double()) if metric == "euclidean" else \
         1 - (q.double() / q.double().norm(dim=1, keepdim=True)) @ (x.double() / x.double().norm(dim=1, keepdim=True)).T
-    assert torch.equal(qi, torch.sort(full, 1, stable=True).indices[:, :5])
+    assert torch.equal(qi, torch.sort(full, dim=1, stable=True).indices[:, :5])
     torch.testing.assert_close(qd.double(), torch.sort(full, 1).values[:, :5], atol=1e-5, rtol=0)
 
 

@@ -1,5 +1,5 @@
 """The Ray engine (``engine="ray"``) gives the local engine's results: top-k with ties, channel statistics,
-resumed runs, skipped images. One local Ray instance (2 CPUs, no dashboard) serves the whole module."""
+embeddings, dissection, resumed runs, skipped images. One local Ray instance (2 CPUs, no dashboard) serves the whole module."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from torch import nn
 
 import convscope as cs
 from convscope.dataset import engine
+from convscope.dataset.dissect import dissect, make_synthetic_broden
+from convscope.dataset.embed import EmbeddingReducer
 from convscope.dataset.folder import SkippedImagesWarning
 from convscope.dataset.topk import TopKError, TopKReducer, top_activations
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data] (pip install convscope[ray])")
 pytest.importorskip("ray.data")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")  # Ray Data's own context options
 
 SIZE = 16
 
@@ -38,7 +41,7 @@ def tiny_model() -> cs.Model:
 def ray_instance():
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     if started:
         ray.shutdown()
@@ -70,12 +73,13 @@ def both(fn):
     return out
 
 
-def test_topk_and_stats_equal_local_with_ties_and_skipped(ray_instance, folder):
+def test_topk_stats_embeddings_equal_local_with_ties_and_skipped(ray_instance, folder):
+    """One pass, four reducers: layer outputs (stopped early? no: the classifier's input and the logits are needed)."""
     model = tiny_model()
 
     def go(name):
         return engine.run(model, folder, [TopKReducer("conv2", k=6), TopKReducer("relu1", k=4, reduce="mean"),
-                                          engine.ChannelStats("conv1")],
+                                          engine.ChannelStats("conv1"), EmbeddingReducer(model=model)],
                           batch_size=4, progress=False, engine=name, actors=2)
 
     (local, lw), (remote, rw) = both(go)
@@ -99,6 +103,29 @@ def test_topk_and_stats_equal_local_with_ties_and_skipped(ray_instance, folder):
     assert local.info.skipped[0][0] == 20
     assert (local.info.processed, local.info.scored) == (remote.info.processed, remote.info.scored) == (21, 20)
     assert len(lw) == len(rw) == 1 and str(lw[0].message) == str(rw[0].message)
+    e, f = local.results[3], remote.results[3]  # penultimate features (the classifier's input) and predictions
+    assert e.features.shape == (20, 6) and torch.equal(e.features, f.features)
+    assert torch.equal(e.positions, f.positions) and e.sources == f.sources
+    assert torch.equal(e.predictions, f.predictions) and torch.equal(e.probabilities, f.probabilities)
+
+
+def test_dissection_equals_local(ray_instance, tmp_path):
+    torch.manual_seed(0)
+    module = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 2, stride=2), relu=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+                                       flat=nn.Flatten()))
+    with torch.no_grad():
+        module.conv.weight[0] = torch.tensor([0.25, -0.25, -0.25]).view(3, 1, 1)  # unit 0: the red squares
+        module.conv.bias[0] = -0.5
+    model = cs.Model(module, input_size=SIZE * 2, mean=(0, 0, 0), std=(1, 1, 1), labels=list("abcd"),
+                     resize_size=SIZE * 2)
+    root = make_synthetic_broden(tmp_path / "broden", 12, size=SIZE * 2, square_every=3)
+    a = dissect(model, root, "relu", batch_size=5, progress=False)
+    b = dissect(model, root, "relu", batch_size=5, progress=False, engine="ray")
+    assert b.stage == "done" and b.processed == a.processed == 12
+    torch.testing.assert_close(b.thresholds, a.thresholds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.iou, a.iou, rtol=0, atol=1e-6)
+    assert torch.equal(b.top_images, a.top_images)
+    assert a.iou[0].max() > 0.5  # the planted detector was found (the comparison is not between empty results)
 
 
 def test_top_activations_engine_ray_list_of_images(ray_instance, folder):
@@ -139,3 +166,8 @@ def test_errors_raised_in_actors_reach_the_caller(ray_instance, folder):
         top_activations(model, folder, "conv2", channels=[40], progress=False, engine="ray")
     with pytest.raises(engine.EngineError, match="unknown length"):
         top_activations(model, iter([torch.zeros(2, 3, SIZE, SIZE)]), "conv2", progress=False, engine="ray")
+    if not ray.cluster_resources().get("GPU"):
+        with pytest.raises(engine.EngineError, match="no GPU"):
+            top_activations(model, folder, "conv2", progress=False, engine="ray", num_gpus=1)
+    with pytest.raises(engine.EngineError, match="actors must be >= 1"):
+        engine.run(model, folder, [TopKReducer("conv2")], progress=False, engine="ray", actors=0)

@@ -1,10 +1,16 @@
 """``convscope bias``: shape-versus-texture bias (Geirhos et al., ICLR 2019) and shape-only accuracy.
 
-``bias [--data DIR] [--silhouettes DIR] [--edges DIR] [--categories FILE] [--json] [-o plot.png]``
+``bias [--data DIR] [--silhouettes DIR] [--edges DIR] [--categories FILE] [--state FILE] [--json] [-o plot.png]``
 prints the shape bias, the shares of shape / texture / other decisions, the counts per shape category and
 the 16-way accuracy on silhouettes and edge drawings (a short table, or JSON); ``-o`` writes the
 per-category plot (with an accuracy panel when shape-only sets ran). Without ``--data`` the shipped sample
 in ``../shared/data`` is used, and its silhouettes and edges too unless ``--no-shape-only``.
+
+The stimuli stream through the dataset engine (``--workers``, ``--amp``, ``--engine ray``...). ``--state FILE``
+keeps every set of the command in one state file (:func:`~convscope.dataset.bias.stimuli_state`): after a
+Ctrl-C (exit 130) the same command continues where it stopped, finished sets are read back without a forward
+pass, and a state of other stimuli, categories, ``--crop`` or weights is refused with the reason (exit 2).
+Unreadable stimuli are skipped and listed on stderr (and under ``unreadable`` in ``--json``).
 """
 
 from __future__ import annotations
@@ -20,8 +26,18 @@ from ..dataset.bias import (
     find_stimuli,
     shape_accuracy,
     shape_bias,
+    stimuli_state,
 )
-from .common import dataset_command, info, load_model_from_args, output_file, save
+from ..dataset.folder import SAVE_EVERY, skipped_summary
+from .common import (
+    check_run_outputs,
+    dataset_command,
+    engine_kwargs,
+    info,
+    load_model_from_args,
+    save,
+    skipped_reported_once,
+)
 
 ORDER = 55
 
@@ -32,13 +48,15 @@ HELP = "shape-vs-texture bias on cue-conflict images (Geirhos et al. 2019)"
 DESCRIPTION = (
     "Shape bias = shape / (shape + texture) 16-way decisions over cue-conflict images whose shape and "
     "texture categories differ; the 16-way decision averages the softmax over each category's ImageNet classes. "
-    "Also the 16-way accuracy on shape-only stimuli (silhouettes, edge drawings)."
+    "Also the 16-way accuracy on shape-only stimuli (silhouettes, edge drawings). With --state FILE the run is saved "
+    "as it goes and the same command resumes it; unreadable stimuli are skipped and listed."
 )
 
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = dataset_command(subparsers, parents, "bias", help=HELP, description=DESCRIPTION,
-                        func=run_bias, output="write the per-category plot", json_help="machine-readable output (with every image's decision)")
+                        func=run_bias, output="write the per-category plot", json_help="machine-readable output (with every image's decision)",
+                        state=True, engine=True)
     p.add_argument("--data", default=None, metavar="DIR",
                    help="cue-conflict folder, SHAPE/SHAPEi-TEXTUREj.png (default: the shipped sample in ../shared/data)")
     p.add_argument("--silhouettes", default=None, metavar="DIR", help="silhouettes folder, CATEGORY/*.png")
@@ -50,6 +68,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "published protocol (whole stimulus resized to the input size, no crop)")
     p.add_argument("--categories", default=None, metavar="FILE",
                    help="16-class mapping JSON {category: [ImageNet indices]} (default: imagenet16.json)")
+    p.add_argument("--save-every", type=SAVE_EVERY.argtype("--save-every"), default=SAVE_EVERY.default, metavar="N",
+                   help=f"with --state: save every N batches ({SAVE_EVERY.range_text()}; default {SAVE_EVERY.default})")
 
 
 def _shape_only_sets(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -69,28 +89,44 @@ def _fmt(v: float, spec: str = ".3f") -> str:
 
 
 def run_bias(args: argparse.Namespace) -> int:
-    """Shape bias on the cue-conflict images, then the shape-only accuracies; print them, draw the plot."""
-    if args.output:
-        output_file(args.output, "")
+    """Shape bias on the cue-conflict images, then the shape-only accuracies; print them, draw the plot.
+
+    Exit 130 after a Ctrl-C (the numbers cover the images done; with ``--state`` the same command continues)."""
+    check_run_outputs(args)
+    engine = engine_kwargs(args)
     model = load_model_from_args(args)
     progress = False if args.no_progress else None
-    kw = dict(categories=args.categories, batch_size=args.batch_size, progress=progress, crop=args.crop)
-    result = shape_bias(model, args.data, **kw)
-    accuracies = []
-    if not result.interrupted:
-        for kind, folder in _shape_only_sets(args):
-            acc = shape_accuracy(model, folder, kind=kind, **kw)
-            accuracies.append(acc)
-            if acc.interrupted:
-                break
+    sets = _shape_only_sets(args)
+    state = None
+    if args.state is not None:  # one file for every set of the command, each set one stage of it
+        state = stimuli_state(args.state, model, data=args.data, shape_only=sets, categories=args.categories,
+                              crop=args.crop)
+    kw = dict(categories=args.categories, batch_size=args.batch_size, progress=progress, crop=args.crop, state=state,
+              save_every=args.save_every, **engine)
+    with skipped_reported_once():  # reported below, one line per set
+        result = shape_bias(model, args.data, **kw)
+        accuracies = []
+        if not result.interrupted:
+            for kind, folder in sets:
+                acc = shape_accuracy(model, folder, kind=kind, **kw)
+                accuracies.append(acc)
+                if acc.interrupted:
+                    break
     if args.json:
         print(json.dumps({"shape_bias": result.to_dict(), "shape_only": [a.to_dict() for a in accuracies]}, indent=2))
     else:
         _print_table(result, accuracies, PUBLISHED_SHAPE_BIAS, PUBLISHED_SHAPE_ACCURACY)
-    if result.interrupted or any(a.interrupted for a in accuracies):
-        info("interrupted: the numbers cover the images done so far")
+    for r, label in [(result, "cue conflicts")] + [(a, a.kind) for a in accuracies]:
+        if r.unreadable:
+            info(f"{label}: {skipped_summary(r.unreadable)}")
     if args.output:
         save(result.to_image(accuracies), args.output, "shape-bias plot")
+    if args.state:
+        info(f"state in {args.state}")
+    if result.interrupted or any(a.interrupted for a in accuracies):
+        info("interrupted: the numbers cover the images done so far; "
+             + ("run the same command again to continue" if args.state else "rerun with --state FILE to be able to resume"))
+        return 130
     return 0
 
 
@@ -99,7 +135,8 @@ def _print_table(result: Any, accuracies: list[Any], bias_refs: dict[str, float]
     print(f"{result.model_name} on {result.root}")
     print(f"stimuli: {result.protocol}")
     print(f"{done} images: {result.conflicts} cue conflicts, {result.excluded} with the same shape and texture category "
-          f"(left out)" + (f"; interrupted after {done} of {result.total}" if result.interrupted else ""))
+          f"(left out)" + (f"; {len(result.unreadable)} unreadable (left out)" if result.unreadable else "")
+          + (f"; interrupted after {result.processed} of {result.total}" if result.interrupted else ""))
     refs = ", ".join(f"{k} {v:g}" for k, v in bias_refs.items())
     print(f"shape bias  {_fmt(result.shape_bias)}   (published: {refs})")
     print(f"{'decision':<10} {'images':>6} {'share':>7}")

@@ -20,6 +20,7 @@ from ..options import bounded
 from .common import (
     check_run_outputs,
     dataset_command,
+    engine_kwargs,
     finish_run,
     info,
     layer_and_output,
@@ -60,12 +61,13 @@ def run_dissect(args: argparse.Namespace) -> int:
     if not args.broden:
         raise ConvscopeError("give a Broden dataset folder (or --synthetic DIR to write a small one)")
     check_run_outputs(args)
+    engine = engine_kwargs(args)
     model = load_model_from_args(args)
     layer, out = layer_and_output(args, model, "dissect")
     with skipped_reported_once():
         r = dissect(model, args.broden, layer, batch_size=args.batch_size, categories=args.categories,
                     quantile=args.quantile, iou_threshold=args.iou_threshold, max_images=args.max_images,
-                    top_k=args.top_k, state=args.state, progress=False if args.no_progress else None)
+                    top_k=args.top_k, state=args.state, progress=False if args.no_progress else None, **engine)
     vectors = None
     if args.net2vec and r.num_units and not r.interrupted:
         vectors = net2vec(model, args.broden, layer, mode=args.net2vec_mode, thresholds=r, categories=args.categories,
@@ -96,14 +98,15 @@ DESCRIPTION = (
     "Network Dissection (Bau et al., CVPR 2017): per unit of LAYER, threshold its activations at their "
     "99.5th percentile over the dataset, upsample to the mask resolution and score IoU (total intersection / "
     "total union) with every labelled concept of a Broden-format dataset. A unit whose best IoU exceeds 0.04 is a "
-    "detector of that concept. Two streaming passes; memory bounded by units x concepts."
+    "detector of that concept. Two streaming passes on the dataset engine; memory bounded by units x concepts; with "
+    "--state the run is saved as it goes and the same command resumes it."
 )
 
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``dissect`` parser."""
     p = dataset_command(subparsers, parents, "dissect", help=HELP, description=DESCRIPTION,
-                        func=run_dissect, state=True, output="picture (default dissect-LAYER.png)", json_help="print the per-unit results and counts as JSON")
+                        func=run_dissect, state=True, engine=True, output="picture (default dissect-LAYER.png)", json_help="print the per-unit results and counts as JSON")
     p.add_argument("broden", metavar="BRODEN", nargs="?", default=None,
                    help="Broden-format folder (index.csv, label.csv, images/)")
     p.add_argument("--synthetic", default=None, metavar="DIR", help="write a small synthetic Broden-format dataset to DIR and stop")

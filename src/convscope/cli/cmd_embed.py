@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from ..dataset.embed import ITERATIONS, MAP_SIZE, METHODS, METRICS, NEIGHBOURS, POOLS, THUMB, embed
-from ..dataset.folder import ImageSource
+from ..dataset.folder import SAVE_EVERY, ImageSource
 from ..dataset.maps import INDEXES, MAX_POINTS, check_map_size
 from ..errors import ConvscopeError
 from ..files import check_output_path
@@ -21,6 +21,7 @@ from ..images import load_image
 from ..options import bounded
 from .common import (
     dataset_command,
+    engine_kwargs,
     image_inputs,
     info,
     load_model_from_args,
@@ -44,22 +45,29 @@ def run_embed(args: argparse.Namespace) -> int:
     map method can take that many images (:func:`~convscope.dataset.maps.check_map_size`, ``--max-points``),
     so a set too large for t-SNE fails at once, not after every image has been embedded."""
     images = image_inputs(args.images)
-    check_map_size(args.method, len(ImageSource(images)), max_points=args.max_points)
     root = images if isinstance(images, str) else None
     out = output_file(args.output, "embedding-map.png")
     nn_out = output_file(args.neighbours_out, "neighbours.png") if args.neighbours else None
     if args.save:
         check_output_path(args.save, what="embedding file")
+    if args.state:
+        check_output_path(args.state, what="state file")
+    if args.store:
+        check_output_path(args.store, what="features file")
+    streaming = engine_kwargs(args)
+    check_map_size(args.method, len(ImageSource(images)), max_points=args.max_points)  # after the paths: one line each
     if args.neighbours:
         load_image(args.neighbours)  # an unreadable query fails now, not after the run and its files
     model = load_model_from_args(args)
     with skipped_reported_once():
         e = embed(model, images, args.layer, pool=args.pool, batch_size=args.batch_size, predict=args.predict or None,
-                  progress=False if args.no_progress else None)
+                  progress=False if args.no_progress else None, state=args.state, store=args.store,
+                  save_every=args.save_every, **streaming)
     report_skipped(e.skipped)
     info(f"{e} in {e.seconds:.1f} s")
     if e.interrupted:
-        info(f"interrupted: continuing with the {len(e)} images done")
+        info(f"interrupted: continuing with the {len(e)} images done; "
+             + ("run the same command again to embed the rest" if args.state else "use --state FILE to be able to resume"))
     if args.save:  # before the projection: a long t-SNE that is interrupted keeps the features
         _write_embedding(e, args.save)
     perplexity = args.perplexity
@@ -138,7 +146,13 @@ DESCRIPTION = (
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``embed`` parser."""
     p = dataset_command(subparsers, parents, "embed", help=HELP, description=DESCRIPTION,
-                        func=run_embed, output="map picture (default embedding-map.png)", json_help="print every image's coordinates (and the neighbours) as JSON")
+                        func=run_embed, output="map picture (default embedding-map.png)", json_help="print every image's coordinates (and the neighbours) as JSON",
+                        state=True, engine=True)
+    p.add_argument("--store", default=None, metavar="FILE.npy",
+                   help="write the features to FILE.npy as they are computed (row i = image i; default: STATE.features.npy "
+                        "beside --state, else a temporary file)")
+    p.add_argument("--save-every", type=SAVE_EVERY.argtype("--save-every"), default=SAVE_EVERY.default, metavar="N",
+                   help=f"with --state: save every N batches ({SAVE_EVERY.range_text()}; default {SAVE_EVERY.default})")
     p.add_argument("images", nargs="+", metavar="FOLDER", help="a folder of images (searched recursively), or image files / sample:NAME")
     p.add_argument("--layer", default=None, metavar="L", help="layer to pool (default: the classifier's input)")
     p.add_argument("--pool", choices=POOLS, default="avg", help="global pooling of feature maps (default avg)")

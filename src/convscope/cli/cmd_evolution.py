@@ -2,6 +2,10 @@
 
 Parses options, calls :func:`convscope.dataset.evolution.evolution`, prints the tables (or JSON) on
 stdout and writes the curves (and optionally the filters over training) atomically; messages go to stderr.
+``--state FILE`` saves the run after each checkpoint: after a Ctrl-C (exit 130) the same command skips the
+checkpoints done, and a state of other checkpoints, probe images or options is refused with the reason
+(exit 2). Unreadable probe images are skipped and reported on stderr. The probe passes take the dataset
+engine's options (``--workers``, ``--amp``, ``--engine``...).
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from typing import Any
 
 from ..dataset.evolution import FEATURES, KEEP_FILTERS, MAX_IMAGES, evolution
 from ..errors import ConvscopeError, LayerNotFoundError, suggestion
+from ..files import check_output_path
 from ..options import bounded
 from .common import (
     dataset_command,
+    engine_kwargs,
     image_inputs,
     info,
     output_file,
@@ -43,16 +49,21 @@ def run_evolution(args: argparse.Namespace) -> int:
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     if filters_out and args.filter_layer and layers is not None and args.filter_layer not in layers:
         raise LayerNotFoundError(f"--filter-layer {args.filter_layer!r} is not among --layers{suggestion(args.filter_layer, layers)}")
+    if args.state is not None:
+        check_output_path(args.state, what="state file")
+    engine = engine_kwargs(args)
     images = image_inputs(args.images)
     with skipped_reported_once():
         ev = evolution(args.checkpoints, images, arch=args.arch, num_classes=args.num_classes,
                        layers=layers, labels=labels, batch_size=args.batch_size, max_images=args.max_images,
                        features=args.features, device=args.device, trust=args.trust_pickle,
-                       progress=False if args.no_progress else None)
+                       progress=False if args.no_progress else None, state=args.state, **engine)
     report_skipped(ev.skipped)
-    info(f"{ev} in {ev.seconds:.1f} s")
+    info(f"{ev} in {ev.seconds:.1f} s" + (f" ({ev.resumed} read back from {args.state})" if ev.resumed else "")
+         + (f"; state in {args.state}" if args.state else ""))
     if ev.interrupted:
-        info("interrupted: showing the checkpoints done")
+        info("interrupted: showing the checkpoints done; "
+             + ("run the same command again to continue" if args.state else "rerun with --state FILE to be able to resume"))
     pictures = [(ev.curves_image(), out, "evolution curves")]
     if filters_out:
         layer = args.filter_layer or ev.layers[0]
@@ -94,14 +105,16 @@ DESCRIPTION = (
     "Compare checkpoints of one architecture (state_dict / safetensors files, in training order; the "
     "last is the reference): relative weight drift per layer, cosine of each filter to its final self, linear CKA "
     "of each layer's activations to the final checkpoint's on probe images (default: the bundled samples), and "
-    "top-1 agreement with the final model. Checkpoints are loaded one at a time."
+    "top-1 agreement with the final model. Checkpoints are loaded one at a time; with --state FILE the run is saved "
+    "after each checkpoint and the same command resumes it."
 )
 
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``evolution`` parser."""
     p = dataset_command(subparsers, parents, "evolution", help=HELP, description=DESCRIPTION,
-                        func=run_evolution, output="curves picture (default evolution.png)", json_help="print the tables as JSON")
+                        func=run_evolution, output="curves picture (default evolution.png)", json_help="print the tables as JSON",
+                        state=True, engine=True)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files in training order (need --arch)")
     p.add_argument("--images", action="append", default=None, metavar="DIR",
                    help="probe images: a folder, or an image file / sample:NAME (repeat for several); "

@@ -5,6 +5,11 @@ until Ctrl-C. ``--port 0`` takes any free port. The token is random per launch a
 must carry it (the page takes it from its URL, as Jupyter does). Binding to another address than the
 loopback one exposes the model to the network (a warning says so); the Host check stays on, with the
 machine's own names, any IP address and ``--allow-host NAME`` accepted.
+
+``--atlas ATLAS`` serves an atlas folder (``convscope atlas build``) under ``/atlas/``: model page, layer
+pages, unit pages, activation atlases and the layer view of an image, all read from the atlas's index.
+Alone it serves the atlas only (no model is loaded; ``/`` redirects to ``/atlas/``); with ``--model M``
+too, the explorer of M stays at ``/`` beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
+from ..atlas.store import AtlasStore
 from ..errors import ConvscopeError
 from ..options import bounded
 from ..server import make_server
@@ -34,22 +40,30 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
                    help="largest image upload accepted, in megabytes, 0.001..4096 (default 20)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also accept requests addressed to this host name (repeatable; e.g. a name behind a proxy)")
+    p.add_argument("--atlas", default=None, metavar="ATLAS",
+                   help="also serve this atlas folder (convscope atlas build) under /atlas/; alone, without "
+                        "--model, it serves the atlas only")
     p.add_argument("--quiet", action="store_true", help="do not log every request on stderr")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model_from_args(args)
-    model.layers()  # the layer table once now, so the first page load is quick
+    atlas = AtlasStore(args.atlas) if args.atlas else None  # an unusable folder is refused before anything loads
+    model = None
+    if atlas is None or args.model is not None:
+        model = load_model_from_args(args)
+        model.layers()  # the layer table once now, so the first page load is quick
     try:
         server = make_server(model, args.host, args.port, quiet=args.quiet, allow_hosts=args.allow_host,
-                             max_upload=int(args.max_upload_mb * 1024 * 1024))
+                             max_upload=int(args.max_upload_mb * 1024 * 1024), atlas=atlas)
     except OSError as exc:
         raise ConvscopeError(f"cannot serve on {args.host}:{args.port} ({exc.strerror or exc})") from None
     if not _is_loopback(server.host):
         info(f"convscope: warning: listening on {server.host}, reachable from other machines; anyone with the "
              "token in the URL can use the model")
     info(f"convscope: serving {server.url}")
+    if model is not None and server.atlas_url:
+        info(f"convscope: atlas at {server.atlas_url}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

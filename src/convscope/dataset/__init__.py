@@ -46,6 +46,7 @@ from .dissect import Broden, DissectError, Dissection, Unit, dissect, make_synth
 from .embed import (
     Embedding,
     EmbeddingError,
+    EmbeddingReducer,
     Neighbour,
     embed,
     feature_distances,
@@ -114,6 +115,7 @@ __all__ = [
     "Dissection",
     "Embedding",
     "EmbeddingError",
+    "EmbeddingReducer",
     "Evolution",
     "EvolutionError",
     "Neighbour",

@@ -46,7 +46,7 @@ from PIL import Image
 
 from ..errors import ConvscopeError
 from ..images import list_images, load_image
-from ..models import Model, as_model, model_fingerprint
+from ..models import Model, as_model, model_fingerprint, same_model
 from ..render import figure_to_image
 from ..render.picture import Pictured
 from .engine import MODEL_PREPROCESSING, Forward, Preprocessing, Reducer, RunInfo, StateStore
@@ -558,9 +558,11 @@ def _check_store(store: StateStore, model: Model, s: _Set, crop: bool) -> None:
         why = f"it holds the sets {', '.join(saved.get('sets', {})) or 'none'}, not {s.stage!r}"
     elif saved["sets"][s.stage] != now["sets"][s.stage]:
         why = f"its set {s.stage!r} holds other stimuli or categories than {s.path}"
-    elif (saved.get("model") != now["model"] or saved.get("preprocessing") != now["preprocessing"]
-          or saved.get("input") != now["input"]):
-        why = "it was made for another model or preprocessing"
+    elif not same_model(saved.get("model", {}), now["model"]):
+        why = f"it was made for a different model ({saved.get('model')} vs {now['model']})"
+    elif saved.get("preprocessing") != now["preprocessing"] or saved.get("input") != now["input"]:
+        why = (f"it was made for the preprocessing {saved.get('preprocessing')} {saved.get('input')}, this run asks for "
+               f"{now['preprocessing']} {now['input']}")
     if why is not None:
         raise StateMismatchError(f"{store.path}: this state does not fit: {why}; make it with stimuli_state for these "
                                  "stimuli and this model")

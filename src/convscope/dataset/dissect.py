@@ -84,7 +84,18 @@ from ..options import Option
 from ..probe import resolve_layer
 from ..render import matrix_grid
 from ..render.picture import Pictured
-from .engine import Forward, Preprocessing, Reducer, RunInfo, StateStore, decode, feature_maps, fingerprint, forward_batches, normalise
+from .engine import (
+    Forward,
+    Preprocessing,
+    Reducer,
+    RunInfo,
+    StateStore,
+    decode,
+    feature_maps,
+    fingerprint,
+    forward_batches,
+    normalise,
+)
 from .engine import run as run_engine
 from .folder import BATCH_SIZE, SAVE_EVERY, DatasetError, ImageSource, check_state_path
 from .topk import merge_topk
@@ -95,7 +106,7 @@ IMAGE_COLUMNS = ("scene", "texture")
 CATEGORIES = PIXEL_COLUMNS + IMAGE_COLUMNS
 #: Bins per unit of the histogram used when the exact top tail would not fit in ``quantile_memory``.
 HISTOGRAM_BINS = 4096
-#: Broden images are fed whole (resized, never cropped: the masks stay aligned), bilinear like Bau et al.'s code.
+#: Broden images are fed whole: resized (bilinear) to the input size, never cropped, so the masks stay aligned.
 WHOLE = Preprocessing(kind="whole", resample="bilinear")
 #: Elements of a (images x units x mask pixels) block processed at once in pass 2.
 CHUNK_ELEMENTS = 1 << 25
@@ -555,3 +566,427 @@ def _outlined(pic: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
+# ============================================================================ inputs and activations
+
+
+def whole_image_input(model: Model, pictures: list[Image.Image]) -> torch.Tensor:
+    """Broden images fed whole: resized (bilinear) to the model's input size, never cropped, so the masks stay
+    aligned, then normalised with the model's mean/std: the network input the engine makes with :data:`WHOLE`
+    (the same functions, so the same values), on the model's device."""
+    pixels = torch.from_numpy(np.stack([decode(model, p, WHOLE) for p in pictures]))
+    return normalise(model, pixels.to(model.device))
+
+
+def layer_maps(batch: Forward, layer: str) -> torch.Tensor:
+    """The recorded feature maps (N, C, h, w) of ``layer`` in float32 (a clear error when they are not maps)."""
+    return feature_maps(batch.activations[layer], layer).float()
+
+
+def layer_activations(model: Model, pictures: list[Any], layer: str) -> torch.Tensor:
+    """``layer``'s feature maps (float32) for a few pictures fed whole, in one forward pass stopped at the layer."""
+    with contextlib.closing(forward_batches(model, ImageSource(pictures), len(pictures), preprocessing=WHOLE,
+                                            layers=[layer], workers=0)) as batches:
+        _, fwd = next(batches)
+    return layer_maps(fwd, layer)
+
+
+# ============================================================================ pass 1: thresholds
+
+
+def tail_size(n: int, quantile: float) -> int:
+    """How many of the largest of ``n`` values the linear-interpolation ``quantile`` reads: n - floor(q (n - 1))."""
+    return int(n - math.floor(quantile * (n - 1))) if n > 0 else 0
+
+
+def quantile_from_tail(tail: torch.Tensor, n: int, quantile: float) -> torch.Tensor:
+    """Per row, ``numpy.quantile(values, quantile)`` (method "linear") from the row's largest values.
+
+    ``tail`` (U, m): the m >= :func:`tail_size` largest of each row's ``n`` values, any order.
+    """
+    t = torch.sort(tail.double(), dim=1).values
+    m = t.shape[1]
+    pos = quantile * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    a, b = t[:, lo - (n - m)], t[:, hi - (n - m)]
+    return a + frac * (b - a)
+
+
+class _Histogram:
+    """Per-unit fixed-size histograms whose range grows by doubling the bin width (merging neighbours).
+
+    ``counts`` (U, bins) float64, ``lo`` (U,): the left edge, ``width`` (U,): the bin width, ``slack`` (U,): how
+    far merged-in values may have moved (0 unless histograms were merged, see :meth:`merged`). Immutable: every
+    operation returns a new histogram and leaves this one's tensors as they were.
+    """
+
+    def __init__(self, counts: torch.Tensor, lo: torch.Tensor, width: torch.Tensor, slack: torch.Tensor | None = None):
+        self.bins = int(counts.shape[1])
+        self.counts, self.lo, self.width = counts, lo, width
+        self.slack = torch.zeros_like(width) if slack is None else slack
+
+    @classmethod
+    def of(cls, values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> _Histogram:
+        """A histogram of ``values`` (U, n) whose range starts at their min/max (the max at half the bins)."""
+        lo = values.amin(dim=1).double()
+        hi = values.amax(dim=1).double()
+        width = ((hi - lo) / (bins / 2)).clamp_min(1e-12)
+        return cls(torch.zeros(values.shape[0], bins, dtype=torch.float64, device=values.device), lo, width).added(values)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Histogram:
+        return cls(state["counts"], state["lo"], state["width"], state["slack"])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"counts": self.counts, "lo": self.lo, "width": self.width, "slack": self.slack}
+
+    def added(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> _Histogram:
+        """This histogram plus ``values`` (U, n) (each counted ``weights`` times, default once): a new histogram
+        whose range first grows (bin width doubled, neighbours merged) until it holds the largest value."""
+        v = values.double()
+        top = v.amax(dim=1) if weights is None else torch.where(weights > 0, v, -math.inf).amax(dim=1)
+        counts, width = self.counts.clone(), self.width.clone()
+        need = torch.ceil(torch.log2(((top - self.lo) / (width * self.bins)).clamp_min(1e-300))).clamp_min(0)
+        need = torch.where(top >= self.lo + width * self.bins, need.clamp_min(1), need * 0)
+        for d in torch.unique(need[need > 0]).tolist():
+            rows = (need == d).nonzero().flatten()
+            f = 2 ** int(d)
+            if f >= self.bins:
+                merged = counts[rows].sum(dim=1, keepdim=True)
+                counts[rows] = F.pad(merged, (0, self.bins - 1))
+            else:
+                merged = counts[rows].view(len(rows), self.bins // f, f).sum(dim=2)
+                counts[rows] = F.pad(merged, (0, self.bins - self.bins // f))
+            width[rows] *= f
+        idx = ((v - self.lo[:, None]) / width[:, None]).floor().clamp(0, self.bins - 1).long()
+        counts.scatter_add_(1, idx, torch.ones_like(v) if weights is None else weights.double())
+        return _Histogram(counts, self.lo, width, self.slack)
+
+    def merged(self, other: _Histogram) -> _Histogram:
+        """This histogram's values followed by ``other``'s, approximately: ``other``'s counts are added at the centres
+        of their bins, so each of its values moves by at most half its bin width (added to :attr:`slack`)."""
+        centres = other.lo[:, None] + other.width[:, None] * (torch.arange(other.bins, device=other.counts.device,
+                                                                            dtype=torch.float64) + 0.5)
+        out = self.added(centres, other.counts)
+        return _Histogram(out.counts, out.lo, out.width, torch.maximum(self.slack, other.slack + other.width / 2))
+
+    def quantile(self, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linear-interpolation quantile per unit and its error bound (one bin width, plus the merging slack).
+
+        The values at the two integer ranks around q (n - 1) are each placed inside their bin (ranks spread
+        evenly through it), so each is off by less than a bin width, and so is their interpolation.
+        """
+        n = self.counts.sum(dim=1)
+        pos = quantile * (n - 1)
+        lo = pos.floor()
+        cum = self.counts.cumsum(dim=1)
+
+        def at(rank: torch.Tensor) -> torch.Tensor:
+            b = torch.searchsorted(cum, rank[:, None], right=True).clamp_max(self.bins - 1).flatten()
+            before = torch.where(b > 0, cum.gather(1, (b - 1).clamp_min(0)[:, None]).flatten(), torch.zeros_like(rank))
+            inside = self.counts.gather(1, b[:, None]).flatten().clamp_min(1)
+            return self.lo + self.width * (b.double() + ((rank - before + 0.5) / inside).clamp(0, 1))
+
+        a, b = at(lo), at(torch.minimum(lo + 1, n - 1))
+        return a + (pos - lo) * (b - a), self.width + self.slack
+
+
+class ThresholdReducer(Reducer):
+    """Pass 1 of :func:`dissect`: per unit of ``layer``, the ``quantile`` of its activations over every position of
+    every image (see the module docstring), as a reducer of the dataset engine.
+
+    ``count``: the dataset's images (n = count x h x w sizes the exact tail). State: ``map_size``, ``exact``,
+    ``tail_size``, ``images`` and either ``tail`` (U, <= m) float32, the largest values seen, or the histogram's
+    ``counts``/``lo``/``width``/``slack``; :meth:`step` builds new tensors and never changes the ones it is given.
+    :meth:`merge_states`: the top m of both tails (exact), or :meth:`_Histogram.merged` (approximate, with its
+    bound). :meth:`finish`: ``{"thresholds", "threshold_error", "exact", "map_size"}`` (``None``: no image yet).
+    """
+
+    def __init__(self, layer: str, *, quantile: float = 0.995, count: int, quantile_memory: int = 256 * 2**20,
+                 name: str = "thresholds"):
+        super().__init__()
+        self.layer, self.quantile, self.count, self.quantile_memory = layer, quantile, int(count), int(quantile_memory)
+        self.layers = (layer,)
+        self.name = name
+
+    def options(self) -> dict[str, Any]:
+        return {"layer": self.layer, "quantile": self.quantile, "count": self.count, "quantile_memory": self.quantile_memory}
+
+    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
+        act = layer_maps(batch, self.layer)
+        n, U, h, w = act.shape
+        vals = act.permute(1, 0, 2, 3).reshape(U, -1)
+        if state is None:
+            m = tail_size(self.count * h * w, self.quantile)
+            head = {"map_size": [int(h), int(w)], "exact": U * m * 4 <= self.quantile_memory, "tail_size": m, "images": 0}
+        else:
+            head = {k: state[k] for k in ("map_size", "exact", "tail_size", "images")}
+            _same_maps(self.layer, head["map_size"], [int(h), int(w)])
+        head["images"] += int(n)
+        if head["exact"]:
+            kept = vals if state is None else torch.cat([state["tail"], vals], dim=1)
+            return {**head, "tail": torch.topk(kept, min(head["tail_size"], kept.shape[1]), dim=1, sorted=False).values}
+        hist = _Histogram.of(vals) if state is None else _Histogram.from_state(state).added(vals)
+        return {**head, **hist.state()}
+
+    def merge_states(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+        if a is None or b is None:
+            return b if a is None else a
+        _same_maps(self.layer, a["map_size"], b["map_size"])
+        head = {"map_size": a["map_size"], "exact": a["exact"], "tail_size": a["tail_size"], "images": a["images"] + b["images"]}
+        if a["exact"]:
+            kept = torch.cat([a["tail"], b["tail"].to(a["tail"].device)], dim=1)
+            return {**head, "tail": torch.topk(kept, min(a["tail_size"], kept.shape[1]), dim=1, sorted=False).values}
+        other = _Histogram(*(b[k].to(a["counts"].device) for k in ("counts", "lo", "width", "slack")))
+        return {**head, **_Histogram.from_state(a).merged(other).state()}
+
+    def finish(self, state: dict[str, Any] | None, run: RunInfo) -> dict[str, Any] | None:
+        if state is None:
+            return None
+        h, w = state["map_size"]
+        if state["exact"]:
+            thr = quantile_from_tail(state["tail"], int(state["images"]) * h * w, self.quantile)
+            err = torch.zeros_like(thr)
+        else:
+            thr, err = _Histogram.from_state(state).quantile(self.quantile)
+        return {"thresholds": thr.cpu(), "threshold_error": err.cpu(), "exact": bool(state["exact"]),
+                "map_size": (int(h), int(w))}
+
+
+def _same_maps(layer: str, before: Sequence[int], now: Sequence[int]) -> None:
+    if list(before) != list(now):
+        raise DissectError(f"layer {layer!r} gave maps of {tuple(now)} after {tuple(before)}; every input must have the same size")
+
+
+# ============================================================================ pass 2: IoU tallies
+
+
+class IoUReducer(Reducer):
+    """Pass 2 of :func:`dissect`: per (unit, label) the intersection of the unit's masks (activation upsampled to the
+    mask resolution, > its threshold) with the label's, per unit and category its mask area over the images carrying
+    a label of that category, per label its area, and each unit's ``top_k`` images by maximum activation.
+
+    ``ds``: the Broden dataset whose labels a batch's images have (read by their positions). ``thresholds`` (U,): pass
+    1's. State: ``inter`` (U, L), ``unit_area`` (U, K), ``label_area`` (L,) float64 (integer counts, so sums are exact
+    in any order), ``top_values``/``top_index`` (U, top_k); :meth:`step` returns old + this batch's in new tensors.
+    :meth:`merge_states` (sums, stable top-k merge) is exact. :meth:`finish`: the state (zero counters before any image).
+    """
+
+    def __init__(self, layer: str, ds: Broden, thresholds: torch.Tensor, *, top_k: int = 4, name: str = "iou"):
+        super().__init__()
+        self.layer, self.ds, self.top_k, self.name = layer, ds, int(top_k), name
+        self.layers = (layer,)
+        self.thresholds = thresholds.detach().cpu()
+        L, K = len(ds.names), len(ds.categories)
+        cat_of = torch.tensor(ds.category_of, dtype=torch.long)
+        self.cat_matrix = torch.zeros(L, max(K, 1), dtype=torch.float32)
+        used = (cat_of >= 0).nonzero().flatten()
+        self.cat_matrix[used, cat_of[used]] = 1
+        self.keep = torch.where(cat_of >= 0, torch.arange(L), torch.zeros(L, dtype=torch.long))
+
+    def options(self) -> dict[str, Any]:
+        return {"layer": self.layer, "top_k": self.top_k, "categories": self.ds.categories, "labels": len(self.ds.names),
+                "mask_size": list(self.ds.mask_size)}
+
+    def empty(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The state before any image: zero counters, no top images (-inf values, index -1)."""
+        U, L, K = len(self.thresholds), len(self.ds.names), max(len(self.ds.categories), 1)
+        return {"inter": torch.zeros(U, L, dtype=torch.float64, device=device),
+                "unit_area": torch.zeros(U, K, dtype=torch.float64, device=device),
+                "label_area": torch.zeros(L, dtype=torch.float64, device=device),
+                "top_values": torch.full((U, self.top_k), -math.inf, device=device),
+                "top_index": torch.full((U, self.top_k), -1, dtype=torch.long, device=device)}
+
+    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
+        act = layer_maps(batch, self.layer)
+        device = act.device
+        U = act.shape[1]
+        if len(self.thresholds) != U:
+            raise DissectError(f"layer {self.layer!r} has {U} units, the thresholds are for {len(self.thresholds)}")
+        thr = self.thresholds.to(device).float().view(1, -1, 1, 1)
+        labels = [self.ds.labels(i) for i in batch.index.tolist()]
+        inter, label_area, unit_area = _batch_counts(act, thr, labels, self.ds.mask_size, self.keep,
+                                                     self.cat_matrix.to(device))
+        old = self.empty(device) if state is None else state
+        score = act.amax(dim=(2, 3)).T
+        top_values, top_index, _ = merge_topk(old["top_values"], old["top_index"], None, score,
+                                              batch.index.to(device).unsqueeze(0).expand(U, -1), None, self.top_k)
+        return {"inter": old["inter"] + inter, "unit_area": old["unit_area"] + unit_area,
+                "label_area": old["label_area"] + label_area, "top_values": top_values, "top_index": top_index}
+
+    def merge_states(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+        if a is None or b is None:
+            return b if a is None else a
+        b = {k: v.to(a["inter"].device) for k, v in b.items()}
+        top_values, top_index, _ = merge_topk(a["top_values"], a["top_index"], None, b["top_values"], b["top_index"],
+                                              None, self.top_k)
+        return {"inter": a["inter"] + b["inter"], "unit_area": a["unit_area"] + b["unit_area"],
+                "label_area": a["label_area"] + b["label_area"], "top_values": top_values, "top_index": top_index}
+
+    def finish(self, state: dict[str, Any] | None, run: RunInfo) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in (self.empty() if state is None else state).items()}
+
+
+def _batch_counts(act: torch.Tensor, thr: torch.Tensor, labels: list[tuple[list[np.ndarray], list[int]]],
+                  mask_size: tuple[int, int], keep: torch.Tensor, cat_matrix: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's intersections (U, L), label areas (L,) and unit areas per category (U, K), float64, in new
+    tensors (the counters of the state are added to them by the caller, never changed)."""
+    device = act.device
+    n, U = act.shape[:2]
+    P = mask_size[0] * mask_size[1]
+    L = len(keep)
+    # compact label ids of this batch: column 0 = no label
+    layers = max([len(m) for m, _ in labels] + [1])
+    pix = np.zeros((n, layers, P), np.int64)
+    whole: list[list[int]] = []
+    for j, (maps, img_labels) in enumerate(labels):
+        for k, m in enumerate(maps):
+            pix[j, k] = m.reshape(-1)
+        whole.append(img_labels)
+    pix_t = torch.from_numpy(pix)
+    if pix_t.numel() and int(pix_t.max()) >= L or any(lab >= L or lab < 0 for w in whole for lab in w):
+        raise DissectError(f"a mask or whole-image label uses a label number not in label.csv (largest known {L - 1})")
+    pix_t = keep[pix_t]
+    whole = [[int(keep[lab]) for lab in w if int(keep[lab]) > 0] for w in whole]
+    present = torch.unique(torch.cat([pix_t.flatten(), torch.tensor([lab for w in whole for lab in w] + [0], dtype=torch.long)]))
+    lookup = torch.zeros(L, dtype=torch.long)
+    lookup[present] = torch.arange(len(present))
+    Lb = len(present)
+    compact = lookup[pix_t].to(device)
+    present_d = present.to(device)
+    inter_all = torch.zeros(U, L, dtype=torch.float64, device=device)
+    label_area = torch.zeros(L, dtype=torch.float64, device=device)
+    unit_area = torch.zeros(U, cat_matrix.shape[1], dtype=torch.float64, device=device)
+    step = max(1, CHUNK_ELEMENTS // max(1, P * max(U, Lb)))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        onehot = torch.zeros(hi - lo, P, Lb, device=device)
+        for k in range(layers):
+            onehot.scatter_add_(2, compact[lo:hi, k].unsqueeze(-1), torch.ones(hi - lo, P, 1, device=device))
+        for j in range(lo, hi):
+            if whole[j]:
+                onehot[j - lo, :, lookup[torch.tensor(whole[j])].to(device)] = 1
+        onehot[..., 0] = 0
+        onehot.clamp_(max=1)
+        up = F.interpolate(act[lo:hi], size=mask_size, mode="bilinear", align_corners=False)
+        masks = (up > thr).reshape(hi - lo, U, P).float()
+        inter = torch.bmm(masks, onehot).sum(0).double()                 # (U, Lb)
+        inter_all.index_add_(1, present_d, inter)
+        label_area.index_add_(0, present_d, onehot.sum(dim=(0, 1)).double())
+        has = (onehot.amax(dim=1) @ cat_matrix[present_d] > 0).float()   # (n, K): image carries a label of category k
+        unit_area += (masks.sum(dim=2).T @ has).double()
+    return inter_all, label_area, unit_area
+
+
+# ============================================================================ the run
+
+
+def dissect(
+    model: Any,
+    broden_root: str | os.PathLike,
+    layer: str,
+    *,
+    batch_size: int = 32,
+    categories: Sequence[str] | None = None,
+    quantile: float = 0.995,
+    iou_threshold: float = 0.04,
+    max_images: int | None = None,
+    top_k: int = 4,
+    quantile_memory: int = 256 * 2**20,
+    state: str | os.PathLike | None = None,
+    save_every: int = 20,
+    progress: bool | None | Callable[[str, int, int], None] = None,
+    workers: int | None = None,
+    amp: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    num_gpus: float | None = None,
+) -> Dissection:
+    """Network Dissection (Bau et al., CVPR 2017) of ``layer`` over the Broden dataset at ``broden_root``.
+
+    ``model``: a :class:`~convscope.Model` or a plain module (:func:`convscope.as_model`: ImageNet mean/std,
+    224 px); images are resized whole to its input size and normalised with its mean/std, no crop, so the masks
+    stay aligned (:data:`WHOLE`). A dataset whose every image is unreadable raises
+    :class:`~convscope.dataset.folder.UnreadableImagesError`.
+    ``categories``: which concept categories to score (default all). ``quantile``: per-unit activation threshold
+    (0.995). ``iou_threshold``: a detector's best IoU must exceed it (0.04). ``max_images``: the first N index rows.
+    ``top_k``: images kept per unit for the picture. ``quantile_memory``: bytes allowed for the exact per-unit
+    top tail; above that a histogram sketch is used (see the module docstring). ``state``: one file for both passes
+    (:class:`~convscope.dataset.engine.StateStore`: ``torch.save`` of plain tensors, read back with
+    ``weights_only=True``), saved every ``save_every`` batches, after each pass, on Ctrl-C and on errors; the same
+    call continues from it, with exactly the numbers of an uninterrupted run; a state of another run (or of the
+    format before the engine) raises :class:`~convscope.dataset.folder.StateMismatchError`. ``progress``: tqdm bars
+    (``None``: only on a terminal) or a callable ``(stage, done, total)``, stage ``"thresholds"`` or ``"iou"``.
+    ``workers``, ``amp``, ``engine``, ``address``, ``num_gpus``: see :func:`convscope.dataset.engine.run` (decode
+    threads, autocast of the forward pass, the Ray engine).
+
+    Cost: two forward passes per image (each stopped at ``layer``). Memory: units x labels float64 counters
+    plus the threshold tail. Returns a :class:`Dissection`; Ctrl-C returns what is done (``interrupted``).
+    """
+    model = as_model(model)
+    if not 0 < quantile < 1:
+        raise DissectError(f"quantile must be between 0 and 1, got {quantile}")
+    BATCH_SIZE.check("batch_size", batch_size)
+    SAVE_EVERY.check("save_every", save_every)
+    TOP_K.check("top_k", top_k)
+    resolve_layer(model.module, layer)
+    check_state_path(state)
+    ds = open_broden(broden_root, categories, max_images=max_images)
+    paths = [str(ds.image_path(i)) for i in range(len(ds))]
+    source = ImageSource(paths)
+    options = {"layer": layer, "quantile": quantile, "categories": ds.categories, "top_k": top_k,
+               "quantile_memory": int(quantile_memory), "root": str(Path(broden_root).resolve())}
+    store = StateStore(state, "dissection", fingerprint("dissection", model, source, [layer], WHOLE, dissect=options),
+                       source.names)
+    common = {"what": "dissection", "batch_size": batch_size, "preprocessing": WHOLE, "state": store,
+              "save_every": save_every, "workers": workers, "amp": amp, "engine": engine, "address": address,
+              "num_gpus": num_gpus}
+
+    def progress_of(stage: str) -> bool | None | Callable[[int, int | None], None]:
+        if callable(progress):
+            return lambda done, total: progress(stage, done, total)
+        return progress
+
+    start = time.perf_counter()
+    first = run_engine(model, source, [ThresholdReducer(layer, quantile=quantile, count=len(ds), quantile_memory=quantile_memory)],
+                       stage="thresholds", progress=progress_of("thresholds"), desc=f"dissect {layer}: thresholds", **common)
+    pass1 = first.results[0]
+    if first.info.interrupted or pass1 is None:  # stopped during pass 1: no thresholds yet
+        return _result(model, layer, ds, pass1, None, first.info, "thresholds", quantile, iou_threshold,
+                       time.perf_counter() - start, paths, top_k)
+    second = run_engine(model, source, [IoUReducer(layer, ds, pass1["thresholds"], top_k=top_k)], stage="iou",
+                        progress=progress_of("iou"), desc=f"dissect {layer}: IoU", **common)
+    return _result(model, layer, ds, pass1, second.results[0], second.info, "iou" if second.info.interrupted else "done",
+                   quantile, iou_threshold, time.perf_counter() - start, paths, top_k)
+
+
+def _result(model: Model, layer: str, ds: Broden, pass1: dict[str, Any] | None, counts: dict[str, torch.Tensor] | None,
+            info: RunInfo, stage: str, quantile: float, iou_threshold: float, seconds: float, paths: list[str],
+            top_k: int) -> Dissection:
+    L = len(ds.names)
+    label_category = [ds.categories[c] if c >= 0 else None for c in ds.category_of]
+    skipped = [(int(i), str(r)) for i, r in info.skipped]
+    if counts is None:  # stopped during pass 1: no thresholds yet
+        z = torch.zeros(0)
+        return Dissection(layer, quantile, iou_threshold, ds.categories, ds.names, label_category, z, z, True,
+                          torch.zeros(0, L, dtype=torch.float64), torch.zeros(0, L, dtype=torch.float64), torch.zeros(0, len(ds.categories)),
+                          torch.zeros(L), torch.zeros(0, top_k, dtype=torch.long), paths, ds.mask_size,
+                          tuple(pass1["map_size"]) if pass1 else (0, 0), info.processed, len(ds), skipped, info.interrupted,
+                          stage, seconds, str(ds.root), model)
+    assert pass1 is not None
+    inter = counts["inter"]
+    cat_of = torch.tensor(ds.category_of)
+    unit_area = counts["unit_area"]
+    area_u = torch.zeros_like(inter)
+    used = (cat_of >= 0).nonzero().flatten()
+    area_u[:, used] = unit_area[:, cat_of[used]]
+    union = area_u + counts["label_area"][None] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1e-300), torch.zeros_like(inter))
+    iou[:, 0] = 0
+    top = torch.where(torch.isfinite(counts["top_values"]), counts["top_index"], -1)
+    return Dissection(layer, quantile, iou_threshold, ds.categories, ds.names, label_category, pass1["thresholds"],
+                      pass1["threshold_error"], pass1["exact"], iou, inter, unit_area[:, :len(ds.categories)],
+                      counts["label_area"], top, paths, ds.mask_size, tuple(pass1["map_size"]), info.processed, len(ds),
+                      skipped, info.interrupted, stage, seconds, str(ds.root), model)

@@ -13,15 +13,17 @@ result, an :class:`Embedding`, answers two questions about what the network "thi
 
 The neighbour indexes (exact and approximate, :func:`~convscope.dataset.maps.knn` for all rows at once)
 and the map methods live in :mod:`.maps` and are re-exported here. Memory: the features are N x C float32
-(100,000 images x 1,280 channels = 512 MB), kept on the CPU. t-SNE and UMAP are capped at a million points
-by default (:func:`~convscope.dataset.maps.check_map_size`, ``max_points``).
+(100,000 images x 1,280 channels = 512 MB), written to disk batch by batch as they are computed
+(:class:`EmbeddingReducer`, a ``.npy`` row file) and memory-mapped on the CPU, never gathered in the Python
+heap; a run resumes from its state file like every dataset analysis, and shares its forward passes with
+top-k and channel statistics when run with them (:func:`convscope.dataset.engine.run`). t-SNE and UMAP are
+capped at a million points by default (:func:`~convscope.dataset.maps.check_map_size`, ``max_points``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +35,16 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from ..errors import LayerKindError
-from ..files import write_text
+from ..files import check_output_path, write_text
 from ..images import load_image
 from ..models import as_model, check_input, output_logits
 from ..options import Option
 from ..probe import Capture, forward_fast, guard, name_of, resolve_layer
-from ..progress import tqdm
 from ..render import font, grid
 from ..render.picture import Pictured
-from .folder import BATCH_SIZE, check_any_scored, open_images, save_tensors, tensor_picture
+from .engine import Forward, Reducer, RunInfo
+from .engine import run as run_engine
+from .folder import BATCH_SIZE, SAVE_EVERY, check_state_path, save_tensors, tensor_picture
 from .maps import INDEXES as INDEXES  # re-exported: the projections and neighbour indexes live in .maps
 from .maps import ITERATIONS as ITERATIONS
 from .maps import MAX_POINTS as MAX_POINTS
@@ -57,6 +60,7 @@ from .maps import knn as knn
 from .maps import pca as pca
 from .maps import tsne as tsne
 from .maps import umap_projection as umap_projection
+from .rowfile import COPY_ROWS, RowFile, Temporary, keep_alive
 
 POOLS = ("avg", "max")
 FORMAT = "convscope-embedding/1"
@@ -83,7 +87,8 @@ class Neighbour(NamedTuple):
 class Embedding(Pictured):
     """One pooled feature vector per image of a dataset.
 
-    ``features`` (N, C) float32 on the CPU, one row per image that could be read. ``positions`` (N,): the
+    ``features`` (N, C) float32 on the CPU, one row per image that could be read (from :func:`embed`: a
+    copy-on-write memory map of the features file :attr:`store`, not a copy in memory). ``positions`` (N,): the
     position of each row in the inputs (differs from the row when unreadable files were skipped).
     ``sources``: the file of each row (``None`` for in-memory inputs). ``layer``: the layer whose output
     was pooled, or ``None`` for the penultimate features, which are the input of ``head`` (the last
@@ -107,6 +112,8 @@ class Embedding(Pictured):
     skipped: list[tuple[int, str]] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    #: the features file (a ``.npy`` row file, row i = input i) the features map; ``None``: a temporary one or memory
+    store: str | None = None
     coords: torch.Tensor | None = None
     method: str | None = None
     model: Any = field(default=None, repr=False)
@@ -343,7 +350,8 @@ class Embedding(Pictured):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tensors with ``torch.save`` (plain tensors only) and a JSON sidecar ``PATH.json`` with the
-        sources and settings; both atomically. Read back with :func:`load_embedding`."""
+        sources and settings; both atomically. Read back with :func:`load_embedding` (memory-mapped). Features
+        that map a row file (:attr:`store`) are streamed from it into the file, not copied into memory first."""
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {"features": self.features.cpu(), "positions": self.positions.cpu()}
         if self.predictions is not None:
@@ -372,7 +380,8 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def load_embedding(path: str | os.PathLike, model: Any = None) -> Embedding:
-    """Read an :meth:`Embedding.save` file (``torch.load(weights_only=True)``) and its JSON sidecar.
+    """Read an :meth:`Embedding.save` file (``torch.load(weights_only=True, mmap=True)``: the features are a
+    memory map of the file, not a copy in memory) and its JSON sidecar.
 
     ``model``: the model that made it, needed only to embed new query images and to draw thumbnails
     exactly as the network saw them (a plain module is wrapped by :func:`convscope.as_model`).
@@ -380,7 +389,8 @@ def load_embedding(path: str | os.PathLike, model: Any = None) -> Embedding:
     model = as_model(model) if model is not None else None
     path = Path(path)
     try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the features of a large embedding are read from the file as they are used
+        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise EmbeddingError(f"{exc.filename}: no such file (an embedding is PATH plus PATH.json)") from None
@@ -448,13 +458,23 @@ def _pooled(act: torch.Tensor, pool: str, where: str) -> torch.Tensor:
                          "or vectors (N, C)")
 
 
+def _vectors(v: torch.Tensor) -> torch.Tensor:
+    """A classifier's input as one vector per image: a Linear over tokens or positions (it acts on the last
+    axis) gets their average."""
+    if v.ndim > 2:
+        v = v.flatten(1, -2).mean(1)
+    return v.float()
+
+
 def _run(module: nn.Module, x: torch.Tensor, layer: str | None, head: str | None, pool: str, *,
          predict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pooled features (B, C) and the logits (``None`` when the pass stopped at the layer) for one batch.
+    """Pooled features (B, C) and the logits (``None`` when the pass stopped at the layer) for one batch
+    (an image embedded like the set: :meth:`Embedding.vector`).
 
     ``layer=None``: a forward pre-hook on ``head`` reads its input, inside :class:`~convscope.probe.guard`
     (eval mode, no in-place activations, hook removed in ``finally``); the full pass gives the logits too.
     Otherwise :class:`~convscope.probe.Capture` records the layer, stopping there unless ``predict``.
+    The same values as :class:`EmbeddingReducer`'s rows (the same pooling, :func:`_pooled` / :func:`_vectors`).
     """
     if layer is None:
         assert head is not None
@@ -473,10 +493,7 @@ def _run(module: nn.Module, x: torch.Tensor, layer: str | None, head: str | None
                 handle.remove()
         if "x" not in seen:
             raise LayerKindError(f"the classifier {head!r} is never called in the model's forward pass; name a layer")
-        v = seen["x"]
-        if v.ndim > 2:  # a Linear over tokens or positions: average them (the Linear acts on the last axis)
-            v = v.flatten(1, -2).mean(1)
-        return v.float(), output_logits(out)
+        return _vectors(seen["x"]), output_logits(out)
     with Capture(module, [layer], stop=not predict) as cap:
         out = forward_fast(module, x, cap.forward)
         act = cap.activations.get(layer)
@@ -485,88 +502,298 @@ def _run(module: nn.Module, x: torch.Tensor, layer: str | None, head: str | None
     return _pooled(act, pool, f"layer {layer!r}"), (output_logits(out) if predict else None)
 
 
+def features_path(state: str | os.PathLike) -> Path:
+    """Where :func:`embed` writes the features of a resumable run by default: ``STATE.features.npy``."""
+    return Path(str(state) + ".features.npy")
+
+
+def predictions_path(store: str | os.PathLike) -> Path:
+    """The row file beside a features file ``X.npy`` holding each input's top class and its probability
+    (two float32 columns; classes are exact below 2**24): ``X.predictions.npy``."""
+    store = Path(store)
+    return store.with_suffix(".predictions.npy") if store.suffix == ".npy" else Path(str(store) + ".predictions.npy")
+
+
+def _runs(positions: np.ndarray) -> list[list[int]]:
+    """Increasing positions as runs ``[[lo, hi], ...]`` of consecutive ones (one run when nothing was skipped)."""
+    if len(positions) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    return [[int(positions[lo]), int(positions[hi - 1]) + 1] for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(positions)])]
+
+
+def _join_runs(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    """``a``'s runs then ``b``'s (every position of ``a`` precedes ``b``'s), adjacent runs joined; new lists."""
+    if a and b and a[-1][1] == b[0][0]:
+        return [list(r) for r in a[:-1]] + [[a[-1][0], b[0][1]]] + [list(r) for r in b[1:]]
+    return [list(r) for r in a] + [list(r) for r in b]
+
+
+def _positions(runs: list[list[int]]) -> np.ndarray:
+    if not runs:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in runs])
+
+
+class EmbeddingReducer(Reducer):
+    """Embeddings as a reducer of the dataset engine (:func:`convscope.dataset.engine.run`): one feature vector
+    per image, written to disk as the batches go, so the pass can be shared with top-k, channel statistics...
+
+    ``layer=None``: the penultimate features, the input of the model's last ``nn.Linear`` (``head``; found from
+    ``model=`` when not named), recorded with the engine's forward pre-hook (:attr:`inputs`); tokens or positions
+    are averaged. A named ``layer``: its output pooled over the positions (``pool="avg"`` or ``"max"``), a vector
+    output as it is. ``predict``: also keep each image's top class and its softmax probability (the logits of
+    the same pass); default: yes for the penultimate features, no for a named layer (the passes then stop there).
+
+    **On disk, never all in memory.** Rows go into ``store``, a float32 ``.npy`` row file
+    (:class:`~convscope.dataset.rowfile.RowFile`; ``numpy.load(store, mmap_mode="r")`` reads it) at their input
+    positions (row i = input i; rows of unreadable images are zeros), and the predictions into
+    :func:`predictions_path` beside it. ``store=None``: a temporary file (in ``TMPDIR``: give ``store=`` where
+    ``/tmp`` is held in memory), deleted when the features of the result are no longer used; a resumable run
+    needs a real path (:func:`embed` puts it beside its state file,
+    :func:`features_path`). The result's :attr:`Embedding.features` are a copy-on-write memory map of the file (a
+    compact temporary copy when images were skipped), so even the result is not held in the Python heap; a later
+    run writing the same ``store`` changes what earlier results read (``.clone()`` to keep them).
+
+    **State.** Plain data only: the file, the feature size and the positions done as runs ``[[lo, hi], ...]`` (one
+    run unless images were skipped); it does not grow with the dataset. :meth:`step` writes the batch's rows, then
+    returns a new state naming them: writing a row is idempotent (the same values at the same place), so a batch
+    written but never committed (an interruption between the two) is written again on resume and the engine's
+    one-assignment commit stays atomic. A resumed state whose file is missing or shorter than the rows it names
+    raises :class:`~convscope.dataset.folder.StateFileError`.
+
+    **Partial states (the Ray engine).** A pickled copy of the reducer (what Ray actors receive) never writes: it
+    has no access to the driver's file, so its states keep their rows in memory (``features`` (m, C),
+    ``predictions``, ``probabilities`` tensors beside ``runs``). :meth:`merge_states` in the driver writes such rows
+    into the file of ``a`` (or into ``store`` when ``a`` is ``None``) and returns a state without them; merging two
+    states written to different files copies ``b``'s rows, a bounded block at a time. Results equal the local run.
+    """
+
+    def __init__(self, layer: str | None = None, *, pool: str = "avg", predict: bool | None = None,
+                 store: str | os.PathLike | None = None, head: str | None = None, model: Any = None,
+                 name: str | None = None):
+        super().__init__()
+        if pool not in POOLS:
+            raise EmbeddingError(f"unknown pool {pool!r}; choose {' or '.join(POOLS)}")
+        if isinstance(layer, nn.Module):
+            if model is None:
+                raise EmbeddingError("a layer given as a module needs model=... to find its name; or give its name")
+            layer = name_of(as_model(model).module, layer)
+        if layer is None and head is None:
+            if model is None:
+                raise EmbeddingError("the penultimate features (layer=None) are the input of the model's classifier: "
+                                     "give model=... (its last nn.Linear is used) or head=NAME")
+            head = _head(as_model(model).module)
+        self.layer, self.pool = layer, pool
+        self.head = head if layer is None else None
+        self.predict = (layer is None) if predict is None else bool(predict)
+        self.store = None if store is None else os.path.abspath(check_output_path(store, what="features file"))
+        self.layers = (layer,) if layer is not None else ()
+        self.inputs = (self.head,) if layer is None else ()
+        self.needs_output = self.predict
+        self.name = name or f"embed:{layer or 'penultimate'}"
+        self._detached = False  # True in a pickled copy (a Ray actor): rows stay in memory
+        self._temp: Temporary | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(_detached=True, _temp=None)
+        return d
+
+    def options(self) -> dict[str, Any]:
+        return {"layer": self.layer, "head": self.head, "pool": self.pool, "predict": self.predict, "store": self.store}
+
+    # ---- files
+    def _path(self) -> str:
+        """The file a new run writes to: ``store``, or this reducer's temporary file (made once)."""
+        if self.store is not None:
+            return self.store
+        if self._temp is None:
+            self._temp = Temporary(prefix="convscope-embedding-")
+            self._temp.also(str(predictions_path(self._temp.path)))
+        return self._temp.path
+
+    def _files(self, path: str) -> tuple[RowFile, RowFile | None]:
+        return RowFile(path), (RowFile(predictions_path(path)) if self.predict else None)
+
+    # ---- the reducer
+    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
+        if self.layer is None:
+            f = _vectors(batch.inputs[self.head])
+        else:
+            f = _pooled(batch.activations[self.layer], self.pool, f"layer {self.layer!r}")
+        index = batch.index.detach().cpu().numpy().astype(np.int64)
+        part: dict[str, Any] = {"store": None, "dims": int(f.shape[1]), "runs": _runs(index),
+                                "features": f.detach().float().cpu()}
+        if self.predict:
+            if batch.output is None:
+                raise EmbeddingError("internal: predictions need the model's output")
+            probability, top = batch.output.float().softmax(1).max(1)
+            part.update(predictions=top.detach().cpu(), probabilities=probability.detach().cpu())
+        return self.merge_states(state, part)
+
+    def merge_states(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+        parts = [s for s in (a, b) if s is not None]
+        if not parts:
+            return None
+        dims = parts[0]["dims"]
+        if len(parts) == 2 and b["dims"] != dims:
+            raise EmbeddingError(f"input {b['runs'][0][0] if b['runs'] else '?'} gives {b['dims']} features, earlier "
+                                 f"inputs gave {dims}; every input must have the same size")
+        runs = _join_runs(a["runs"], b["runs"]) if len(parts) == 2 else parts[0]["runs"]
+        if self._detached:  # a copy in a Ray actor: the rows travel to the driver in the state
+            if len(parts) == 1:
+                return parts[0]
+            out = {"store": None, "dims": dims, "runs": runs, "features": torch.cat([_held(a, "features"), _held(b, "features")])}
+            if self.predict:
+                out.update(predictions=torch.cat([_held(a, "predictions"), _held(b, "predictions")]),
+                           probabilities=torch.cat([_held(a, "probabilities"), _held(b, "probabilities")]))
+            return out
+        if a is not None and a.get("store"):  # a committed state (maybe resumed from a file): its rows are in a["store"]
+            features, preds = self._files(a["store"])
+            done = a["runs"][-1][1] if a["runs"] else 0
+            features.check(dims, done)
+            if preds is not None:
+                preds.check(2, done, "predictions")
+        else:
+            features, preds = self._files(self._path())
+            features.ensure(dims)
+            if preds is not None:
+                preds.ensure(2)
+        for s in parts:
+            self._put(s, features, preds)
+        return {"store": str(features.path), "dims": dims, "runs": runs}
+
+    def _put(self, s: dict[str, Any], features: RowFile, preds: RowFile | None) -> None:
+        """Write the rows of state ``s`` into ``features`` (and ``preds``) unless they are already there."""
+        positions = _positions(s["runs"])
+        if s.get("features") is not None:
+            features.write(positions, s["features"].detach().cpu().float().numpy())
+            if preds is not None:
+                preds.write(positions, np.stack([s["predictions"].detach().cpu().numpy().astype(np.float32),
+                                                 s["probabilities"].detach().cpu().float().numpy()], axis=1))
+            return
+        if s.get("store") and os.path.abspath(s["store"]) != os.path.abspath(features.path):
+            pairs = [(RowFile(s["store"]), features)]
+            if preds is not None:
+                pairs.append((RowFile(predictions_path(s["store"])), preds))
+            for src, dst in pairs:
+                got = src.shape()
+                rows = src.map(got[0] if got is not None else 0)
+                for lo in range(0, len(positions), COPY_ROWS):
+                    block = positions[lo:lo + COPY_ROWS]
+                    dst.write(block, np.asarray(rows[block]))
+
+    def finish(self, state: dict[str, Any] | None, run: RunInfo) -> Embedding:
+        model = run.model
+        labels = list(model.labels) if self.predict and model is not None else None
+        common = {"layer": self.layer, "head": self.head, "pool": self.pool, "labels": labels, "total": run.total,
+                  "skipped": list(run.skipped), "interrupted": run.interrupted, "seconds": run.seconds, "model": model}
+        if state is None:  # nothing scored
+            empty = torch.zeros(0, dtype=torch.long)
+            return Embedding(features=torch.zeros((0, 0)), positions=empty, sources=[],
+                             predictions=empty if self.predict else None,
+                             probabilities=torch.zeros(0) if self.predict else None, **common)
+        positions = _positions(state["runs"])
+        paths = run.paths
+        sources = [paths[i] for i in positions.tolist()] if paths is not None else [None] * len(positions)
+        predictions = probabilities = None
+        if state.get("features") is not None:  # a partial state (rows in memory): nothing was written
+            features = state["features"].detach().cpu().float()
+            if self.predict:
+                predictions, probabilities = state["predictions"].cpu(), state["probabilities"].cpu().float()
+            return Embedding(features=features, positions=torch.from_numpy(positions), sources=sources,
+                             predictions=predictions, probabilities=probabilities, **common)
+        files, preds = self._files(state["store"])
+        rows = int(positions[-1]) + 1 if len(positions) else 0
+        files.check(state["dims"], rows)
+        if preds is not None:
+            preds.check(2, rows, "predictions")
+        if run.complete and run.total is not None:  # row i = input i for every input; skipped ones are zeros
+            for f in (files, preds):
+                if f is not None:
+                    f.resize(run.total)
+                    f.zero(np.array([i for i, _ in run.skipped], dtype=np.int64))
+            rows = run.total
+        temp = self._temp if self._temp is not None and state["store"] == self._temp.path else None
+        if temp is not None:
+            self._temp = None  # the result owns it now; a new run of this reducer writes a new file
+        if len(positions) == rows:  # positions 0..rows-1: the file itself, mapped
+            features = keep_alive(files.map(rows), temp)
+        else:
+            features = files.gather(positions)
+        if preds is not None:
+            both = np.asarray(preds.map(rows)[positions])
+            predictions = torch.from_numpy(both[:, 0].astype(np.int64))
+            probabilities = torch.from_numpy(both[:, 1].copy())
+        return Embedding(features=torch.from_numpy(features), positions=torch.from_numpy(positions), sources=sources,
+                         predictions=predictions, probabilities=probabilities, store=None if temp else state["store"],
+                         **common)
+
+
+def _held(state: dict[str, Any], key: str) -> torch.Tensor:
+    """The in-memory rows ``key`` of a partial state (a detached reducer's states never name a file)."""
+    if state.get(key) is None:
+        raise EmbeddingError("internal: a copied (Ray actor) embedding reducer can only merge states it made itself")
+    return state[key].detach().cpu()
+
+
 def embed(model: Any, images: Any, layer: str | None = None, *, pool: str = "avg", batch_size: int = 32,
-          predict: bool | None = None, progress: bool | None | Callable[[int, int | None], None] = None) -> Embedding:
+          predict: bool | None = None, progress: bool | None | Callable[[int, int | None], None] = None,
+          state: str | os.PathLike | None = None, store: str | os.PathLike | None = None, save_every: int = 20,
+          workers: int | None = None, amp: str | None = None, engine: str = "local", address: str | None = None,
+          num_gpus: float | None = None) -> Embedding:
     """One feature vector per image of ``images``: the dataset's embedding at ``layer``.
 
     ``images``: a folder (listed recursively, sorted by relative path), a list of paths / ``sample:NAME`` /
-    PIL images, a tensor (N, 3, H, W) or an iterable of preprocessed tensors. ``layer``: a layer name; its
-    feature maps are pooled over all positions (``pool="avg"``: global average, ``"max"``: global maximum),
-    a vector output is taken as it is. ``layer=None`` (default): the penultimate features, i.e. the input
-    of the model's last ``nn.Linear`` (the classifier), read with a forward pre-hook: that tensor is often
-    made by functional code (``torch.flatten``, a functional dropout) and is then no module's output,
-    which is all :class:`~convscope.probe.Capture` records; the hook runs inside
-    :class:`~convscope.probe.guard` and is removed in ``finally``.
+    PIL images, a tensor (N, 3, H, W), an iterable of preprocessed tensors or a torch Dataset. ``layer``: a
+    layer name; its feature maps are pooled over all positions (``pool="avg"``: global average, ``"max"``:
+    global maximum), a vector output is taken as it is. ``layer=None`` (default): the penultimate features,
+    i.e. the input of the model's last ``nn.Linear`` (the classifier), read with a forward pre-hook: that
+    tensor is often made by functional code (``torch.flatten``, a functional dropout) and is then no module's
+    output, which is all :class:`~convscope.probe.Capture` records.
 
     ``predict``: also keep the top class of every image from the same forward pass. Default: yes for the
     penultimate features (only the classifier is left to run), no for a named layer, whose passes then
-    stop right after it (:class:`~convscope.probe.Capture` ``stop=True``). ``batch_size``: images per pass.
-    Unreadable files are skipped and counted (:attr:`Embedding.skipped`).
+    stop right after it. ``batch_size``: images per pass. Unreadable files are skipped, counted and listed
+    (:attr:`Embedding.skipped`); a run whose every file is unreadable raises
+    :class:`~convscope.dataset.folder.UnreadableImagesError`.
 
-    Memory: N x C float32 on the CPU (1,280 features: 5 kB per image), fine for the datasets people
-    browse; only one batch of images is in memory at a time. ``progress``: a tqdm bar (``None``: only on
-    a terminal) or a callable ``(done, total)``. Ctrl-C stops and returns the rows done (``interrupted``).
-    ``model``: a :class:`~convscope.Model` or a plain module (:func:`convscope.as_model`). A run whose every
-    file is unreadable raises :class:`~convscope.dataset.folder.UnreadableImagesError`.
+    Memory: the rows are written to disk as the batches go (:class:`EmbeddingReducer`): ``store`` (a ``.npy``
+    file, row i = input i) or, by default, :func:`features_path` beside ``state``, else a temporary file
+    deleted with the result. :attr:`Embedding.features` is a memory map of it, so only a batch of images and
+    its rows are ever in the Python heap. ``state``: a file to save progress to (see
+    :class:`convscope.dataset.engine.StateStore`), every ``save_every`` batches, at the end, on Ctrl-C and on
+    errors; the same call again resumes it (the rows already written are not recomputed); a state saved for
+    another model, inputs, layer, pool, prediction or features file raises
+    :class:`~convscope.dataset.folder.StateMismatchError`. ``workers``, ``amp``, ``engine``, ``address``,
+    ``num_gpus``: see :func:`convscope.dataset.engine.run` (decode threads, autocast, Ray). To compute top-k
+    or channel statistics in the same pass, give :func:`~convscope.dataset.engine.run` several reducers.
+
+    ``progress``: a tqdm bar (``None``: only on a terminal) or a callable ``(done, total)``. Ctrl-C stops and
+    returns the rows done (``interrupted``). ``model``: a :class:`~convscope.Model` or a plain module
+    (:func:`convscope.as_model`).
     """
     model = as_model(model)
     if pool not in POOLS:
         raise EmbeddingError(f"unknown pool {pool!r}; choose {' or '.join(POOLS)}")
     BATCH_SIZE.check("batch_size", batch_size)
-    module = model.module
+    SAVE_EVERY.check("save_every", save_every)
+    if isinstance(layer, nn.Module):
+        layer = name_of(model.module, layer)
     if layer is not None:
-        if isinstance(layer, nn.Module):
-            layer = name_of(module, layer)
-        resolve_layer(module, layer)
-        head = None
-    else:
-        head = _head(module)
-    predict = (layer is None) if predict is None else bool(predict)
-    source = open_images(images, model.device)
-    total = None if source.names is None else len(source.names)
-    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
-    skipped: list[tuple[int, str]] = []
-    interrupted = False
-    start = time.perf_counter()
-    report = progress if callable(progress) else None
-    bar = tqdm(total=total, desc=f"embed {layer or 'penultimate'}", unit="img", leave=False,
-               disable=True if report else (None if progress is None else not progress))
-    batches = source.batches(model.preprocess, batch_size)
-    done = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if batch.x is not None:
-                    f, logits = _run(module, batch.x, layer, head, pool, predict=predict)
-                    if kept and f.shape[1] != kept[0][0].shape[1]:
-                        raise EmbeddingError(f"input {batch.start} gives {f.shape[1]} features, earlier inputs gave "
-                                             f"{kept[0][0].shape[1]}; every input must have the same size")
-                    pr, cl = logits.float().softmax(1).max(1) if logits is not None else (None, None)
-                    # one append per batch: Ctrl-C can never leave the parts of a row out of step
-                    kept.append((f.cpu(), batch.index.cpu(), None if cl is None else cl.cpu(), None if pr is None else pr.cpu()))
-                skipped.extend(batch.skipped)
-                done = batch.stop
-                bar.update(batch.stop - batch.start)
-                if report:
-                    report(done, total)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        batches.close()
-        bar.close()
-    if total is None and not interrupted:
-        total = done
-    if not kept:
-        if interrupted:
+        resolve_layer(model.module, layer)
+    if state is not None:
+        check_state_path(state)
+        if store is None:
+            store = features_path(state)
+    reducer = EmbeddingReducer(layer, pool=pool, predict=predict, store=store, model=model)
+    done = run_engine(model, images, [reducer], what="embedding", batch_size=batch_size, state=state, save_every=save_every,
+                      progress=progress, desc=f"embed {layer or 'penultimate'}", workers=workers, amp=amp, engine=engine,
+                      address=address, num_gpus=num_gpus)
+    e = done.results[0]
+    if len(e) == 0:
+        if done.info.interrupted:
             raise KeyboardInterrupt
-        check_any_scored(0, skipped)
         raise EmbeddingError("no image to embed")
-    positions = torch.cat([k[1] for k in kept])
-    paths = source.paths
-    return Embedding(layer=layer, head=head, pool=pool, features=torch.cat([k[0] for k in kept]), positions=positions,
-                     sources=[paths[i] for i in positions.tolist()] if paths is not None else [None] * len(positions),
-                     predictions=torch.cat([k[2] for k in kept]) if predict else None,
-                     probabilities=torch.cat([k[3] for k in kept]) if predict else None,
-                     labels=list(model.labels) if predict else None, total=total, skipped=skipped,
-                     interrupted=interrupted, seconds=time.perf_counter() - start, model=model)
-
+    return e

@@ -31,13 +31,26 @@ checkpoint, the current checkpoint's features for the n probe images (n x C, whi
 and CPU copies of the chosen layers' weights of the previous and the final checkpoint.
 
 Order of work: the final checkpoint is measured first (everything is compared to it), then the others in
-training order, each loaded, measured and freed before the next is loaded. Checkpoints given as modules are
-run inside :class:`~convscope.probe.Capture` (eval mode, hooks removed, everything restored afterwards).
+training order, each loaded, measured and freed before the next is loaded. Each checkpoint's probe pass is one
+run of the dataset engine (:func:`convscope.dataset.engine.run`) with a :class:`ProbeFeatures` reducer: the
+per-layer features (and top-1 class) of every probe image, kept by input position, turned into Gram matrices
+when the pass ends. The probe set is the first ``max_images`` inputs; an unreadable one is skipped and listed
+(:attr:`Evolution.skipped`), never fatal. Checkpoints given as modules are run inside
+:class:`~convscope.probe.Capture` (eval mode, hooks removed, everything restored afterwards).
+
+Resuming: with ``state=PATH`` everything the remaining checkpoints need (the measured table rows, cosines and
+kernels, the final and the previous checkpoint's weights and Gram matrices, the probe positions) is saved
+atomically after each checkpoint, in one :class:`~convscope.dataset.engine.StateStore` file. The same call
+again skips the checkpoints done and gives the same :class:`Evolution` as one uninterrupted run; a state of
+other checkpoints, probe images or options is refused with the reason. Checkpoint files are recognised by
+path, size and modification time (:func:`checkpoint_identity`), so a resume never loads a checkpoint only to
+check it; checkpoints in memory by their weights' fingerprint.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import math
 import os
 import time
@@ -56,13 +69,15 @@ from torch import nn
 from .. import models  # models.load_model looked up at call time (tests replace it to watch loading)
 from ..errors import InputShapeError, LayerKindError, LayerNotFoundError, suggestion
 from ..images import SAMPLES
-from ..models import Model, as_model, output_logits
+from ..models import Model, as_model, check_input, model_fingerprint
 from ..options import Option
-from ..probe import Capture, forward_fast, module_device, resolve_layer
+from ..probe import resolve_layer
 from ..progress import tqdm
 from ..render import figure_to_image, matrix_grid, titled
 from ..render.picture import Pictured
-from .folder import BATCH_SIZE, DatasetError, Preprocess, SkippedImagesWarning, open_images
+from .engine import MODEL_PREPROCESSING, Forward, Reducer, RunInfo, StateStore
+from .engine import run as run_engine
+from .folder import BATCH_SIZE, DatasetError, ImageSource, SkippedImagesWarning, StateFileError
 
 FEATURES = ("pooled", "spatial")
 #: Filters per layer whose kernels are kept for :meth:`Evolution.filters_image`.
@@ -139,6 +154,9 @@ class Evolution(Pictured):
     - ``kernels[layer]``: (checkpoints, F, 3, kh, kw) for layers reading RGB, else (checkpoints, F, kh, kw),
       the kernel slice of each filter's strongest input channel in the final checkpoint (``strongest``);
       F <= :data:`KEEP_FILTERS`. ``interrupted``: Ctrl-C stopped the run; ``done``: checkpoints measured.
+    - ``skipped``: (position, reason) of the unreadable probe inputs (left out of every checkpoint's pass);
+      ``resumed``: checkpoints read back from the ``state`` file instead of measured by this call;
+      ``seconds``: the time of this call.
     """
 
     checkpoints: list[str]
@@ -160,6 +178,7 @@ class Evolution(Pictured):
     interrupted: bool = False
     seconds: float = 0.0
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    resumed: int = 0
     _image: Image.Image | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -204,6 +223,7 @@ class Evolution(Pictured):
             "interrupted": self.interrupted,
             "seconds": round(self.seconds, 3),
             "skipped": [{"position": p, "reason": r} for p, r in self.skipped],
+            "resumed": self.resumed,
         }
 
     # ------------------------------------------------------------------ pictures
@@ -292,6 +312,68 @@ def _short(text: str, n: int = 18) -> str:
     return text if len(text) <= n else "..." + text[-(n - 3):]
 
 
+# ============================================================================ the probe pass as a reducer
+
+
+@dataclass
+class Probe:
+    """What :class:`ProbeFeatures` gives back for one checkpoint: ``grams[layer]`` the centred n x n Gram matrix of
+    the layer's features (float64), ``top1`` (n,) the top-1 classes (``None`` without class scores) and
+    ``positions`` (n,) the input positions of the n probe images scored, in input order."""
+
+    grams: dict[str, torch.Tensor]
+    top1: torch.Tensor | None
+    positions: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.positions.numel())
+
+
+class ProbeFeatures(Reducer):
+    """One checkpoint's probe pass as a reducer of :func:`convscope.dataset.engine.run`: per probe image, every
+    chosen layer's CKA features (``features="pooled"``: (C,); ``"spatial"``: (C * grid^2,)) and, with
+    ``classifier``, the top-1 class, kept by input position (the probe set is at most :data:`MAX_IMAGES`
+    images); :meth:`finish` turns the features into centred Gram matrices (:func:`centered_gram`).
+    :meth:`merge_states` concatenates (``a``'s images precede ``b``'s). An output that is not (N, classes)
+    scores leaves ``top1`` out."""
+
+    def __init__(self, layers: Sequence[str], *, features: str = "pooled", grid: int = 4, classifier: bool = True,
+                 name: str = "probe"):
+        super().__init__()
+        self.layers = tuple(layers)
+        self.features, self.grid, self.needs_output, self.name = features, grid, classifier, name
+
+    def options(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "features": self.features, "grid": self.grid, "classifier": self.needs_output}
+
+    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
+        part: dict[str, Any] = {f"f{j}": _features(batch.activations[n], self.features, self.grid, n).cpu()
+                                for j, n in enumerate(self.layers)}
+        part["index"] = batch.index.cpu()
+        logits = batch.output
+        part["classifier"] = logits is not None and logits.ndim == 2
+        if part["classifier"]:
+            part["top1"] = logits.argmax(1).cpu()
+        return self.merge_states(state, part)
+
+    def merge_states(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+        if a is None or b is None:
+            return b if a is None else a
+        keys = [f"f{j}" for j in range(len(self.layers))] + ["index"]
+        out: dict[str, Any] = {k: torch.cat([a[k].cpu(), b[k].cpu()]) for k in keys}
+        out["classifier"] = bool(a["classifier"] and b["classifier"])
+        if out["classifier"]:
+            out["top1"] = torch.cat([a["top1"].cpu(), b["top1"].cpu()])
+        return out
+
+    def finish(self, state: dict[str, Any] | None, run: RunInfo) -> Probe:
+        if state is None:
+            return Probe({}, None, torch.zeros(0, dtype=torch.long))
+        return Probe({n: centered_gram(state[f"f{j}"]) for j, n in enumerate(self.layers)},
+                     state["top1"] if state["classifier"] else None, state["index"])
+
+
 # ============================================================================ the run
 
 
@@ -314,10 +396,17 @@ def _load(item: Any, *, arch: str | None, num_classes: int | None, device: Any, 
     raise EvolutionError(f"a checkpoint must be a file path, a convscope Model or an nn.Module, got {type(item).__name__}")
 
 
-def _preprocessor(model: Model) -> Preprocess:
-    """The checkpoint's preprocessing alone (a Model around ``nn.Identity``), so no checkpoint stays loaded."""
-    return Model(module=nn.Identity(), input_size=model.input_size, mean=model.mean, std=model.std, labels=["-"],
-                 resize_size=model.resize_size, interpolation=model.interpolation).preprocess
+def _preprocessing_of(model: Model) -> dict[str, Any]:
+    """The final checkpoint's preprocessing settings (plain data: every checkpoint's pass uses them)."""
+    return {"input_size": list(model.input_size), "mean": list(model.mean), "std": list(model.std),
+            "resize_size": model.resize_size, "interpolation": model.interpolation}
+
+
+def _with_preprocessing(module: nn.Module, ref: dict[str, Any]) -> Model:
+    """``module`` (left as it is: mode, device, parameters) with the final checkpoint's preprocessing ``ref``."""
+    return Model(module=module, input_size=tuple(ref["input_size"]), mean=tuple(ref["mean"]), std=tuple(ref["std"]),
+                 labels=["-"], resize_size=ref["resize_size"], interpolation=ref["interpolation"], channels=None,
+                 set_eval=False, name="checkpoint")
 
 
 def _features(act: torch.Tensor, mode: str, grid: int, layer: str) -> torch.Tensor:
@@ -328,6 +417,109 @@ def _features(act: torch.Tensor, mode: str, grid: int, layer: str) -> torch.Tens
     if act.ndim >= 2:
         return act.float().flatten(1)
     raise LayerKindError(f"layer {layer!r} outputs shape {tuple(act.shape)}; CKA needs one feature vector per image")
+
+
+class _FirstImages(ImageSource):
+    """The first ``n`` images of a folder or list (:class:`~convscope.dataset.folder.ImageSource`)."""
+
+    def __init__(self, images: Any, n: int):
+        super().__init__(images)
+        self._items = list(self._items[:n])
+        self.names = self.names[:n]
+        if getattr(self, "classes", None) is not None:
+            self.classes = self.classes[:n]
+
+
+def _probe_source(images: Any, max_images: int) -> Any:
+    """The probe set: the first ``max_images`` inputs of ``images`` (a folder, a list of paths / PIL images, tensors,
+    an iterable of tensors (read once, kept), or a map-style torch Dataset); unreadable ones among them are skipped."""
+    if isinstance(images, torch.Tensor):
+        return check_input(images, device=None, channels=None)[:max_images]
+    if isinstance(images, torch.utils.data.Dataset) and not isinstance(images, torch.utils.data.IterableDataset):
+        return torch.utils.data.Subset(images, range(min(len(images), max_images)))  # type: ignore[arg-type]
+    if isinstance(images, (str, os.PathLike)) or (isinstance(images, Sequence) and not all(
+            isinstance(t, torch.Tensor) for t in images)):
+        return _FirstImages(images, max_images)
+    chunks, count = [], 0
+    for t in images:  # preprocessed tensors, (C, H, W) or (n, C, H, W): the first max_images of them
+        if not isinstance(t, torch.Tensor):
+            raise DatasetError(f"an iterable of tensors must hold only tensors, got a {type(t).__name__}")
+        t = check_input(t, device=None, channels=None)[: max_images - count]
+        chunks.append(t)
+        count += t.shape[0]
+        if count >= max_images:
+            break
+    if not chunks:
+        raise DatasetError("no probe images (an empty iterable)")
+    return torch.cat(chunks)
+
+
+def _inputs_identity(source: Any) -> dict[str, Any]:
+    """The probe set's part of a state's fingerprint: count and SHA-256 of the names (files) or of the values
+    (tensors); a torch Dataset is known by its type and length only."""
+    if isinstance(source, torch.Tensor):
+        data = source.detach().float().cpu().contiguous().numpy().tobytes()
+        return {"count": int(source.shape[0]), "sha256": hashlib.sha256(data).hexdigest(), "root": None}
+    if isinstance(source, torch.utils.data.Dataset):
+        base = source.dataset if isinstance(source, torch.utils.data.Subset) else source
+        return {"count": len(source), "sha256": f"{type(base).__module__}.{type(base).__qualname__}:{len(source)}",  # type: ignore[arg-type]
+                "root": None}
+    return {"count": len(source.names), "sha256": source.fingerprint(),
+            "root": None if source.root is None else str(Path(source.root).resolve())}
+
+
+def checkpoint_identity(item: Any) -> dict[str, Any]:
+    """How a resumed evolution recognises a checkpoint without loading it: a file by its resolved path, size and
+    modification time (a rewritten file changes them); a module or Model already in memory by
+    :func:`~convscope.models.model_fingerprint` of its weights."""
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        try:
+            st = path.stat()
+        except OSError:
+            return {"file": str(path)}  # loading it reports the problem
+        return {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if isinstance(item, Model):
+        return {"module": model_fingerprint(item.module)}
+    if isinstance(item, nn.Module):
+        return {"module": model_fingerprint(item)}
+    return {"object": type(item).__name__}  # refused by _load
+
+
+def _run_fingerprint(items: Sequence[Any], inputs: dict[str, Any], *, arch: str | None, num_classes: int | None,
+                     layers: Sequence[str] | None, max_images: int, features: str, grid: int, amp: str | None,
+                     targets: torch.Tensor | None) -> dict[str, Any]:
+    """The identity of an evolution run (see :class:`~convscope.dataset.engine.StateStore`): the checkpoints
+    (:func:`checkpoint_identity`, in order), the probe inputs and every option that changes a number."""
+    return {"what": "evolution", "model": {}, "inputs": inputs, "checkpoint_count": len(items),
+            "checkpoints": {f"#{i}": checkpoint_identity(c) for i, c in enumerate(items)},
+            "arch": arch, "num_classes": num_classes, "layers": None if layers is None else list(layers),
+            "preprocessing": MODEL_PREPROCESSING.to_json(), "max_images": max_images, "features": features,
+            "grid": grid if features == "spatial" else None, "amp": amp,
+            "targets": None if targets is None else hashlib.sha256(targets.numpy().tobytes()).hexdigest()}
+
+
+def _probe_pass(model: Model, source: Any, layers: list[str], *, features: str, grid: int, batch_size: int,
+                quiet: bool, engine_options: dict[str, Any]) -> tuple[Probe, list[tuple[int, str]]]:
+    """One checkpoint's probe pass through the dataset engine: its :class:`Probe` and the unreadable inputs.
+
+    A Ctrl-C inside the pass raises :class:`KeyboardInterrupt` (the checkpoint is not measured). An output
+    without class scores runs the pass again without them."""
+    for classifier in (True, False):
+        reducer = ProbeFeatures(layers, features=features, grid=grid, classifier=classifier)
+        try:
+            with warnings.catch_warnings():
+                if quiet:  # the same unreadable files are skipped on every pass: warn once
+                    warnings.simplefilter("ignore", SkippedImagesWarning)
+                ran = run_engine(model, source, [reducer], what="evolution probe", batch_size=batch_size,
+                                 progress=False, **engine_options)
+            break
+        except InputShapeError:  # no class scores in the output: no agreement to measure
+            if not classifier:
+                raise
+    if ran.info.interrupted:
+        raise KeyboardInterrupt
+    return ran.results[0], list(ran.info.skipped)
 
 
 def evolution(
@@ -346,6 +538,12 @@ def evolution(
     device: str | torch.device | None = None,
     trust: bool = False,
     progress: bool | None | Callable[[int, int], None] = None,
+    state: str | os.PathLike | None = None,
+    workers: int | None = None,
+    amp: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    num_gpus: float | None = None,
 ) -> Evolution:
     """Measure how filters and representations change across ``checkpoints`` of one architecture.
 
@@ -353,18 +551,28 @@ def evolution(
     :func:`convscope.load_model` with ``arch``, ``num_classes``, ``device`` and ``trust``; state_dicts,
     checkpoint dicts and safetensors), :class:`~convscope.Model` objects or ``nn.Module`` objects, at least
     two, every one with the same parameter names and shapes. ``images``: the probe set (a folder, a list of
-    paths / ``sample:NAME`` / PIL images, or preprocessed tensors (N, 3, H, W)); ``None``: the bundled
-    samples (:data:`convscope.SAMPLES`). Files are preprocessed with the final checkpoint's settings
-    (ImageNet defaults at 224 px when it is a plain module). At most ``max_images`` probe images are used.
+    paths / ``sample:NAME`` / PIL images, preprocessed tensors (N, 3, H, W) or an iterable of them, or a
+    map-style torch Dataset); ``None``: the bundled samples (:data:`convscope.SAMPLES`). The probe images are the
+    first ``max_images`` inputs; unreadable ones among them are skipped and listed (:attr:`Evolution.skipped`),
+    and if none can be read, :class:`~convscope.dataset.folder.UnreadableImagesError`. Files are preprocessed
+    with the final checkpoint's settings (ImageNet defaults at 224 px when it is a plain module).
     ``layers``: layer names (default: every ``Conv2d``); drift and filter cosine need a layer with a
     ``weight``, CKA any layer with a tensor output. ``labels``: a name per checkpoint (default: file names).
     ``features``: ``"pooled"`` (global average per channel) or ``"spatial"`` (maps pooled to ``grid x grid``,
     flattened) for CKA. ``targets``: true classes of the probe images, for accuracy.
     ``progress``: a tqdm bar (``None``: only on a terminal) or ``fn(done, total)`` in checkpoints.
+    ``workers``, ``amp``, ``engine``, ``address``, ``num_gpus``: the probe passes' engine options (see
+    :func:`convscope.dataset.engine.run`).
 
-    Checkpoints are loaded and measured one at a time and freed before the next (the final one first). Ctrl-C
-    keeps the checkpoints done (``interrupted``). Returns an :class:`Evolution`; see the module docstring
-    for the formulas.
+    Checkpoints are loaded and measured one at a time and freed before the next (the final one first); each
+    probe pass is one :func:`~convscope.dataset.engine.run` of a :class:`ProbeFeatures` reducer. Ctrl-C
+    keeps the checkpoints done (``interrupted``). ``state``: a file where, after each checkpoint is measured,
+    everything the remaining comparisons need is saved atomically (the measured rows, kernels and cosines, the
+    final and the previous checkpoint's weights of the chosen layers and Gram matrices); the same call again
+    skips the checkpoints done (a checkpoint interrupted mid-pass is measured again) and returns the same
+    :class:`Evolution` as one uninterrupted run. A state of other checkpoints (:func:`checkpoint_identity`),
+    probe images or options raises :class:`~convscope.dataset.folder.StateMismatchError` naming what
+    differs. Returns an :class:`Evolution`; see the module docstring for the formulas.
     """
     single = isinstance(checkpoints, (str, os.PathLike, nn.Module, Model))
     items = [checkpoints] if single else list(checkpoints)
@@ -381,88 +589,56 @@ def evolution(
     if images is None:
         images = [f"sample:{s}" for s in SAMPLES]
     target_t = None if targets is None else torch.as_tensor(targets, dtype=torch.long).flatten().cpu()
+    source = _probe_source(images, max_images)
+    store = None
+    if state is not None:
+        fp = _run_fingerprint(items, _inputs_identity(source), arch=arch, num_classes=num_classes, layers=layers,
+                              max_images=max_images, features=features, grid=grid, amp=amp, targets=target_t)
+        store = StateStore(state, "evolution", fp, getattr(source, "names", None))
+    engine_options = dict(workers=workers, amp=amp, engine=engine, address=address, num_gpus=num_gpus)
 
     T = len(items)
     order = [T - 1] + list(range(T - 1))  # the final checkpoint first: everything is compared to it
-    nan = float("nan")
-    tables: dict[str, torch.Tensor] = {}  # (checkpoints, layers), made once the layers are known
-    state: dict[str, Any] = {}
-    done = [False] * T
+    carried = _restore(store, T)  # None until the final checkpoint is measured
+    resumed = 0 if carried is None else sum(carried["done"])
     interrupted = False
-    skipped: list[tuple[int, str]] = []
-    agreement = torch.full((T,), nan, dtype=torch.float64)
-    accuracy = torch.full((T,), nan, dtype=torch.float64)
-    has_logits = True
-    cosines: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
-    kernels: dict[str, list[torch.Tensor | None]] = {}
-    strongest: dict[str, torch.Tensor | None] = {}
     start = time.perf_counter()
     report = progress if callable(progress) else None
-    bar = tqdm(total=T, desc="evolution", unit="ckpt", leave=False,
+    bar = tqdm(total=T, initial=resumed, desc="evolution", unit="ckpt", leave=False,
                disable=True if report else (None if progress is None else not progress))
-    prep = None
-    chosen: list[str] = []
-    weighted: list[str] = []
     try:
-        for step, idx in enumerate(order):
+        for idx in order:
+            if carried is not None and carried["done"][idx]:
+                continue
             loaded = _load(items[idx], arch=arch, num_classes=num_classes, device=device, trust=trust)
             module = loaded.module
-            if step == 0:
-                prep = _preprocessor(loaded)
-                state["signature"] = _signature(module)
+            if carried is None:
                 chosen = _choose_layers(module, layers)
                 weighted = [n for n in chosen if isinstance(getattr(resolve_layer(module, n), "weight", None), torch.Tensor)]
-                L = len(chosen)
-                tables = {k: torch.full((T, L), nan, dtype=torch.float64)
-                          for k in ("drift_previous", "drift_final", "filter_cosine", "cka", "cka_previous")}
+                carried = _start(T, chosen, weighted, _signature(module), _preprocessing_of(loaded))
             else:
-                _check_same(state["signature"], _signature(module), names[idx], names[T - 1])
-            weights = {n: resolve_layer(module, n).weight.detach().float().cpu().clone() for n in weighted}
-            grams, top1 = _probe(module, chosen, images, prep, batch_size, max_images, features, grid, skipped,
-                                 quiet=step > 0, state=state)
+                _check_same(carried["signature"], _signature(module), names[idx], names[T - 1])
+            weights = {n: resolve_layer(module, n).weight.detach().float().cpu().clone() for n in carried["weighted"]}
+            probe, skipped = _probe_pass(_with_preprocessing(module, carried["ref"]), source, carried["layers"],
+                                         features=features, grid=grid, batch_size=batch_size, quiet=idx != T - 1,
+                                         engine_options=engine_options)
             del loaded, module
-            if step == 0:
-                state["final_weights"] = weights
-                state["final_grams"] = grams
-                state["final_top1"] = top1
-                for n in weighted:
-                    w = weights[n]
-                    strongest[n] = None if w.ndim != 4 or w.shape[1] == 3 else w[:KEEP_FILTERS].flatten(2).norm(dim=2).argmax(1)
-                    kernels[n] = [None] * T
-            has_logits = has_logits and top1 is not None and state["final_top1"] is not None
-            _measure(idx, weights, grams, top1, state, tables, cosines, chosen, weighted, agreement, accuracy, target_t,
-                     kernels, strongest)
-            if step > 0:
-                prev = state.get("prev")
-                if prev is not None and prev[0] == idx - 1:
-                    _compare_previous(idx, prev[1], prev[2], weights, grams, tables, chosen, weighted)
-                state["prev"] = (idx, weights, grams)
-                if idx == T - 2:  # the final checkpoint's previous one is done: compare them
-                    _compare_previous(T - 1, weights, grams, state["final_weights"], state["final_grams"], tables,
-                                      chosen, weighted)
-            done[idx] = True
-            del weights, grams
+            new = _advance(carried, idx, weights, probe, skipped, target_t)
+            if store is not None:
+                _save(store, new)  # atomically: a kill -9 leaves the state before or after this checkpoint
+            carried = new  # committed in one assignment (Ctrl-C never leaves a half-measured checkpoint)
+            del weights, probe, new
             _free()
             bar.update(1)
             if report:
-                report(step + 1, T)
+                report(sum(carried["done"]), T)
     except KeyboardInterrupt:
-        if not done[T - 1]:
+        if carried is None or not carried["done"][T - 1]:
             raise
         interrupted = True
     finally:
         bar.close()
-    n_images = int(state.get("n", 0))
-    kept = {n: torch.stack([k if k is not None else torch.full_like(kernels[n][T - 1], nan) for k in kernels[n]])
-            for n in weighted}
-    agreement_out = agreement if has_logits else None
-    return Evolution(
-        checkpoints=names, layers=chosen, drift_previous=tables["drift_previous"], drift_final=tables["drift_final"],
-        filter_cosine=tables["filter_cosine"], filter_cosines=cosines, cka=tables["cka"], cka_previous=tables["cka_previous"],
-        agreement=agreement_out, accuracy=accuracy if (target_t is not None and has_logits) else None,
-        images=n_images, features=features, grid=grid, kernels=kept, strongest=strongest, done=done,
-        interrupted=interrupted, seconds=time.perf_counter() - start, skipped=skipped,
-    )
+    return _result(carried, names, features, grid, target_t, interrupted, time.perf_counter() - start, resumed)
 
 
 def _free() -> None:
@@ -501,63 +677,6 @@ def _check_same(ref: list[tuple[str, tuple[int, ...]]], sig: list[tuple[str, tup
     raise EvolutionError(f"{name} is not the architecture of {final}: extra parameter(s) {', '.join(extra[:3])}")
 
 
-def _probe(module: nn.Module, layers: list[str], images: Any, prep: Preprocess, batch_size: int, max_images: int,
-           features: str, grid: int, skipped: list, *, quiet: bool, state: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Centred n x n Gram matrices of every layer's features on the probe images, and the top-1 classes."""
-    device = module_device(module)
-    source = open_images(images, torch.device("cpu"))
-    rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    top: list[torch.Tensor] = []
-    positions: list[torch.Tensor] = []
-    classifier = True
-    count = 0
-    with warnings.catch_warnings():
-        if quiet:  # the same unreadable files are skipped on every pass: warn once
-            warnings.simplefilter("ignore", SkippedImagesWarning)
-        batches = source.batches(prep, batch_size)
-        try:
-            with torch.no_grad(), Capture(module, layers) as cap:
-                for batch in batches:
-                    if not quiet:
-                        skipped.extend(batch.skipped)
-                    if batch.x is None:
-                        continue
-                    x = batch.x[: max_images - count].to(device)
-                    out = forward_fast(module, x, cap.forward)
-                    for n in layers:
-                        act = cap.activations.get(n)
-                        if act is None:
-                            raise LayerKindError(f"layer {n!r} is never called in the model's forward pass")
-                        rows[n].append(_features(act, features, grid, n).cpu())
-                    try:
-                        logits = output_logits(out)
-                    except InputShapeError:  # no class scores in the output: no agreement to measure
-                        logits = None
-                    if logits is None or logits.ndim != 2:
-                        classifier = False
-                    else:
-                        top.append(logits.argmax(1).cpu())
-                    positions.append(batch.index[: x.shape[0]])
-                    count += x.shape[0]
-                    if count >= max_images:
-                        break
-        finally:
-            batches.close()
-    if count < 2:
-        raise EvolutionError(f"CKA needs at least 2 readable probe images, got {count}")
-    pos = torch.cat(positions)
-    if "positions" not in state:
-        state["positions"], state["n"] = pos, count
-    elif not torch.equal(state["positions"], pos):
-        raise EvolutionError("the probe images differ between checkpoints (files changed during the run?)")
-    grams = {}
-    for n in layers:
-        feats = torch.cat(rows[n])
-        rows[n] = []
-        grams[n] = centered_gram(feats)
-    return grams, (torch.cat(top) if classifier and top else None)
-
-
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     d = float((a.double() - ref.double()).norm())
     r = float(ref.double().norm())
@@ -571,15 +690,52 @@ def _filter_cosine(w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, cos, torch.zeros_like(cos))
 
 
-def _measure(idx: int, weights: dict, grams: dict, top1: torch.Tensor | None, state: dict, tables: dict, cosines: list,
-             layers: list[str], weighted: list[str], agreement: torch.Tensor, accuracy: torch.Tensor,
-             targets: torch.Tensor | None, kernels: dict, strongest: dict) -> None:
-    """Everything that compares checkpoint ``idx`` with the final one."""
+# ============================================================================ what is carried from checkpoint to checkpoint
+#
+# ``carried`` holds everything measured so far and everything the remaining checkpoints are compared with:
+# ``done`` (T,), ``layers``/``weighted``/``signature``/``ref`` (the final checkpoint's layers, architecture and
+# preprocessing), ``tables`` (T, L), ``agreement``/``accuracy`` (T,), ``cosines[idx][layer]``, ``kernels[layer][idx]``,
+# ``strongest``, ``final`` (weights, grams, top1 of the final checkpoint), ``prev`` (index, weights, grams of the
+# last checkpoint measured in training order), ``positions``/``n``/``skipped`` (the probe images), ``has_logits``.
+# :func:`_advance` builds a new one and never changes the one it is given.
+
+_TABLES = ("drift_previous", "drift_final", "filter_cosine", "cka", "cka_previous")
+
+
+def _start(T: int, layers: list[str], weighted: list[str], signature: list, ref: dict[str, Any]) -> dict[str, Any]:
+    nan = float("nan")
+    return {"done": [False] * T, "layers": layers, "weighted": weighted, "signature": signature, "ref": ref,
+            "tables": {k: torch.full((T, len(layers)), nan, dtype=torch.float64) for k in _TABLES},
+            "agreement": torch.full((T,), nan, dtype=torch.float64), "accuracy": torch.full((T,), nan, dtype=torch.float64),
+            "cosines": {}, "kernels": {n: {} for n in weighted}, "strongest": {}, "final": None, "prev": None,
+            "positions": None, "n": 0, "skipped": [], "has_logits": True}
+
+
+def _advance(c: dict[str, Any], idx: int, weights: dict[str, torch.Tensor], probe: Probe, skipped: list[tuple[int, str]],
+             targets: torch.Tensor | None) -> dict[str, Any]:
+    """The carried state after checkpoint ``idx`` (``weights`` of the weighted layers, its ``probe``), as a new dict."""
+    T = len(c["done"])
+    new = dict(c)
+    tables = {k: v.clone() for k, v in c["tables"].items()}
+    agreement, accuracy = c["agreement"].clone(), c["accuracy"].clone()
+    if idx == T - 1:  # the final checkpoint, measured first: the reference of every comparison
+        if probe.n < 2:
+            raise EvolutionError(f"CKA needs at least 2 readable probe images, got {probe.n}")
+        new.update(final={"weights": weights, "grams": probe.grams, "top1": probe.top1}, positions=probe.positions,
+                   n=probe.n, skipped=list(skipped),
+                   strongest={n: None if w.ndim != 4 or w.shape[1] == 3 else w[:KEEP_FILTERS].flatten(2).norm(dim=2).argmax(1)
+                              for n, w in weights.items()})
+    elif not torch.equal(c["positions"], probe.positions):
+        raise EvolutionError("the probe images differ between checkpoints (files changed during the run?)")
+    final, positions, strongest = new["final"], new["positions"], new["strongest"]
+    layers, weighted = c["layers"], c["weighted"]
+    cosines = {**c["cosines"], idx: {}}
+    kernels = {n: dict(v) for n, v in c["kernels"].items()}
     for j, n in enumerate(layers):
-        tables["cka"][idx, j] = gram_cka(grams[n], state["final_grams"][n])
+        tables["cka"][idx, j] = gram_cka(probe.grams[n], final["grams"][n])
         if n not in weights:
             continue
-        w, ref = weights[n], state["final_weights"][n]
+        w, ref = weights[n], final["weights"][n]
         tables["drift_final"][idx, j] = _rel(w, ref)
         cos = _filter_cosine(w, ref).float()
         cosines[idx][n] = cos
@@ -590,13 +746,25 @@ def _measure(idx: int, weights: dict, grams: dict, top1: torch.Tensor | None, st
             kernels[n][idx] = k.clone() if s is None else k[torch.arange(k.shape[0]), s].clone()
         else:
             kernels[n][idx] = w[:KEEP_FILTERS].reshape(min(KEEP_FILTERS, w.shape[0]), 1, -1).clone()
-    final_top = state.get("final_top1")
-    if top1 is not None and final_top is not None:
-        agreement[idx] = float((top1 == final_top).double().mean())
+    final_top = final["top1"]
+    new["has_logits"] = c["has_logits"] and probe.top1 is not None and final_top is not None
+    if probe.top1 is not None and final_top is not None:
+        agreement[idx] = float((probe.top1 == final_top).double().mean())
         if targets is not None:
-            if targets.numel() < state["positions"].max() + 1:
-                raise EvolutionError(f"{targets.numel()} targets for at least {int(state['positions'].max()) + 1} probe images")
-            accuracy[idx] = float((top1 == targets[state["positions"]]).double().mean())
+            if targets.numel() < positions.max() + 1:
+                raise EvolutionError(f"{targets.numel()} targets for at least {int(positions.max()) + 1} probe images")
+            accuracy[idx] = float((probe.top1 == targets[positions]).double().mean())
+    if idx != T - 1:
+        prev = c["prev"]
+        if prev is not None and prev["index"] == idx - 1:
+            _compare_previous(idx, prev["weights"], prev["grams"], weights, probe.grams, tables, layers, weighted)
+        new["prev"] = {"index": idx, "weights": weights, "grams": probe.grams}
+        if idx == T - 2:  # the final checkpoint's previous one is done: compare them
+            _compare_previous(T - 1, weights, probe.grams, final["weights"], final["grams"], tables, layers, weighted)
+    done = list(c["done"])
+    done[idx] = True
+    new.update(done=done, tables=tables, agreement=agreement, accuracy=accuracy, cosines=cosines, kernels=kernels)
+    return new
 
 
 def _compare_previous(idx: int, prev_w: dict, prev_g: dict, weights: dict, grams: dict, tables: dict,
@@ -605,3 +773,101 @@ def _compare_previous(idx: int, prev_w: dict, prev_g: dict, weights: dict, grams
         tables["cka_previous"][idx, j] = gram_cka(grams[n], prev_g[n])
         if n in weighted:
             tables["drift_previous"][idx, j] = _rel(weights[n], prev_w[n])
+
+
+def _result(c: dict[str, Any], names: list[str], features: str, grid: int, targets: torch.Tensor | None,
+            interrupted: bool, seconds: float, resumed: int) -> Evolution:
+    T = len(names)
+    nan = float("nan")
+    kept = {}
+    for n in c["weighted"]:
+        like = c["kernels"][n][T - 1]
+        kept[n] = torch.stack([c["kernels"][n].get(i, torch.full_like(like, nan)) for i in range(T)])
+    tables = c["tables"]
+    return Evolution(
+        checkpoints=names, layers=list(c["layers"]), drift_previous=tables["drift_previous"],
+        drift_final=tables["drift_final"], filter_cosine=tables["filter_cosine"],
+        filter_cosines=[dict(c["cosines"].get(i, {})) for i in range(T)], cka=tables["cka"],
+        cka_previous=tables["cka_previous"], agreement=c["agreement"] if c["has_logits"] else None,
+        accuracy=c["accuracy"] if (targets is not None and c["has_logits"]) else None, images=int(c["n"]),
+        features=features, grid=grid, kernels=kept, strongest=dict(c["strongest"]), done=list(c["done"]),
+        interrupted=interrupted, seconds=seconds, skipped=list(c["skipped"]), resumed=resumed,
+    )
+
+
+# ============================================================================ the saved state
+
+
+class _Carried:
+    """The name and options under which the carried state is kept in the state file (one stage, one entry)."""
+
+    name = "carried"
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+_STAGE = "evolution"
+
+
+def _save(store: StateStore, c: dict[str, Any]) -> None:
+    """``c`` as one state (plain data + flat tensors, layers by their position) in stage ``evolution``."""
+    layers = c["layers"]
+    j = {n: i for i, n in enumerate(layers)}
+    plain: dict[str, Any] = {
+        "done": c["done"], "layers": layers, "weighted": c["weighted"],
+        "signature": [[k, list(s)] for k, s in c["signature"]], "ref": c["ref"], "n": c["n"],
+        "skipped": [[int(p), str(r)] for p, r in c["skipped"]], "has_logits": c["has_logits"],
+        "prev_index": None if c["prev"] is None else c["prev"]["index"],
+        "final_top1": c["final"]["top1"] is not None,
+        "cosines": [[int(i), n] for i, per in c["cosines"].items() for n in per],
+        "kernels": [[n, int(i)] for n, per in c["kernels"].items() for i in per],
+        "strongest": [n for n, s in c["strongest"].items() if s is not None],
+    }
+    tensors: dict[str, torch.Tensor] = {f"table/{k}": v for k, v in c["tables"].items()}
+    tensors.update({"agreement": c["agreement"], "accuracy": c["accuracy"], "positions": c["positions"]})
+    for part in ("final", "prev"):
+        if c[part] is None:
+            continue
+        tensors.update({f"{part}/weights/{j[n]}": w for n, w in c[part]["weights"].items()})
+        tensors.update({f"{part}/grams/{j[n]}": g for n, g in c[part]["grams"].items()})
+    if c["final"]["top1"] is not None:
+        tensors["final/top1"] = c["final"]["top1"]
+    tensors.update({f"cosine/{i}/{j[n]}": v for i, per in c["cosines"].items() for n, v in per.items()})
+    tensors.update({f"kernel/{j[n]}/{i}": v for n, per in c["kernels"].items() for i, v in per.items()})
+    tensors.update({f"strongest/{j[n]}": s for n, s in c["strongest"].items() if s is not None})
+    record = {"complete": all(c["done"]), "done": sum(c["done"]), "total": len(c["done"])}
+    store.save(_STAGE, record, [_Carried()], [{**plain, **tensors}])  # type: ignore[list-item]
+
+
+def _restore(store: StateStore | None, T: int) -> dict[str, Any] | None:
+    """The carried state saved in ``store`` (``None``: nothing saved yet)."""
+    if store is None:
+        return None
+    saved = store.stage(_STAGE, [_Carried()], torch.device("cpu"))  # type: ignore[list-item]
+    if saved is None:
+        return None
+    s = saved[1][0]
+    layers = list(s["layers"])
+    if len(s["done"]) != T:
+        raise StateFileError(f"{store.path}: a state of {len(s['done'])} checkpoints, not {T}; delete it or choose another")
+
+    def part(name: str, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: s[f"{name}/{layers.index(n)}"] for n in names}
+
+    weighted = list(s["weighted"])
+    c = _start(T, layers, weighted, [(k, tuple(shape)) for k, shape in s["signature"]], dict(s["ref"]))
+    c.update(done=[bool(d) for d in s["done"]], n=int(s["n"]), skipped=[(int(p), str(r)) for p, r in s["skipped"]],
+             has_logits=bool(s["has_logits"]), positions=s["positions"], agreement=s["agreement"], accuracy=s["accuracy"],
+             tables={k: s[f"table/{k}"] for k in _TABLES},
+             final={"weights": part("final/weights", weighted), "grams": part("final/grams", layers),
+                    "top1": s["final/top1"] if s["final_top1"] else None},
+             strongest={n: (s[f"strongest/{layers.index(n)}"] if n in s["strongest"] else None) for n in weighted})
+    if s["prev_index"] is not None:
+        c["prev"] = {"index": int(s["prev_index"]), "weights": part("prev/weights", weighted),
+                     "grams": part("prev/grams", layers)}
+    for i, n in s["cosines"]:
+        c["cosines"].setdefault(int(i), {})[n] = s[f"cosine/{i}/{layers.index(n)}"]
+    for n, i in s["kernels"]:
+        c["kernels"][n][int(i)] = s[f"kernel/{layers.index(n)}/{i}"]
+    return c

@@ -54,6 +54,8 @@ MIN_POINTS = {"pca": 2, "tsne": 3, "umap": 3}
 TSNE_PCA_DIMS = 50
 #: t-SNE's kNN graph with ``index="auto"``: exact (flat) up to this many points, HNSW beyond.
 EXACT_GRAPH_POINTS = 200_000
+#: openTSNE's gradient: Barnes-Hut below this many points (one thread by default), FFT from here (all cores).
+FFT_POINTS = 10_000
 #: PCA by a thin SVD of the centred data up to this many values (N x C), by the C x C covariance beyond.
 PCA_SVD_MAX = 1 << 22
 #: Rows per chunk when a pass over the features is split to bound memory.
@@ -176,7 +178,8 @@ class NeighbourIndex:
             raise EmbeddingError("the features hold NaN or infinite values")
         n, d = base.shape
         self.metric, self.kind, self.dims = metric, index, d
-        self._base = base  # kept (not copied) for the exact euclidean distances of the pairs found
+        # euclidean: the rows are kept (a view, not a copy) for the exact distances of the pairs found
+        self._base = base if metric == "euclidean" else None
         faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
         self.nlist = self.nprobe = None
         self.ef_search = None
@@ -244,6 +247,7 @@ class NeighbourIndex:
         out = np.empty(rows.shape, np.float32)
         step = max(1, (1 << 24) // max(1, rows.shape[1] * self.dims))
         for lo in range(0, rows.shape[0], step):
+            assert self._base is not None
             diff = self._base[np.maximum(rows[lo:lo + step], 0)] - queries[lo:lo + step, None, :]
             out[lo:lo + step] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
         return out
@@ -355,7 +359,8 @@ def tsne(x: Any, dims: int = 2, *, perplexity: float = 30.0, iterations: int = I
     N / exaggeration (Belkina et al. 2019). ``init="pca"``: the first ``dims`` principal components scaled
     to standard deviation 1e-4 in the first (stable global layout); ``"random"``: N(0, 1e-4^2) from
     ``seed``. ``perplexity`` above (N - 1) / 3 is lowered to that with a warning (a point needs 3 x
-    perplexity neighbours). ``n_jobs``: threads (default: all cores this process may use). The same inputs
+    perplexity neighbours). ``n_jobs``: threads (default: one below :data:`FFT_POINTS` points, where
+    Barnes-Hut's threads cost more than they save, else all cores this process may use). The same inputs
     and seed give the same map (with an exact graph). ``device``: where the PCA runs; openTSNE is CPU only.
     Limits: :func:`check_map_size` (at most ``max_points``, default :data:`TSNE_MAX_POINTS`).
     """
@@ -380,7 +385,9 @@ def tsne(x: Any, dims: int = 2, *, perplexity: float = 30.0, iterations: int = I
     from openTSNE.affinity import PerplexityBasedNN
     from openTSNE.nearest_neighbors import PrecomputedNeighbors
 
-    jobs = n_jobs or cpu_count()
+    # Barnes-Hut's threads cost more than they save on small sets (300 points: 0.5 s on one thread, 3-10 s on
+    # two of a busy 2-core machine); the FFT gradient of large sets scales with the cores
+    jobs = n_jobs or (1 if n < FFT_POINTS else cpu_count())
     if pca_dims is not None and x.shape[1] > pca_dims:
         x = pca(x, min(pca_dims, n), device=device)
     data = _float32(x)
@@ -408,7 +415,7 @@ def tsne(x: Any, dims: int = 2, *, perplexity: float = 30.0, iterations: int = I
         return False  # never stop early
 
     watch = report is not None or not bar.disable
-    method = "bh" if dims > 2 else "auto"  # openTSNE's auto: Barnes-Hut below 10,000 points, FFT above
+    method = "bh" if dims > 2 or n < FFT_POINTS else "fft"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=RuntimeWarning)

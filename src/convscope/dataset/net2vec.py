@@ -30,8 +30,10 @@ dataset. Training runs all concepts at once (one weight matrix).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,11 +45,12 @@ from PIL import Image
 
 from ..models import Model, as_model
 from ..options import Option
-from ..probe import Capture, forward_fast, resolve_layer
+from ..probe import resolve_layer
 from ..progress import tqdm
 from ..render import figure_to_image, png_bytes
-from .dissect import IMAGE_COLUMNS, Broden, DissectError, Dissection, open_broden, whole_image_input
-from .folder import BATCH_SIZE, ImageSource, check_any_scored
+from .dissect import IMAGE_COLUMNS, WHOLE, Broden, DissectError, Dissection, layer_maps, open_broden
+from .engine import forward_batches
+from .folder import BATCH_SIZE, ImageSource, SkippedImagesWarning, check_any_scored, skipped_summary
 
 MODES = ("segmentation", "classification")
 EPOCHS = Option(int, 30, "training epochs over the training images", minimum=1, maximum=10_000)
@@ -268,27 +271,28 @@ def net2vec(
 
 
 def _activations(model: Model, ds: Broden, layer: str, batch_size: int, progress: bool) -> tuple[torch.Tensor, list[int], list]:
-    """Every readable image's activation maps at ``layer`` (N, K, h, w) on the CPU, their dataset positions."""
+    """Every readable image's activation maps at ``layer`` (N, K, h, w) on the CPU, their dataset positions and the
+    unreadable images: one pass of the dataset engine's stream (:func:`~convscope.dataset.engine.forward_batches`),
+    images fed whole as in :func:`~convscope.dataset.dissect.dissect`, maps checked by the same
+    :func:`~convscope.dataset.dissect.layer_maps`."""
     source = ImageSource([str(ds.image_path(i)) for i in range(len(ds))])
-    chunks, kept = [], []
-    module = model.module
+    chunks, kept, skipped = [], [], []
     bar = tqdm(total=len(ds), desc=f"net2vec {layer}: activations", unit="img", leave=False, disable=not progress)
-    with torch.no_grad(), Capture(module, [layer], stop=True) as cap:
-        try:
-            for batch in source.batches(lambda pictures: whole_image_input(model, pictures), batch_size):
+    try:
+        with contextlib.closing(forward_batches(model, source, batch_size, preprocessing=WHOLE, layers=[layer])) as batches:
+            for batch, fwd in batches:
                 bar.update(batch.stop - batch.start)
-                if batch.x is None:
+                skipped += batch.skipped
+                if fwd is None:
                     continue
-                forward_fast(module, batch.x, cap.forward)
-                act = cap.activations.get(layer)
-                if act is None or act.ndim != 4:
-                    raise DissectError(f"layer {layer!r} gives no feature maps (N, C, H, W); choose a convolutional layer")
-                chunks.append(act.float().cpu())
+                chunks.append(layer_maps(fwd, layer).cpu())
                 kept += batch.index.tolist()
-        finally:
-            bar.close()
-    check_any_scored(len(kept), source.skipped)
-    return torch.cat(chunks), kept, list(source.skipped)
+    finally:
+        bar.close()
+    if skipped:
+        warnings.warn(skipped_summary(skipped), SkippedImagesWarning, stacklevel=3)
+    check_any_scored(len(kept), skipped)
+    return torch.cat(chunks), kept, skipped
 
 
 def _thresholds(given: Any, acts: torch.Tensor, quantile: float, layer: str) -> torch.Tensor:

@@ -153,7 +153,11 @@ def _connected(ray: Any, address: str | None) -> Iterator[None]:
             ray.init(num_cpus=_cluster_cores(), include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING)
         else:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise EngineError(f"cannot connect to the Ray cluster at {address!r}: {exc} (start it with "
+                                  "`ray start --head`; the address is HOST:6379 or 'auto')") from exc
         started = True
     try:
         yield
@@ -213,7 +217,7 @@ def _batches(model: Any, shipped: Any, reducers: list[Reducer], ranges: list[tup
                                    "config": {"batch_size": batch_size, "preprocessing": preprocessing, "layers": layers,
                                               "inputs_of": inputs_of, "amp": amp, "gpu": num_gpus > 0,
                                               "cwd": os.getcwd()}})
-        rows = iter(ds.iter_rows())
+        rows = _rows(ray, ds)
         try:
             expected = ranges[0][0]
             waiting: dict[int, dict[str, Any]] = {}
@@ -241,6 +245,27 @@ def _batches(model: Any, shipped: Any, reducers: list[Reducer], ranges: list[tup
             if close is not None:
                 with contextlib.suppress(Exception):
                     close()
+
+
+def _rows(ray: Any, ds: Any) -> Iterator[dict[str, Any]]:
+    """The dataset's rows; Ray's own failures (an actor that cannot start: convscope or the model's code missing on
+    a node, a node lost...) become an :class:`EngineError` (errors of the analysis itself travel in the rows)."""
+    rows = iter(ds.iter_rows())
+    try:
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except ray.exceptions.RayError as exc:
+                raise EngineError(f"the Ray engine failed ({type(exc).__name__}): {exc}\n(every Ray node needs convscope, "
+                                  "the model's code and the image files at the same paths)") from exc
+            yield row
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
 
 
 def _merger(reducers: list[Reducer], part: dict[str, Any], device: torch.device) -> Any:

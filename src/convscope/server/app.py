@@ -18,11 +18,16 @@
 ``GET /api/explain`` and ``GET /api/visualize`` still answer in one request: they queue a job and wait
 for it, and a client that hangs up cancels it.
 
+With an atlas (``convscope serve --atlas ATLAS``), its page and API live under ``/atlas/`` (routes in
+:mod:`convscope.atlas.serve`); without a model (the atlas alone), ``/`` redirects to ``/atlas/`` and
+``/api/...`` answers 404.
+
 Guards, in order, on every request: the ``Host`` header must name this server (DNS rebinding); on
-``/api/``, a request a browser marks as cross-site (``Sec-Fetch-Site``) or from another ``Origin`` is
-refused, and the per-launch token must come as the ``X-Convscope-Token`` header (the page takes it from
-its own URL, ``?token=...``, as Jupyter does) or as a ``token`` query parameter (for ``curl``). The page
-and its files need no token: they hold no data. Every error is JSON ``{"error": "..."}``.
+``/api/`` and ``/atlas/api/`` (:data:`API_PREFIXES`), a request a browser marks as cross-site
+(``Sec-Fetch-Site``) or from another ``Origin`` is refused, and the per-launch token must come as the
+``X-Convscope-Token`` header (the page takes it from its own URL, ``?token=...``, as Jupyter does) or as
+a ``token`` query parameter (for ``curl``, and the atlas's pictures). The pages and their scripts need no
+token: they hold no data. Every error is JSON ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -42,10 +47,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
+from starlette.responses import RedirectResponse
 from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..atlas.serve import atlas_routes
+from ..atlas.store import AtlasStore
 from .api import ApiError, Explorer, Response
 from .jobs import JobQueue, QueueFull
 
@@ -60,6 +68,9 @@ STATIC = {
 #: The page loads nothing from elsewhere; pictures are data: URIs, uploads previews blob: URLs.
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
+
+#: Paths under these prefixes hold data: the token and the cross-site checks apply there.
+API_PREFIXES = ("/api/", "/atlas/api/")
 
 TOKEN_HEADER = "x-convscope-token"
 CLIENT_HEADER = "x-convscope-client"
@@ -122,7 +133,7 @@ class Guard:
         if not (name in self.allowed_hosts or (self.any_ip and is_ip(name))):
             return (f"requests must address this server by its own name, not {host or 'no host'!r} "
                     "(convscope serve --allow-host NAME adds one)")
-        if not scope["path"].startswith("/api/"):
+        if not scope["path"].startswith(API_PREFIXES):
             return None
         site = headers.get("sec-fetch-site")
         if site is not None and site not in ("same-origin", "none"):
@@ -210,9 +221,13 @@ def multipart_file(body: bytes, content_type: str) -> bytes:
     raise ApiError("multipart upload without a file: send it as -F file=@picture.png")
 
 
-def build_app(explorer: Explorer, jobs: JobQueue, *, token: str | None, allowed_hosts: set[str],
-              any_ip: bool = False, quiet: bool = False) -> ASGIApp:
-    """The ASGI application over ``explorer`` and its ``jobs`` queue, behind :class:`Guard`."""
+def build_app(explorer: Explorer | None, jobs: JobQueue | None, *, token: str | None, allowed_hosts: set[str],
+              any_ip: bool = False, quiet: bool = False, atlas: AtlasStore | None = None) -> ASGIApp:
+    """The ASGI application over ``explorer`` and its ``jobs`` queue, behind :class:`Guard`; with ``atlas``
+    also the atlas's page and API under ``/atlas/``. ``explorer`` and ``jobs`` may be ``None`` (the atlas
+    alone)."""
+    if explorer is None and atlas is None:
+        raise ValueError("build_app needs an explorer, an atlas or both")
     info_cache: list[bytes] = []
 
     def client_of(request: Request) -> str:
@@ -356,6 +371,14 @@ def build_app(explorer: Explorer, jobs: JobQueue, *, token: str | None, allowed_
     async def not_found(request: Request) -> HttpResponse:
         return error(404, f"no such page: {request.url.path}")
 
+    async def to_atlas(request: Request) -> HttpResponse:
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(f"/atlas/{query}", status_code=307)
+
+    async def no_model(request: Request) -> HttpResponse:
+        return error(404, f"no model is served here ({request.url.path}): this server shows an atlas only, "
+                          "at /atlas/ (convscope serve --atlas ATLAS --model M serves both)")
+
     routes = [
         Route("/", page, methods=["GET"]),
         Route("/index.html", page, methods=["GET"]),
@@ -370,8 +393,13 @@ def build_app(explorer: Explorer, jobs: JobQueue, *, token: str | None, allowed_
         Route("/api/jobs/{job}", job_cancel, methods=["DELETE"]),
         Route("/api/jobs/{job}/cancel", job_cancel, methods=["POST"]),
         Route("/api/{rest:path}", api, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
-        Route("/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
     ]
+    if explorer is None:
+        routes = [Route("/", to_atlas, methods=["GET"]), Route("/index.html", to_atlas, methods=["GET"]),
+                  Route("/api/{rest:path}", no_model, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])]
+    if atlas is not None:
+        routes += atlas_routes(atlas)
+    routes.append(Route("/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]))
 
     async def method_not_allowed(request: Request, exc: Exception) -> HttpResponse:
         status = getattr(exc, "status_code", 500)

@@ -10,6 +10,7 @@ worker thread (:mod:`convscope.server.jobs`), so no connection ever waits on a t
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import socket
 import threading
@@ -20,6 +21,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..atlas.store import AtlasStore
 from .api import Explorer
 from .app import build_app, warm_info
 from .jobs import ABANDON_AFTER, MAX_QUEUED, JobQueue
@@ -77,7 +79,8 @@ def _bind(host: str, port: int, backlog: int) -> socket.socket:
 
 
 class ExplorerServer:
-    """The explorer over one :class:`Explorer` (one model), served by uvicorn.
+    """The explorer over one :class:`Explorer` (one model), and/or an atlas (``atlas``: an
+    :class:`~convscope.atlas.store.AtlasStore`, served under ``/atlas/``), served by uvicorn.
 
     Serve with :meth:`serve_forever` in the calling thread (Ctrl-C stops it), or :meth:`start` in a
     background thread and :meth:`stop`. ``token``: the secret every API request must carry (``None``: a
@@ -86,20 +89,25 @@ class ExplorerServer:
     address, so is any IP address).
     """
 
-    def __init__(self, explorer: Explorer, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False,
+    def __init__(self, explorer: Explorer | None, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False,
                  token: str | None = None, allow_hosts: Iterable[str] = (), request_timeout: float = REQUEST_TIMEOUT,
-                 backlog: int = BACKLOG, max_queued: int = MAX_QUEUED, abandon_after: float = ABANDON_AFTER):
+                 backlog: int = BACKLOG, max_queued: int = MAX_QUEUED, abandon_after: float = ABANDON_AFTER,
+                 atlas: AtlasStore | None = None):
+        if explorer is None and atlas is None:
+            raise ValueError("a server needs a model's explorer, an atlas or both")
         self.explorer = explorer
+        self.atlas = atlas
         self.quiet = quiet
         self.token = secrets.token_urlsafe(24) if token is None else (token or None)
         self.extra_hosts = {h.strip().lower() for h in allow_hosts if h.strip()}
         self.socket = _bind(host, port, backlog)
         self.server_address = self.socket.getsockname()[:2]
-        self.jobs = JobQueue(self._run_job, max_queued=max_queued, abandon_after=abandon_after,
-                             name=f"convscope-jobs-{self.port}")
+        self.jobs = None if explorer is None else JobQueue(self._run_job, max_queued=max_queued,
+                                                           abandon_after=abandon_after, name=f"convscope-jobs-{self.port}")
         self.app = build_app(explorer, self.jobs, token=self.token, allowed_hosts=self.allowed_hosts(),
-                             any_ip=self.wildcard, quiet=quiet)
-        warm_info(self.app, explorer)
+                             any_ip=self.wildcard, quiet=quiet, atlas=atlas)
+        if explorer is not None:
+            warm_info(self.app, explorer)
         protocol = type("ExplorerH11Protocol", (TimedH11Protocol,), {"request_timeout": float(request_timeout)})
         config = uvicorn.Config(self.app, http=protocol, lifespan="off", log_config=None, access_log=False,
                                 log_level="error" if quiet else "warning", timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
@@ -110,6 +118,7 @@ class ExplorerServer:
         self._closed = False
 
     def _run_job(self, job: Any) -> tuple[int, dict[str, Any]]:
+        assert self.explorer is not None
         response = self.explorer.handle("GET", f"/api/{job.kind}", job.params, client=job.client)
         return response.status, response.payload
 
@@ -144,8 +153,16 @@ class ExplorerServer:
 
     @property
     def url(self) -> str:
-        """The address to open, with the token (``http://HOST:PORT/?token=...``)."""
-        return self.base_url + (f"?token={self.token}" if self.token else "")
+        """The address to open, with the token (``http://HOST:PORT/?token=...``; the atlas's page
+        ``.../atlas/?token=...`` when no model is served)."""
+        return self.base_url + ("atlas/" if self.explorer is None else "") + (f"?token={self.token}" if self.token else "")
+
+    @property
+    def atlas_url(self) -> str | None:
+        """The atlas's page with the token (``http://HOST:PORT/atlas/?token=...``), or None without an atlas."""
+        if self.atlas is None:
+            return None
+        return self.base_url + "atlas/" + (f"?token={self.token}" if self.token else "")
 
     # ------------------------------------------------------------------ serving
     def serve_forever(self) -> None:
@@ -154,7 +171,8 @@ class ExplorerServer:
         try:
             self.uvicorn.run(sockets=[self.socket])
         finally:
-            self.jobs.close()
+            if self.jobs is not None:
+                self.jobs.close()
 
     def start(self) -> threading.Thread:
         """Serve in a background thread (tests, notebooks); :meth:`stop` ends it."""
@@ -173,7 +191,8 @@ class ExplorerServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop serving: cancel the jobs, close the connections and the socket, wait for the threads."""
-        self.jobs.close(timeout)
+        if self.jobs is not None:
+            self.jobs.close(timeout)
         if self._thread is not None:
             self.uvicorn.should_exit = True
             self._thread.join(timeout)
@@ -184,20 +203,28 @@ class ExplorerServer:
         if not self._closed:
             self._closed = True
             self.socket.close()
-            self.jobs.close()
+            if self.jobs is not None:
+                self.jobs.close()
 
     def threads(self) -> list[threading.Thread]:
         """The threads of this server still alive: the serving thread and the job worker."""
-        found = [t for t in (self._thread, self.jobs.thread) if t is not None and t.is_alive()]
+        worker = None if self.jobs is None else self.jobs.thread
+        found = [t for t in (self._thread, worker) if t is not None and t.is_alive()]
         return found
 
 
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = False,
                 token: str | None = None, allow_hosts: Iterable[str] = (), request_timeout: float = REQUEST_TIMEOUT,
-                max_queued: int = MAX_QUEUED, abandon_after: float = ABANDON_AFTER, **options: Any) -> ExplorerServer:
+                max_queued: int = MAX_QUEUED, abandon_after: float = ABANDON_AFTER,
+                atlas: str | os.PathLike | AtlasStore | None = None, **options: Any) -> ExplorerServer:
     """An :class:`ExplorerServer` for ``model`` (a :class:`~convscope.Model`), bound but not yet serving.
 
-    ``options`` go to :class:`Explorer` (``max_upload``, ``max_images``); the others to :class:`ExplorerServer`.
+    ``atlas``: an atlas folder (or its :class:`~convscope.atlas.store.AtlasStore`) to serve under ``/atlas/``;
+    with an atlas, ``model`` may be ``None`` (the atlas alone, no explorer). ``options`` go to :class:`Explorer`
+    (``max_upload``, ``max_images``); the others to :class:`ExplorerServer`.
     """
-    return ExplorerServer(Explorer(model, **options), host, port, quiet=quiet, token=token, allow_hosts=allow_hosts,
-                          request_timeout=request_timeout, max_queued=max_queued, abandon_after=abandon_after)
+    store = atlas if atlas is None or isinstance(atlas, AtlasStore) else AtlasStore(atlas)
+    explorer = None if model is None else Explorer(model, **options)
+    return ExplorerServer(explorer, host, port, quiet=quiet, token=token, allow_hosts=allow_hosts,
+                          request_timeout=request_timeout, max_queued=max_queued, abandon_after=abandon_after,
+                          atlas=store)
