@@ -23,9 +23,17 @@ from testkit import run_cli
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
+    """Every command, nested ones (``atlas build``) by their words joined with a space."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
+    out = {}
+    for name, p in sub.choices.items():
+        nested = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if nested is None:
+            out[name] = p
+        else:
+            out.update({f"{name} {n}": q for n, q in nested.choices.items()})
+    return out
 
 
 COMMANDS = _commands()
@@ -75,7 +83,7 @@ WRITERS = sorted(c for c, p in COMMANDS.items() if _output_action(p) is not None
 def _suffix(parser: argparse.ArgumentParser) -> str:
     """The suffix the command's output normally has (its default name, else its metavar), else .png."""
     action = _output_action(parser)
-    for text in (action.default, action.metavar):
+    for text in (() if action is None else (action.default, action.metavar)):
         if isinstance(text, str) and os.path.splitext(text)[1]:
             return os.path.splitext(text)[1]
     return ".png"
@@ -99,7 +107,8 @@ def _sample_value(dest: str, inputs: dict[str, str]) -> str:
         "image": "sample:chelsea", "content": "sample:chelsea", "styles": "sample:chelsea", "style": "sample:chelsea",
         "objective": "conv1:1", "target": "1", "layer": "conv1",
         "folder": inputs["folder"], "images": inputs["folder"], "data": inputs["folder"], "broden": inputs["folder"],
-        "checkpoints": inputs["file"], "net": inputs["file"],
+        "checkpoints": inputs["file"], "net": inputs["file"], "atlas": inputs["folder"], "layers": "conv1",
+        "static": os.path.join(os.path.dirname(inputs["folder"]), "site"),
     }
     if dest not in values:
         pytest.fail(f"no sample value for the argument {dest!r}: add one to _sample_value in {__file__}")
@@ -107,13 +116,13 @@ def _sample_value(dest: str, inputs: dict[str, str]) -> str:
 
 
 def _argv(command: str, output: str, inputs: dict[str, str]) -> list[str]:
-    argv = [command]
+    argv = command.split()
     for a in _options(COMMANDS[command]):
         if not a.option_strings and a.nargs != "*":
             argv.append(_sample_value(a.dest, inputs))
         elif a.option_strings and a.required and "-o" not in a.option_strings:
             argv += [a.option_strings[-1], _sample_value(a.dest, inputs)]
-    return argv + ["-o", output]
+    return argv + (["-o", output] if _output_action(COMMANDS[command]) is not None else [])
 
 
 class _ModelLoaded(Exception):
@@ -131,9 +140,19 @@ def no_model(monkeypatch):
 
 
 BAD_OUTPUTS = ("unknown-suffix", "existing-directory", "under-a-file")
+#: Outputs that are folders (an atlas, a static site): bad when a regular file is in the way.
+FOLDER_METAVARS = {"ATLAS", "OUT"}
+BAD_FOLDERS = ("a-file", "under-a-file")
+
+
+def _cases(action: argparse.Action | None, cases: tuple[str, ...] = BAD_OUTPUTS) -> tuple[str, ...]:
+    return BAD_FOLDERS if action is not None and action.metavar in FOLDER_METAVARS else cases
 
 
 def _bad_output(case: str, folder, suffix: str) -> str:
+    if case == "a-file":
+        (folder / "a-file").write_text("x")
+        return str(folder / "a-file")
     if case == "unknown-suffix":
         return str(folder / "out.xyz")
     if case == "existing-directory":
@@ -143,7 +162,8 @@ def _bad_output(case: str, folder, suffix: str) -> str:
     return str(folder / "plain-file" / f"out{suffix}")
 
 
-@pytest.mark.parametrize("command, case", [_case(c, case, case) for c in WRITERS for case in BAD_OUTPUTS])
+@pytest.mark.parametrize("command, case", [_case(c, case, case) for c in WRITERS
+                                           for case in _cases(_output_action(COMMANDS[c]))])
 def test_bad_output_path_is_one_line_exit_2_before_any_work(command, case, tmp_path, inputs, no_model, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -161,7 +181,7 @@ def test_bad_output_path_is_one_line_exit_2_before_any_work(command, case, tmp_p
 # same way (no suffix rule: a state file may have any name).
 def _is_extra_output(action: argparse.Action) -> bool:
     return "-o" not in action.option_strings and bool(action.option_strings) and (
-        action.dest.endswith("_out") or action.dest in ("state", "save"))
+        action.dest.endswith("_out") or action.dest in ("state", "save", "static"))
 
 
 EXTRA_WRITERS = sorted((c, a.option_strings[-1]) for c, p in COMMANDS.items() for a in _options(p) if _is_extra_output(a))
@@ -170,8 +190,9 @@ EXTRA_WRITERS = sorted((c, a.option_strings[-1]) for c, p in COMMANDS.items() fo
 NEEDS = {"--neighbours-out": ["--neighbours", "sample:chelsea"]}
 
 
-@pytest.mark.parametrize("command, option, case", [_case(c, f"{o}-{case}", o, case) for c, o in EXTRA_WRITERS
-                                                   for case in BAD_OUTPUTS[1:]])
+@pytest.mark.parametrize("command, option, case", [
+    _case(c, f"{o}-{case}", o, case) for c, o in EXTRA_WRITERS
+    for case in _cases(next(a for a in _options(COMMANDS[c]) if o in a.option_strings), BAD_OUTPUTS[1:])])
 def test_other_bad_output_paths_too(command, option, case, tmp_path, inputs, no_model, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -246,7 +267,7 @@ def test_absurd_numeric_values_exit_2_with_one_line(command, name, action, capsy
     if action.type in (int, float):
         pytest.fail(f"{command} {name}: declare its range")
     for value in _absurd_values(action):
-        code, _, err = run_cli(capsys, command, f"{name}={value}")
+        code, _, err = run_cli(capsys, *command.split(), f"{name}={value}")
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, f"{command} {name}={value}: exit {code}, stderr:\n{err}"
         assert name in lines[0], lines[0]

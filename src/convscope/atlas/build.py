@@ -451,14 +451,20 @@ def _store_units(store: AtlasStore, model: Model, name: str, topk: Any, stats: A
                      "top_class": top_class, "neighbours": neighbours[u]})
     _filters(store, model, name, rows)
     store.put_units(name, rows)
-    # dataset examples: patches (the receptive field) and their guided-backpropagation projections
+    # dataset examples: patches (the receptive field) and their guided-backpropagation projections; a unit whose
+    # top images and positions did not change (images added that do not beat them) keeps its pictures
+    old = _stored_hits(store, name)
+    same = {u for u in topk.channels if old.get(u) is not None
+            and [(h.image, h.y, h.x) for h in topk.hits(u)] == [(r["image"], r["y"], r["x"]) for r in old[u]]
+            and all(r["patch"] is None or (store.root / r["patch"]).is_file() for r in old[u])}
+    changed = [u for u in topk.channels if u not in same]
     proj = None
-    if topk.receptive_field is not None and topk.channels:
-        proj = topk.projected(model, topk.channels, method="guided", progress=progress)
+    if topk.receptive_field is not None and changed:
+        proj = topk.projected(model, changed, method="guided", progress=progress)
     thumbs: dict[int, str] = {}
-    hit_rows = []
+    hit_rows = [r for u in sorted(same) for r in old[u]]
     cache: dict[int, Image.Image] = {}
-    for u in topk.channels:
+    for u in changed:
         hits = topk.hits(u)
         masks = proj.rows(u) if proj is not None else [None] * len(hits)
         for h, m in zip(hits, masks):
@@ -482,6 +488,16 @@ def _store_units(store: AtlasStore, model: Model, name: str, topk: Any, stats: A
     store.put_hits(name, hit_rows)
     with store.connect() as db:
         db.executemany("UPDATE images SET thumb=? WHERE id=?", [(rel, i) for i, rel in thumbs.items()])
+
+
+def _stored_hits(store: AtlasStore, layer: str) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    with store.connect() as db:
+        for r in db.execute("SELECT * FROM hits WHERE layer=? ORDER BY unit, rank", (layer,)):
+            out.setdefault(r["unit"], []).append({"unit": r["unit"], "rank": r["rank"], "image": r["image"], "value": r["value"],
+                                                  "y": r["y"], "x": r["x"], "box": json.loads(r["box"]) if r["box"] else None,
+                                                  "patch": r["patch"], "projection": r["projection"]})
+    return out
 
 
 def _fit(picture: Image.Image, side: int) -> Image.Image:
@@ -680,7 +696,7 @@ def _concepts(store: AtlasStore, model: Model, names: list[str], concepts: str |
         d = dissect(model, concepts, name, batch_size=batch_size, progress=progress,
                     state=store.root / "state" / f"{slug(name)}.dissect.state")
         rows = []
-        for unit in d.units:
+        for unit in d.units():
             rows.append({"unit": unit.unit, "concept": unit.name if unit.detector else None,
                          "concept_category": unit.category if unit.detector else None, "iou": float(unit.iou)})
         store.put_units(name, rows)

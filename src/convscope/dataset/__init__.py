@@ -30,6 +30,7 @@ from .bias import (
     PUBLISHED_SHAPE_ACCURACY,
     PUBLISHED_SHAPE_BIAS,
     CategoryCounts,
+    CategoryScores,
     Decision,
     ShapeAccuracy,
     ShapeBias,
@@ -41,8 +42,19 @@ from .bias import (
     load_categories,
     shape_accuracy,
     shape_bias,
+    stimuli_state,
 )
-from .dissect import Broden, DissectError, Dissection, Unit, dissect, make_synthetic_broden, open_broden
+from .dissect import (
+    Broden,
+    DissectError,
+    Dissection,
+    IoUReducer,
+    ThresholdReducer,
+    Unit,
+    dissect,
+    make_synthetic_broden,
+    open_broden,
+)
 from .embed import (
     Embedding,
     EmbeddingError,
@@ -67,7 +79,16 @@ from .engine import (
     Stats,
     run,
 )
-from .evolution import Evolution, EvolutionError, centered_gram, evolution, gram_cka, linear_cka
+from .evolution import (
+    Evolution,
+    EvolutionError,
+    ProbeFeatures,
+    centered_gram,
+    checkpoint_identity,
+    evolution,
+    gram_cka,
+    linear_cka,
+)
 from .folder import (
     DatasetError,
     ImageSource,
@@ -85,6 +106,12 @@ from .projection import ProjectionError, Projections, UnitGradients, projection_
 from .topk import Hit, TopK, TopKError, TopKReducer, top_activations
 
 __all__ = [
+    "CategoryScores",
+    "ProbeFeatures",
+    "checkpoint_identity",
+    "stimuli_state",
+    "IoUReducer",
+    "ThresholdReducer",
     "ChannelStats",
     "EngineError",
     "Forward",

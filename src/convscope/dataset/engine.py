@@ -318,7 +318,8 @@ class Forward:
 
 class Reducer:
     """One analysis over a stream: consumes batches, keeps a state whose size does not grow with the dataset
-    (except where the result itself is per image, as embeddings), and merges with another reducer's state.
+    (per-image results, as embeddings, are written to disk by the reducer and the state records what is done),
+    and merges with another reducer's state.
 
     Subclasses set :attr:`name` (unique within a run), :attr:`layers` (outputs to record), :attr:`inputs`
     (layers whose input to record), :attr:`needs_output` (the logits), and implement the pure functions

@@ -81,11 +81,12 @@ def ray_batches(model: Any, source: Any, reducers: Sequence[Reducer], *, batch_s
         raise EngineError(f"num_gpus must be >= 0, got {num_gpus}")
     if actors is not None and actors < 1:
         raise EngineError(f"actors must be >= 1, got {actors}")
+    ray = import_ray()  # a missing Ray is said before anything starts
     shipped, total = _shippable(source)
     ranges = [(lo, min(lo + batch_size, total)) for lo in range(start, total, batch_size)]
     if not ranges:
         return _Stream(iter(()))
-    return _Stream(_batches(model, shipped, list(reducers), ranges, batch_size=batch_size, preprocessing=preprocessing,
+    return _Stream(_batches(ray, model, shipped, list(reducers), ranges, batch_size=batch_size, preprocessing=preprocessing,
                             layers=list(layers), inputs_of=list(inputs_of), amp=amp, address=address,
                             num_gpus=num_gpus or 0.0, actors=actors))
 
@@ -190,10 +191,9 @@ def _pool_size(ray: Any, num_gpus: float, actors: int | None, n_ranges: int) -> 
     return max(1, min(actors or default, n_ranges))
 
 
-def _batches(model: Any, shipped: Any, reducers: list[Reducer], ranges: list[tuple[int, int]], *, batch_size: int,
+def _batches(ray: Any, model: Any, shipped: Any, reducers: list[Reducer], ranges: list[tuple[int, int]], *, batch_size: int,
              preprocessing: Preprocessing, layers: list[str], inputs_of: list[str], amp: str | None, address: str | None,
              num_gpus: float, actors: int | None) -> Iterator[tuple]:
-    ray = import_ray()
     device = model.device
     with _connected(ray, address), _quiet_ray_data():
         model_ref = _put_model(ray, model)
