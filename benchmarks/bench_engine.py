@@ -12,6 +12,7 @@ Also timed, to choose the decoder: decoding in the main thread (``workers=0``), 
 torch DataLoader worker processes feeding the same forward passes.
 
     .venv/bin/python benchmarks/bench_engine.py [--images 1000] [--layer blocks.5] [--batch-size 32] [--memory]
+        [--dataloader] [--amp-check]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from PIL import Image
 
 import convscope as cs
 from convscope.dataset.engine import ChannelStats, Preprocessing, decode, normalise, run
-from convscope.dataset.topk import TopKReducer
+from convscope.dataset.topk import TopKReducer, top_activations
 from convscope.probe import Capture, forward_fast
 
 CACHE = Path(tempfile.gettempdir()) / "convscope-bench-photos"
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS at 1,000 and 10,000 images")
     ap.add_argument("--dataloader", action="store_true", help="also time torch DataLoader worker processes")
+    ap.add_argument("--amp-check", action="store_true",
+                    help="also check that top-k sets under bf16 autocast agree with float32 (bar: >= 99%% of entries)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -148,6 +151,12 @@ def main() -> None:
         for w in (1, 2):
             print(f"DataLoader, {w} worker process(es), same forward: "
                   f"{dataloader_rate(model, files, args.layer, args.batch_size, w):.1f} images/s")
+    if args.amp_check:
+        full = top_activations(model, files, args.layer, k=9, batch_size=args.batch_size, progress=False)
+        half = top_activations(model, files, args.layer, k=9, batch_size=args.batch_size, amp="bf16", progress=False)
+        same = sum(len(set(a) & set(b)) for a, b in zip(full.indices.tolist(), half.indices.tolist()))
+        print(f"bf16 autocast vs float32 at {args.layer}: {same / full.indices.numel():.4f} of top-9 entries agree "
+              f"(bar >= 0.99); {half.seconds:.1f} s vs {full.seconds:.1f} s")
     best = max(e / b for b, e in rows)
     print(f"best ratio engine / bare: {best:.3f} (bar >= 0.90)")
     if args.memory:

@@ -255,6 +255,14 @@ def build_atlas(
     report = progress
     bar = tqdm(total=6, desc="atlas", unit="stage", leave=False, disable=None if report is None else not report)
     start = time.perf_counter()
+    timings: dict[str, float] = {}
+    last = [start]
+
+    def tick(stage: str) -> None:
+        now = time.perf_counter()
+        timings[stage] = round(now - last[0], 2)
+        last[0] = now
+        bar.update(1)
     table = {r.name: r for r in model.layers()}
     store.set_meta(model={"name": model.name, "source": model.source, "input_size": list(model.input_size),
                           "fingerprint": fp}, model_key=model_key, labels_count=len(model.labels),
@@ -267,7 +275,7 @@ def build_atlas(
     bar.set_postfix_str("dataset pass")
     states = _data_pass(store, model, names, all_files, k=k, samples=samples, seed=seed, batch_size=batch_size,
                         workers=workers, amp=amp, engine=engine, address=address, num_gpus=num_gpus, progress=report)
-    bar.update(1)
+    tick("data")
     info = RunInfo(names=all_files, paths=all_files, processed=len(all_files), total=len(all_files), model=model,
                    scored=len(all_files), input_size=tuple(model.input_size))
     labels = list(model.labels)
@@ -276,23 +284,23 @@ def build_atlas(
         topk = TopKReducer(name, k=k).finish(topk_state, info)
         stats = ChannelStats(name).finish(stats_state, info)
         _store_units(store, model, name, topk, stats, sample_state, labels, progress=report)
-    bar.update(1)
+    tick("units")
     bar.set_postfix_str("visualisations")
     for name in names:
         _visualise(store, model, name, size=vis_size, steps=vis_steps, diversity=diversity, negative=negative, seed=seed,
                    stats_max=states[name][1]["max"] if states[name][1] is not None else None, progress=report)
-    bar.update(1)
+    tick("visualisations")
     bar.set_postfix_str("layer atlases")
     for name in names:
         _layer_atlas(store, model, name, states[name][2], labels, grid=grid, min_count=min_count, size=icon_size,
                      steps=icon_steps or vis_steps, seed=seed, progress=report)
-    bar.update(1)
+    tick("layer atlases")
     if concepts is not None:
         bar.set_postfix_str("concepts")
         _concepts(store, model, names, concepts, batch_size=batch_size, progress=report)
-    bar.update(1)
+    tick("concepts")
     _flows(store, model, names, all_files[:flows])
-    bar.update(1)
+    tick("flows")
     bar.close()
     for name in names:
         store.mark_built(name)
@@ -301,7 +309,8 @@ def build_atlas(
                                "layers": store.layers(), "options": {"k": k, "vis_size": vis_size, "vis_steps": vis_steps,
                                                                      "diversity": diversity, "samples": samples, "seed": seed},
                                "concepts": None if concepts is None else str(concepts),
-                               "built": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - start, 1)})
+                               "built": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - start, 1),
+                               "stage_seconds": timings})
     return store
 
 

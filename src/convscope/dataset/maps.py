@@ -58,6 +58,8 @@ EXACT_GRAPH_POINTS = 200_000
 FFT_POINTS = 10_000
 #: PCA by a thin SVD of the centred data up to this many values (N x C), by the C x C covariance beyond.
 PCA_SVD_MAX = 1 << 22
+#: IVF training: k-means iterations, and at most this many sample rows per cell (FAISS wants >= 39).
+IVF_KMEANS_ITERS, IVF_TRAIN_PER_CELL = 10, 64
 #: Rows per chunk when a pass over the features is split to bound memory.
 CHUNK = 8192
 
@@ -186,20 +188,22 @@ class NeighbourIndex:
         if index == "flat":
             self.index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
         elif index == "ivf":
-            # k-means cells: ~4 sqrt(N) of them, each with at least the 39 training points FAISS asks for
-            nlist = nlist or max(1, min(int(round(4 * math.sqrt(n))), n // 39))
+            # k-means cells: ~sqrt(N) of them, each with at least the 39 training points FAISS asks for
+            nlist = nlist or max(1, min(int(round(math.sqrt(n))), n // 39))
             if not 1 <= nlist <= n:
                 raise EmbeddingError(f"nlist must be between 1 and N = {n}, got {nlist}")
             quantizer = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
             self.index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)
             self.index.cp.seed = int(seed)
             self.index.cp.spherical = metric == "cosine"  # unit-norm centroids for inner-product cells
+            self.index.cp.niter = IVF_KMEANS_ITERS
             self._quantizer = quantizer  # the IVF index does not own it: keep it alive
-            take = np.random.default_rng(seed).choice(n, min(n, 256 * nlist), replace=False) if n > 256 * nlist else None
-            train = base if take is None else base[np.sort(take)]
+            most = IVF_TRAIN_PER_CELL * nlist
+            take = np.sort(np.random.default_rng(seed).choice(n, most, replace=False)) if n > most else None
+            train = base if take is None else base[take]
             self.index.train(_normalised(train) if metric == "cosine" else train)
             self.nlist = nlist
-            self.nprobe = min(nlist, nprobe or max(8, nlist // 16))
+            self.nprobe = min(nlist, nprobe or max(8, nlist // 32))
             self.index.nprobe = self.nprobe
         else:
             self.index = faiss.IndexHNSWFlat(d, int(m), faiss_metric)
@@ -257,8 +261,8 @@ def build_index(features: Any, metric: str = "cosine", index: str = "flat", **op
     """A FAISS neighbour index over the rows of ``features`` (N, D), a tensor or an array.
 
     ``index``: ``"flat"`` (exact; memory N x D float32, search O(N D) per query), ``"ivf"`` (approximate:
-    ``nlist`` k-means cells, default ~4 sqrt(N); ``nprobe`` cells searched per query, default
-    max(8, nlist / 16); trained on at most 256 nlist rows drawn with ``seed``) or ``"hnsw"``
+    ``nlist`` k-means cells, default ~sqrt(N); ``nprobe`` cells searched per query, default
+    max(8, nlist / 32); 10 k-means iterations on at most 64 nlist rows drawn with ``seed``) or ``"hnsw"``
     (approximate: graph with ``m`` links per node, 32; ``ef_search`` candidates, default max(64, 2k)).
     Cosine indexes hold L2-normalised copies and search by inner product. The same data and options give
     the same flat and IVF results; HNSW built on several threads may differ slightly run to run.
