@@ -14,8 +14,9 @@
 - **Limits**: :func:`check_map_size` says, before any work, whether a method can map N points
   (:data:`MAX_POINTS`; raise a cap with ``max_points``), so a long embedding run does not end in an error.
 
-Measured on 2 CPU cores (``benchmarks/bench_maps.py``): exact neighbours (k=10) of 100,000 x 1,280
-vectors and a t-SNE map of them take minutes and stay under 2 GB; see benchmarks/RESULTS.md.
+Measured on 2 shared CPU cores (``benchmarks/bench_maps.py``, 100,000 x 1,280 vectors): exact neighbours
+(k=10) of every vector 151 s, a t-SNE map 153 s (PCA to 50-D 2 s, exact kNN graph + 750 iterations),
+peak memory 2.3 GB for the whole run; see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ ITERATIONS = Option(int, 750, "t-SNE iterations", minimum=1, maximum=100_000)
 #: Early exaggeration (factor, iterations) of t-SNE, the values of van der Maaten 2014 and openTSNE; the
 #: exaggeration phase is at most a third of ``iterations``.
 EXAGGERATION, EXAGGERATION_ITERS = 12.0, 250
-#: Largest set each method maps by default (``None``: no cap). t-SNE and UMAP scale about linearly: 100,000
-#: points take minutes on 2 cores (benchmarks/bench_maps.py), so a million takes about an hour and several
-#: GB for the neighbour graph on top of the features; raise the cap (``max_points``, ``--max-points``) to go on.
+#: Largest set each method maps by default (``None``: no cap). t-SNE scales about linearly: 100,000 points
+#: take 2.5 minutes on 2 cores (benchmarks/bench_maps.py), so a million takes roughly half an hour to an hour
+#: and several GB for the neighbour graph and affinities on top of the features (UMAP: similar or slower, one
+#: thread with a seed); raise the cap (``max_points``, ``--max-points``) to go on.
 #: PCA makes one pass over the features for a C x C covariance and has no cap of its own.
 TSNE_MAX_POINTS = 1_000_000
 UMAP_MAX_POINTS = 1_000_000
@@ -140,7 +142,7 @@ def check_map_size(method: str, n: int, dims: int = 2, *, max_points: int | None
     cap = MAX_POINTS[method] if max_points is None else max_points
     if cap is not None and n > cap:
         default = MAX_POINTS[method]
-        why = (f"the default limit {default:,} of {method} (about an hour and several GB at that size on a laptop)"
+        why = (f"the default limit {default:,} of {method} (up to an hour and several GB at that size on a laptop)"
                if max_points is None else f"max_points={cap:,}")
         raise EmbeddingError(f"{method} of {n:,} points is over {why}; raise it with max_points= (--max-points) "
                              "if you have the time and memory, use method='pca', or map a sample")
