@@ -77,7 +77,7 @@ def test_filters_writes_the_picture_and_reports_norms(capsys, tmp_path, builtin)
     fs = filters(builtin)
     assert Image.open(out_file).size == fs.image.size
     assert out.startswith("conv_stem (Conv2dSame): 32 filters of 3x3x3")
-    assert f"near-zero filters: {len(fs.dead)}" in out
+    assert f"dead filters: {len(fs.dead)}" in out
     assert str(out_file) in err
 
 

@@ -63,12 +63,14 @@ def input_gradients(
     rules: dict[type | str, BackwardRule] | None = None,
     batch_size: int = 16,
     desc: str = "gradients",
+    bar: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of each row's target logit with respect to that row of ``inputs`` (M, C, H, W).
 
     Runs ``ceil(M / batch_size)`` forward + backward passes. ``target``: (M,) classes, or ``None`` to
     use each row's top prediction (only sensible when ``inputs`` is ``ctx.x``; the choice is recorded in
     ``ctx``). ``rules`` replace backward rules of ReLU-like modules and functional calls for the call.
+    ``bar``: show a progress bar over the batches (off when the caller shows its own).
     Returns the gradients (M, C, H, W) and the targets used (M,).
     """
     m = inputs.shape[0]
@@ -79,7 +81,7 @@ def input_gradients(
     with capture as cap, torch.enable_grad():
         # through the capture's forward, so rules for functional calls (F.relu) apply as well as module rules
         forward = cap.forward if cap is not None else None
-        for s in ctx.bar(starts, desc=desc):
+        for s in (ctx.bar(starts, desc=desc) if bar else starts):
             xb = inputs[s : s + batch_size].detach().requires_grad_(True)
             logits = ctx.logits(xb, forward)
             if target is None:
@@ -305,14 +307,14 @@ def _ig_fixed(ctx: Context, base: torch.Tensor, diff: torch.Tensor, target: torc
 
 
 def _path_gradients(ctx: Context, base: torch.Tensor, diff: torch.Tensor, target: torch.Tensor, alphas: torch.Tensor,
-                    batch_size: int) -> torch.Tensor:
+                    batch_size: int, bar: bool = True) -> torch.Tensor:
     """Gradients (K, N, C, H, W) of the target logits at the K path points ``alphas`` of every image (for a few
     points: the path's two ends)."""
     k, shape = len(alphas), base.shape
     a = alphas.to(device=base.device, dtype=base.dtype).view(-1, 1, 1, 1, 1)
     path = base.unsqueeze(0) + a * diff.unsqueeze(0)  # rows ordered (step, image): row j*n + i
     g, _ = input_gradients(ctx, path.reshape(-1, *shape[1:]), target.repeat(k), batch_size=batch_size,
-                           desc="integrated gradients")
+                           desc="integrated gradients", bar=bar)
     return g.view(k, *shape)
 
 
@@ -325,8 +327,8 @@ def _path_gradient_sum(ctx: Context, base: torch.Tensor, diff: torch.Tensor, tar
     per = max(1, batch_size // max(n, 1))
     total = torch.zeros_like(base)
     w = weights.to(device=base.device, dtype=base.dtype)
-    for lo in range(0, len(alphas), per):
-        g = _path_gradients(ctx, base, diff, target, alphas[lo:lo + per], batch_size)
+    for lo in ctx.bar(range(0, len(alphas), per), desc="integrated gradients"):  # one bar over every chunk
+        g = _path_gradients(ctx, base, diff, target, alphas[lo:lo + per], batch_size, bar=False)
         total += (g * w[lo:lo + per].view(-1, 1, 1, 1, 1)).sum(0)
     return total
 

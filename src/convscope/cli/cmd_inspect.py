@@ -81,7 +81,7 @@ def run_filters(args: argparse.Namespace) -> int:
     print(fs)
     if fs.dead:
         shown = ", ".join(str(i) for i in fs.dead[:20]) + (" ..." if len(fs.dead) > 20 else "")
-        print(f"near-zero filters (norm <= {fs.dead_tolerance:g} x max): {shown}")
+        print(f"dead filters (all zero, or norm <= {fs.dead_fraction:g} x the median): {shown}")
     save(fs.image, out or output_file(None, f"filters-{slug(fs.layer)}.png"), "filter picture")
     return 0
 

@@ -14,7 +14,7 @@ from ..errors import LayerKindError, ViewOptionError
 from .channels import ChannelResponse, channel_means
 from .diagnostics import FilterHealth, ModelHealth, aliasing_scores, filter_health
 from .features import FeatureMaps, feature_maps, layer_output, stage_layers
-from .filters import FilterSet, conv_layers, filters
+from .filters import DEAD_FRACTION, FilterSet, conv_layers, dead_filters, filters
 from .summary import Summary, summary
 
 __all__ = [
@@ -32,6 +32,8 @@ __all__ = [
     "conv_layers",
     "feature_maps",
     "filters",
+    "dead_filters",
+    "DEAD_FRACTION",
     "layer_output",
     "stage_layers",
     "summary",

@@ -34,7 +34,7 @@ from ..errors import LayerKindError, ViewOptionError, suggestion
 from ..models import Model, as_model
 from ..render import grid, matrix_grid, titled
 from ..render.picture import Pictured
-from .filters import ConvWeights, FilterSet, conv_layer, conv_layers
+from .filters import ConvWeights, FilterSet, conv_layer, conv_layers, dead_filters
 
 #: Layers drawn by :meth:`ModelHealth.to_image` (the first ones that have flagged filters).
 PICTURE_LAYERS = 4
@@ -155,7 +155,7 @@ class FilterHealth(ConvWeights, Pictured):
         norms = self.norms[flagged]
         fs = FilterSet(layer=self.layer, weight=w, groups=self.groups, in_channels=int(w.shape[1]) * self.groups,
                        stride=self.stride, norms=norms, rms=norms / math.sqrt(max(w[0].numel(), 1)), dead=[],
-                       dead_tolerance=0.0, max_filters=None, max_channels=16, layer_type=self.layer_type)
+                       dead_fraction=0.0, max_filters=None, max_channels=16, layer_type=self.layer_type)
         labels = [f"{j} dead" if j in self.dead else f"{j} {float(self.aliasing[j]):.2f}" for j in flagged]
         kh, kw = self.kernel_size
         if fs.kind in ("rgb", "depthwise"):
@@ -260,8 +260,7 @@ def _layer_health(name: str, conv: nn.Conv2d, dead_fraction: float, alias_thresh
     w = conv.weight.detach().float().cpu().clone()
     norms = w.flatten(1).norm(dim=1)
     median = float(norms.median()) if len(norms) else 0.0
-    zero = w.flatten(1).abs().amax(1) == 0
-    dead_mask = zero | (norms <= dead_fraction * median)
+    dead_mask = dead_filters(w, dead_fraction)
     if scores is None:
         scores = _aliasing_scores_of([w], fft_size)[0]
     stride = (int(conv.stride[0]), int(conv.stride[1]))

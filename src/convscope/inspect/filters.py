@@ -42,8 +42,8 @@ class FilterSet(ConvWeights, Pictured):
     ``weight``: a CPU float copy of the kernel, shape (out_channels, in_channels / groups, kh, kw).
     ``norms``: L2 norm of every output filter over (in, kh, kw), shape (out_channels,); ``rms`` the
     root mean square of its weights (Zeiler & Fergus renormalised first-layer filters whose RMS exceeded
-    0.1). ``dead``: indices of near-zero filters, whose norm is at most ``dead_tolerance`` times the
-    largest norm of the layer (such filters cannot respond to anything).
+    0.1). ``dead``: indices of dead filters (:func:`dead_filters`: all zero, or a norm at most ``dead_fraction``
+    times the layer's median; such filters cannot respond to anything).
 
     Pictures (:meth:`to_image`, ``.image``): ``kind == "rgb"`` (a layer reading 3 input channels, the
     first layer) shows each filter as one RGB tile; otherwise a grid with one row per output filter and
@@ -64,7 +64,7 @@ class FilterSet(ConvWeights, Pictured):
     norms: torch.Tensor
     rms: torch.Tensor
     dead: list[int]
-    dead_tolerance: float
+    dead_fraction: float
     scale: str = "symmetric"
     max_filters: int | None = 64
     max_channels: int | None = 16
@@ -163,7 +163,7 @@ class FilterSet(ConvWeights, Pictured):
         return (
             f"{self.layer} ({self.layer_type}): {self.out_channels} filters of {int(self.weight.shape[1])}x{kh}x{kw}, "
             f"groups {self.groups}, stride {self.stride[0]}x{self.stride[1]}; L2 norm min {n.min():.4g}, "
-            f"median {n.median():.4g}, max {n.max():.4g}; near-zero filters: {len(self.dead)}"
+            f"median {n.median():.4g}, max {n.max():.4g}; dead filters: {len(self.dead)}"
         )
 
 
@@ -183,6 +183,21 @@ def dead_tile(height: int, width: int, scale: int = 8) -> Image.Image:
         x = round(y * (w - 1) / max(h - 1, 1))
         tile[y, x] = tile[y, w - 1 - x] = DEAD_MARK
     return Image.fromarray(tile)
+
+
+#: A filter whose norm is at most this share of its layer's median norm is dead (and any all-zero filter).
+DEAD_FRACTION = 1e-3
+
+
+def dead_filters(weight: torch.Tensor, fraction: float = DEAD_FRACTION) -> torch.Tensor:
+    """Which output filters of a convolution kernel (O, I, kh, kw) are dead, as a bool mask (O,): all zero, or an
+    L2 norm at most ``fraction`` times the layer's median norm. The one definition of a dead filter, used by the
+    filter pictures, :func:`~convscope.inspect.filter_health`, the report and the atlas. The median, not the
+    largest norm, is the reference: one outsized filter must not make ordinary ones look dead."""
+    w = weight.detach().float().flatten(1)
+    norms = w.norm(dim=1)
+    median = float(norms.median()) if len(norms) else 0.0
+    return (w.abs().amax(1) == 0) | (norms <= fraction * median)
 
 
 def conv_layers(model: Model | nn.Module) -> list[str]:
@@ -210,14 +225,15 @@ def filters(
     max_filters: int | None = 64,
     max_channels: int | None = 16,
     scale: str = "symmetric",
-    dead_tolerance: float = 0.01,
+    dead_fraction: float = 1e-3,
 ) -> FilterSet:
     """The kernels of a ``Conv2d`` layer (default: the first convolution) with norms and a picture.
 
     ``model``: a :class:`~convscope.Model` or a plain module (:func:`~convscope.models.as_model`).
     ``max_filters`` / ``max_channels`` (``None``: all) limit what the picture shows (the first ones by
     index); the weights are always complete. ``scale``: ``"symmetric"`` (grey = 0) or ``"minmax"``.
-    A filter is near-zero (dead) when its L2 norm is at most ``dead_tolerance`` x the layer's largest.
+    A filter is dead when :func:`dead_filters` says so (all zero, or an L2 norm at most ``dead_fraction`` x the
+    layer's median: the one definition :func:`~convscope.inspect.filter_health` uses too).
     A layer that is not a ``Conv2d`` raises :class:`LayerKindError` naming close convolutions.
     """
     model = as_model(model)
@@ -230,8 +246,7 @@ def filters(
     w = conv.weight.detach().float().cpu().clone()
     norms = w.flatten(1).norm(dim=1)
     rms = norms / math.sqrt(w[0].numel())
-    limit = dead_tolerance * float(norms.max()) if len(norms) else 0.0
-    dead = [i for i, v in enumerate(norms.tolist()) if v <= limit]
+    dead = dead_filters(w, dead_fraction).nonzero().flatten().tolist()
     return FilterSet(
         layer=name,
         weight=w,
@@ -241,7 +256,7 @@ def filters(
         norms=norms,
         rms=rms,
         dead=dead,
-        dead_tolerance=dead_tolerance,
+        dead_fraction=dead_fraction,
         scale=scale,
         max_filters=max_filters,
         max_channels=max_channels,

@@ -18,11 +18,11 @@ def first_filters(ctx: ReportContext) -> str:
     kh, kw = first.kernel_size
     dead = len(first.dead)
     dead_text = (
-        f"<b>{dead}</b> of {first.out_channels} filters have near-zero weights (norm at most "
-        f"{first.dead_tolerance:.0%} of the largest): dead filters that respond to nothing, as Zeiler &amp; Fergus"
+        f"<b>{dead}</b> of {first.out_channels} filters are dead (all zero, or a norm at most "
+        f"{first.dead_fraction:g} x the layer's median): they respond to nothing, as Zeiler &amp; Fergus"
         " observed in AlexNet's first layer."
         if dead
-        else f"No filter has near-zero weights (all norms above {first.dead_tolerance:.0%} of the largest)."
+        else f"No filter is dead (all norms above {first.dead_fraction:g} x the layer's median)."
     )
     kind = "an RGB patch" if first.kind == "rgb" else "a grey patch per input channel"
     parts = [
