@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS at 1,000 and 10,000 images")
     ap.add_argument("--dataloader", action="store_true", help="also time torch DataLoader worker processes")
+    ap.add_argument("--sweep", action="store_true", help="also time the engine with 1, 2 and 4 decode threads")
     ap.add_argument("--amp-check", action="store_true",
                     help="also check that top-k sets under bf16 autocast agree with float32 (bar: >= 99%% of entries)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -145,6 +146,9 @@ def main() -> None:
         rows.append((bare, eng))
         print(f"bare forward {bare:.1f} images/s | engine (top-k + stats, threads) {eng:.1f} images/s | ratio {eng / bare:.3f}")
     del x
+    if args.sweep:
+        for w in (1, 2, 4):
+            print(f"engine with {w} decode thread(s): {engine_rate(model, files, args.layer, args.batch_size, w):.1f} images/s")
     serial = engine_rate(model, files, args.layer, args.batch_size, 0)
     print(f"engine with workers=0 (decode in the main thread): {serial:.1f} images/s")
     if args.dataloader:
@@ -153,10 +157,14 @@ def main() -> None:
                   f"{dataloader_rate(model, files, args.layer, args.batch_size, w):.1f} images/s")
     if args.amp_check:
         full = top_activations(model, files, args.layer, k=9, batch_size=args.batch_size, progress=False)
-        half = top_activations(model, files, args.layer, k=9, batch_size=args.batch_size, amp="bf16", progress=False)
-        same = sum(len(set(a) & set(b)) for a, b in zip(full.indices.tolist(), half.indices.tolist()))
-        print(f"bf16 autocast vs float32 at {args.layer}: {same / full.indices.numel():.4f} of top-9 entries agree "
-              f"(bar >= 0.99); {half.seconds:.1f} s vs {full.seconds:.1f} s")
+        for rescore in (False, True):
+            t = time.perf_counter()
+            half = top_activations(model, files, args.layer, k=9, batch_size=args.batch_size, amp="bf16",
+                                   rescore=rescore, progress=False)
+            took = time.perf_counter() - t
+            same = sum(len(set(a) & set(b)) for a, b in zip(full.indices.tolist(), half.indices.tolist()))
+            print(f"bf16 autocast{' + float32 rescoring' if rescore else ''} vs float32 at {args.layer}: "
+                  f"{same / full.indices.numel():.4f} of top-9 entries agree (bar >= 0.99); {took:.1f} s vs {full.seconds:.1f} s")
     best = max(e / b for b, e in rows)
     print(f"best ratio engine / bare: {best:.3f} (bar >= 0.90)")
     if args.memory:

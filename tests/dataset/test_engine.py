@@ -189,9 +189,13 @@ def test_bad_options(model, folder):
 
 def test_bf16_autocast_topk_sets_agree(model, folder):
     full = top_activations(model, folder, "conv2", k=4, batch_size=8, progress=False)
+    raw = top_activations(model, folder, "conv2", k=4, batch_size=8, amp="bf16", rescore=False, progress=False)
+    same = sum(len(set(a) & set(b)) for a, b in zip(full.indices.tolist(), raw.indices.tolist()))
+    assert same / full.indices.numel() >= 0.75 and raw.values.shape == full.values.shape
+    # rescored (the default): autocast finds 3k candidates, float32 ranks them: the float32 answer
     half = top_activations(model, folder, "conv2", k=4, batch_size=8, amp="bf16", progress=False)
-    same = sum(len(set(a) & set(b)) for a, b in zip(full.indices.tolist(), half.indices.tolist()))
-    assert same / full.indices.numel() >= 0.9  # the documented bar is 99% on real models; 5 channels x 4 here
+    assert torch.equal(half.indices, full.indices) and torch.equal(half.values, full.values)
+    assert torch.equal(half.positions, full.positions) and half.k == 4
 
 
 def test_state_store_refuses_other_formats(model, folder, tmp_path):

@@ -19,6 +19,7 @@ With ``state=PATH`` the running top-k, the list of inputs and the progress are s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -553,6 +554,7 @@ def top_activations(
     engine: str = "local",
     address: str | None = None,
     num_gpus: float | None = None,
+    rescore: bool = True,
 ) -> TopK:
     """The ``k`` inputs with the largest response of each channel of ``layer`` (Zeiler & Fergus 2014).
 
@@ -568,7 +570,11 @@ def top_activations(
     state saved for other inputs, layer, k, channels, reduce or weights raises :class:`StateMismatchError`.
     In-memory inputs can be checked only by their count. ``progress``: a tqdm bar (``None``: only on a
     terminal), or a callable ``(processed, total)`` called after every batch. ``workers``, ``amp``, ``engine``,
-    ``address``, ``num_gpus``: see :func:`convscope.dataset.engine.run` (decode threads, autocast, Ray).
+    ``address``, ``num_gpus``: see :func:`convscope.dataset.engine.run` (decode threads, autocast, Ray). Under
+    autocast (``amp``) low precision reorders near-ties (bf16 keeps 8 bits of mantissa): with ``rescore`` (default)
+    the run keeps :data:`RESCORE_MARGIN` x k candidates per channel, then reads the candidate images again in
+    float32 and ranks them by exact values (one extra pass over at most channels x 3k images); ``rescore=False``
+    returns the autocast ranking.
 
     ``model``: a :class:`~convscope.Model`, or a plain module (:func:`convscope.as_model`: files are then
     read with the documented plain-module preprocessing). A run whose every file is unreadable raises
@@ -581,9 +587,54 @@ def top_activations(
     reducer = TopKReducer(layer, k=k, channels=channels, reduce=reduce)
     BATCH_SIZE.check("batch_size", batch_size)
     SAVE_EVERY.check("save_every", save_every)
-    return run_engine(model, images, [reducer], what="top-k", batch_size=batch_size, state=state, save_every=save_every,
-               progress=progress, desc=f"top-k {layer}", workers=workers, amp=amp, engine=engine, address=address,
-               num_gpus=num_gpus).results[0]
+    if amp is not None and rescore:
+        # under autocast, keep a margin of candidates, then rank them again by exact float32 values
+        reducer = TopKReducer(layer, k=min(K.maximum, RESCORE_MARGIN * k), channels=channels, reduce=reduce)
+    found = run_engine(model, images, [reducer], what="top-k", batch_size=batch_size, state=state, save_every=save_every,
+                       progress=progress, desc=f"top-k {layer}", workers=workers, amp=amp, engine=engine, address=address,
+                       num_gpus=num_gpus)
+    result = found.results[0]
+    if amp is None or not rescore or result.interrupted or not result.channels:
+        return result
+    return _rescored(as_model(model), found.info, result, layer, k, channels, reduce, batch_size, workers)
+
+
+#: Under autocast, top_activations keeps this many times k candidates per channel and ranks them again in float32.
+RESCORE_MARGIN = 3
+
+
+class _Positions(Reducer):
+    """A reducer fed a subset of the inputs: ``positions[i]`` is the original position of the subset's input i."""
+
+    def __init__(self, inner: Reducer, positions: Sequence[int]):
+        super().__init__()
+        self.inner, self.positions = inner, torch.as_tensor(list(positions), dtype=torch.long)
+        self.name, self.layers, self.inputs, self.needs_output = inner.name, inner.layers, inner.inputs, inner.needs_output
+
+    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
+        mapped = self.positions.to(batch.index.device)[batch.index]
+        return self.inner.step(state, dataclasses.replace(batch, index=mapped))
+
+    def merge_states(self, a: Any, b: Any) -> Any:
+        return self.inner.merge_states(a, b)
+
+    def finish(self, state: Any, run: RunInfo) -> Any:
+        return state
+
+
+def _rescored(model: Model, info: RunInfo, found: TopK, layer: str, k: int, channels: Sequence[int] | None, reduce: str,
+              batch_size: int, workers: int | None) -> TopK:
+    """``found`` (an autocast run's top candidates) ranked again by float32 values of the candidate images only."""
+    source = found.sources
+    candidates = sorted({int(i) for i in found.indices.flatten().tolist() if i >= 0})
+    if source is None or any(source[i] is None for i in candidates):
+        return dataclasses.replace(found, k=k, values=found.values[:, :k], indices=found.indices[:, :k],
+                                   positions=found.positions[:, :k])  # in-memory inputs are not kept: no second look
+    exact = TopKReducer(layer, k=k, channels=channels, reduce=reduce)
+    state = run_engine(model, [source[i] for i in candidates], [_Positions(exact, candidates)], what="top-k rescore",
+                       batch_size=batch_size, progress=False, workers=workers).results[0]
+    again = exact.finish(state, dataclasses.replace(info, interrupted=False))
+    return dataclasses.replace(found, k=k, values=again.values, indices=again.indices, positions=again.positions)
 
 
 def _receptive_field(model: Model, layer: str, input_size: tuple[int, int]) -> ReceptiveField | None:
