@@ -33,7 +33,7 @@ from convscope.dataset.dissect import (
 )
 from convscope.dataset.engine import EngineError, Forward, Loader, RunInfo
 from convscope.dataset.engine import run as engine_run
-from convscope.dataset.folder import ImageSource, StateMismatchError, save_state
+from convscope.dataset.folder import ImageSource, StateMismatchError
 from convscope.dataset.topk import merge_topk
 
 SIZE = 32
@@ -117,6 +117,15 @@ def test_planted_square_detector_and_iou_equal_brute_force(broden):
     np.testing.assert_allclose(d.iou.numpy(), iou, rtol=0, atol=1e-6)
     assert d.summary()["per_category"]["object"]["labels"][0] == "square"
     assert "square" in d.table()
+    # the picture is drawn from the result alone: the top images' maps are kept by pass 2, no forward pass
+    assert d.top_maps.shape == (d.num_units, d.top_images.shape[1], *d.map_size)
+    calls = []
+    handle = model.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        picture = d.grid([0], model=model)
+    finally:
+        handle.remove()
+    assert calls == [] and picture.size[0] > 0
 
 
 def test_union_restricted_to_images_of_the_category_and_coverage_assignment(tmp_path):
@@ -351,7 +360,7 @@ def test_whole_preprocessing_equals_the_pre_engine_input():
 def test_a_state_of_the_format_before_the_engine_is_refused_clearly(broden, tmp_path):
     state = tmp_path / "old.state"
     meta = {"format": "convscope-dissect/1", "layer": "relu", "quantile": 0.995, "progress": {"stage": "iou", "processed": 8}}
-    save_state(state, {"meta": json.dumps(meta), "inter": torch.zeros(4, 11)}, meta)
+    torch.save({"meta": json.dumps(meta), "inter": torch.zeros(4, 11)}, state)  # a version-1 state
     with pytest.raises(StateMismatchError, match="convscope-dissect/1.*delete it"):
         dissect(planted_model(), broden, "relu", state=state, progress=False)
 
@@ -364,7 +373,8 @@ ENGINE_FILES = {f.__code__.co_filename for f in (dissect, engine_run, merge_topk
 
 def same_dissection(a, b) -> None:
     assert not b.interrupted and b.stage == "done" and b.processed == a.processed
-    for key in ("thresholds", "threshold_error", "iou", "intersection", "unit_area", "label_area", "top_images"):
+    for key in ("thresholds", "threshold_error", "iou", "intersection", "unit_area", "label_area", "top_images",
+                "top_maps"):
         assert torch.equal(getattr(a, key), getattr(b, key)), key
 
 
@@ -401,7 +411,7 @@ def test_interrupted_at_every_line_of_an_iou_update_resumes_to_the_same_result(t
                                   always=lambda where: where[2] in commit, limit=15, interrupted=interrupted)
     same_dissection(plain(None), report.expected)
     where = {(name, qualname) for name, _, qualname in report.events}
-    assert {("dissect.py", "IoUReducer.step"), ("dissect.py", "_batch_counts"), ("topk.py", "merge_topk"),
+    assert {("dissect.py", "IoUReducer.step"), ("dissect.py", "_batch_counts"), ("dissect.py", "_merge_top"),
             ("engine.py", "run"), ("engine.py", "StateStore.save")} <= where
     tried = [report.events[n] for n in report.points]
     assert sum(w[2] in commit for w in tried) > 30 and not any(escaped for _, escaped in report.fired)

@@ -138,8 +138,13 @@ def test_grid_shows_patch_and_projection(tiny):
     x = images()
     r = top_activations(tiny, x, "relu2", k=2, channels=[0, 2], progress=False)
     plain = r.grid(images=x)
-    both = r.grid(mode="projection", images=x, method="guided")
+    with pytest.raises(TopKError, match="explicit call"):  # drawing never runs the network itself
+        r.grid(mode="projection", images=x)
+    p = r.projected(tiny, method="guided", images=x, progress=False)
+    both = r.grid(mode="projection", images=x, projections=p)
     assert both.size[0] > plain.size[0] + 2 * 48 and both.size[1] == plain.size[1]
+    with pytest.raises(TopKError, match="no projections"):
+        r.grid([0, 2], mode="projection", images=x, projections=r.projected(tiny, [0], images=x, progress=False))
     with pytest.raises(TopKError, match="projection method"):
         r.projected(channels=[0], method="lrp", images=x)
     with pytest.raises(TopKError, match="not part of this run"):
@@ -166,8 +171,8 @@ def test_model_untouched(tiny):
     r = top_activations(tiny, x, "relu2", k=2, progress=False)
     with statecheck.untouched(tiny.module):
         for method in ("deconvnet", "guided", "gradient"):
-            r.projected(channels=[0, 2], method=method, images=x, batch_size=3, progress=False)
-        r.grid(mode="projection", images=x)
+            p = r.projected(channels=[0, 2], method=method, images=x, batch_size=3, progress=False)
+        r.grid(mode="projection", images=x, projections=p)
     assert tiny.module.relu1.inplace and tiny.module.training
 
 

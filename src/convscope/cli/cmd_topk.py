@@ -101,8 +101,9 @@ def run_topk(args: argparse.Namespace) -> int:
         if args.project:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", NoSwitchesWarning)
-                picture = r.grid(shown, mode="projection", method=args.project, scale=args.project_scale,
-                                 batch_size=args.project_batch_size)
+                projections = r.projected(model, shown, method=args.project, batch_size=args.project_batch_size,
+                                          progress=False if args.no_progress else None)
+                picture = r.grid(shown, mode="projection", projections=projections, scale=args.project_scale)
             for w in caught:
                 info(f"note: {w.message}")
             save(picture, out, f"top-{args.k} grid with {args.project} projections ({len(shown)} channels)")

@@ -98,7 +98,6 @@ from .engine import (
 )
 from .engine import run as run_engine
 from .folder import BATCH_SIZE, SAVE_EVERY, DatasetError, ImageSource, check_state_path
-from .topk import merge_topk
 
 #: Label columns of ``index.csv``: the first four name mask PNGs, the last two whole-image labels.
 PIXEL_COLUMNS = ("color", "object", "part", "material")
@@ -412,7 +411,8 @@ class Dissection(Pictured):
     label of category k) and ``label_area`` (L,) are the raw totals (mask pixels). ``thresholds`` (U,): T_u;
     ``threshold_error`` (U,): bound on |T_u - exact quantile| (0 in exact mode). ``names``/``label_category``:
     per label number, its name and category (``None``: unused or dropped). ``top_images`` (U, k): dataset
-    positions of each unit's images with the largest maximum activation (-1 = none). ``processed``: index rows
+    positions of each unit's images with the largest maximum activation (-1 = none); ``top_maps`` (U, k, h, w):
+    the unit's activation maps on those images (pictures are drawn from them). ``processed``: index rows
     done in pass 2; ``interrupted``: stopped by Ctrl-C (``stage`` says in which pass).
     """
 
@@ -442,6 +442,8 @@ class Dissection(Pictured):
     root: str | None = None
     model: Any = field(default=None, repr=False)
     _image: Image.Image | None = field(default=None, repr=False)
+    #: (U, k, h, w) the layer's maps of each unit's top images (what :meth:`grid` draws; ``None``: not kept)
+    top_maps: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_units(self) -> int:
@@ -524,11 +526,9 @@ class Dissection(Pictured):
         """Rows = units (default: the ``rows`` best by IoU), columns = their top images, each with the unit's
         mask (activation upsampled, > T_u) tinted and outlined; row label = unit, concept and IoU.
 
-        Runs one forward pass (stopped at the layer) over the images shown; ``model``: default :attr:`model`.
+        Drawn from the result alone (:attr:`top_maps`, kept by pass 2): no forward pass. A result without maps (made
+        by hand) is drawn by one forward pass over the images shown with ``model`` (default :attr:`model`).
         """
-        model = as_model(model) if model is not None else self.model
-        if model is None:
-            raise DissectError("drawing needs the model (pass model=...)")
         all_units = self.units()
         chosen = list(units) if units is not None else [u.unit for u in sorted(all_units, key=lambda u: (-u.iou, u.unit))[:rows]]
         if not chosen:
@@ -537,15 +537,20 @@ class Dissection(Pictured):
         if not wanted:
             raise DissectError("no images were scored; nothing to draw")
         pictures = {i: load_image(self.sources[i]) for i in wanted}
-        act = layer_activations(model, [pictures[i] for i in wanted], self.layer)
+        act = None
+        if self.top_maps is None:
+            model = as_model(model) if model is not None else self.model
+            if model is None:
+                raise DissectError("this result keeps no activation maps; drawing needs the model (pass model=...)")
+            act = layer_activations(model, [pictures[i] for i in wanted], self.layer)
         position = {i: j for j, i in enumerate(wanted)}
         table = []
         for u in chosen:
             tiles = []
-            for i in self.top_images[u].tolist():
+            for rank, i in enumerate(self.top_images[u].tolist()):
                 if i < 0:
                     continue
-                a = act[position[i], u][None, None]
+                a = (self.top_maps[u, rank] if act is None else act[position[i], u])[None, None].float()
                 pic = pictures[i].resize((cell, cell), Image.Resampling.BILINEAR)
                 up = F.interpolate(a, size=self.mask_size, mode="bilinear", align_corners=False)[0, 0]
                 mask = (up > float(self.thresholds[u])).cpu().numpy()
@@ -810,22 +815,43 @@ class IoUReducer(Reducer):
                                                      self.cat_matrix.to(device))
         old = self.empty(device) if state is None else state
         score = act.amax(dim=(2, 3)).T
-        top_values, top_index, _ = merge_topk(old["top_values"], old["top_index"], None, score,
-                                              batch.index.to(device).unsqueeze(0).expand(U, -1), None, self.top_k)
+        maps = act.transpose(0, 1).float()  # (U, n, h, w): kept for the top images, so pictures need no new pass
+        old_maps = old.get("top_maps")
+        if old_maps is None:
+            old_maps = torch.zeros(U, self.top_k, *act.shape[-2:], device=device)
+        top_values, top_index, top_maps = _merge_top(old["top_values"], old["top_index"], old_maps, score,
+                                                     batch.index.to(device).unsqueeze(0).expand(U, -1), maps, self.top_k)
         return {"inter": old["inter"] + inter, "unit_area": old["unit_area"] + unit_area,
-                "label_area": old["label_area"] + label_area, "top_values": top_values, "top_index": top_index}
+                "label_area": old["label_area"] + label_area, "top_values": top_values, "top_index": top_index,
+                "top_maps": top_maps}
 
     def merge_states(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
         if a is None or b is None:
             return b if a is None else a
         b = {k: v.to(a["inter"].device) for k, v in b.items()}
-        top_values, top_index, _ = merge_topk(a["top_values"], a["top_index"], None, b["top_values"], b["top_index"],
-                                              None, self.top_k)
-        return {"inter": a["inter"] + b["inter"], "unit_area": a["unit_area"] + b["unit_area"],
-                "label_area": a["label_area"] + b["label_area"], "top_values": top_values, "top_index": top_index}
+        top_values, top_index, top_maps = _merge_top(a["top_values"], a["top_index"], a.get("top_maps"), b["top_values"],
+                                                     b["top_index"], b.get("top_maps"), self.top_k)
+        out = {"inter": a["inter"] + b["inter"], "unit_area": a["unit_area"] + b["unit_area"],
+               "label_area": a["label_area"] + b["label_area"], "top_values": top_values, "top_index": top_index}
+        if top_maps is not None:
+            out["top_maps"] = top_maps
+        return out
 
     def finish(self, state: dict[str, Any] | None, run: RunInfo) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in (self.empty() if state is None else state).items()}
+
+
+def _merge_top(av: torch.Tensor, ai: torch.Tensor, am: torch.Tensor | None, bv: torch.Tensor, bi: torch.Tensor,
+               bm: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`~convscope.dataset.topk.merge_topk` of (values, indices) plus the maps (U, m, h, w) that go with them
+    (``None`` when either side has none: then no maps)."""
+    v = torch.cat([av, bv], dim=1)
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    maps = None
+    if am is not None and bm is not None:
+        both = torch.cat([am, bm.to(am.device)], dim=1)
+        maps = both.gather(1, order[:, :, None, None].expand(-1, -1, *both.shape[-2:]))
+    return v.gather(1, order), torch.cat([ai, bi], dim=1).gather(1, order), maps
 
 
 def _batch_counts(act: torch.Tensor, thr: torch.Tensor, labels: list[tuple[list[np.ndarray], list[int]]],
@@ -989,4 +1015,5 @@ def _result(model: Model, layer: str, ds: Broden, pass1: dict[str, Any] | None, 
     return Dissection(layer, quantile, iou_threshold, ds.categories, ds.names, label_category, pass1["thresholds"],
                       pass1["threshold_error"], pass1["exact"], iou, inter, unit_area[:, :len(ds.categories)],
                       counts["label_area"], top, paths, ds.mask_size, tuple(pass1["map_size"]), info.processed, len(ds),
-                      skipped, info.interrupted, stage, seconds, str(ds.root), model)
+                      skipped, info.interrupted, stage, seconds, str(ds.root), model,
+                      top_maps=counts.get("top_maps"))

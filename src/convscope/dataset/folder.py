@@ -8,9 +8,9 @@ images, :attr:`ImageSource.skipped` names every skipped file with the reason, an
 :class:`SkippedImagesWarning` summarises them when a pass ends. A run whose every file is unreadable has
 nothing to analyse: the analyses raise :class:`UnreadableImagesError` (:func:`check_any_scored`).
 
-Saved run states (:func:`save_state` / :func:`load_state`) are shared by every resumable analysis, and so
-are their errors: :class:`StateFileError` for a file that is not a state, :class:`StateMismatchError` for
-a state of another run. The options every run takes are declared once here (:data:`BATCH_SIZE`,
+Saved run states are the dataset engine's (:class:`convscope.dataset.engine.StateStore`); their errors live
+here: :class:`StateFileError` for a file that is not a state, :class:`StateMismatchError` for a state of
+another run. The options every run takes are declared once here (:data:`BATCH_SIZE`,
 :data:`SAVE_EVERY`) and checked by the Python API and the command line alike.
 
 Files are chosen by suffix (:data:`IMAGE_SUFFIXES`, any case); hidden files and folders (names starting
@@ -20,7 +20,6 @@ with ``.``) are left out. Nothing is kept in memory beyond one batch.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,9 +31,9 @@ import torch
 from PIL import Image
 
 from ..errors import ConvscopeError, ImageError
-from ..files import atomic_write, check_output_path, write_text
+from ..files import atomic_write, check_output_path
 from ..images import IMAGE_SUFFIXES, list_images, load_image  # the one list and lister, re-exported
-from ..models import Model, check_input, same_model
+from ..models import Model, check_input
 from ..models import (
     model_fingerprint as model_fingerprint,  # re-exported: topk and dissect store it in their states
 )
@@ -290,50 +289,3 @@ def check_state_path(state: str | os.PathLike | None) -> Path | None:
     if state is None:
         return None
     return check_output_path(state, what="state file")
-
-
-def save_state(path: Path, payload: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """A run state: ``payload`` (plain tensors and strings) with ``torch.save`` and a JSON ``manifest`` in
-    ``PATH.json``, both written atomically."""
-    save_tensors(payload, path)
-    write_text(json.dumps(manifest, indent=1), Path(str(path) + ".json"))
-
-
-def resume_state(path: Path | None, state_format: str, what: str, meta: dict[str, Any], keys: Sequence[str]
-                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """The state saved at ``path`` (see :func:`load_state`), checked to belong to this run: ``None`` when there is
-    none yet. A saved value of one of ``keys`` other than ``meta``'s, or other weights (``meta["model"]``, a
-    :func:`model_fingerprint`), raise :class:`StateMismatchError` naming what differs."""
-    if path is None or not path.exists():
-        return None
-    saved, tensors = load_state(path, state_format, what)
-    for key in keys:
-        if saved.get(key) != meta[key]:
-            raise StateMismatchError(f"{path}: saved for {key} {saved.get(key)!r}, this run asks for {meta[key]!r}; "
-                                     "use another state file or delete this one")
-    if not same_model(saved.get("model", {}), meta["model"]):
-        raise StateMismatchError(f"{path}: saved for a different model ({saved.get('model')} vs {meta['model']}); "
-                                 "use another state file or delete this one")
-    return saved, tensors
-
-
-def load_state(path: Path, state_format: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a :func:`save_state` file (``torch.load(weights_only=True)``): its description (the JSON string
-    under ``"meta"``) and its tensors. A file that is not such a state raises :class:`StateFileError` in one
-    line; a state of another analysis (``format`` other than ``state_format``) :class:`StateMismatchError`."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many kinds for a file that is not its own (pickle, zip, EOF, text)
-        payload = None
-    meta = None
-    if isinstance(payload, dict) and isinstance(payload.get("meta"), str):
-        try:
-            meta = json.loads(payload["meta"])
-        except ValueError:
-            meta = None
-    if not isinstance(meta, dict):
-        raise StateFileError(f"{path}: not a convscope {what} state file; delete it or choose another state file")
-    if meta.get("format") != state_format:
-        raise StateMismatchError(f"{path}: a state of format {meta.get('format')!r}, not a {what} state ({state_format!r}); "
-                                 "choose another state file")
-    return meta, {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}

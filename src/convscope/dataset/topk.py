@@ -209,27 +209,36 @@ class TopK(Pictured):
 
     def grid(self, channels: Sequence[int] | None = None, *, mode: str | None = None,
              images: Sequence[Any] | torch.Tensor | None = None, cell: int | None = None, title: bool = True,
-             method: str = DEFAULT_METHOD, scale: str = "signed", model: Any = None, batch_size: int = 16) -> Image.Image:
+             projections: Projections | None = None, scale: str = "signed") -> Image.Image:
         """Rows = channels, columns = their top-k images, strongest on the left.
 
         ``mode="patch"`` (default for ``reduce="max"``): each tile is the unit's receptive field, the part
         outside the image left grey so patches keep their place; ``mode="image"`` (default for ``"mean"``):
         whole pictures, with the patch box drawn in red for ``"max"``; ``mode="projection"``: each patch
-        followed by the unit's projection into it (:meth:`projected` with ``method``, default guided
-        backpropagation, drawn with ``scale``; both cropped to the projections' effective box, see
-        :func:`~convscope.dataset.projection.effective_box`; ``model``: default :attr:`model`). ``channels``: which rows (default:
-        the first :data:`DEFAULT_ROWS` of the run).
+        followed by the unit's projection into it, from ``projections`` (the result of an explicit
+        :meth:`projected` call: drawing never runs the network), drawn with ``scale``; both cropped to the
+        projections' effective box, see :func:`~convscope.dataset.projection.effective_box`. ``channels``: which
+        rows (default: the first :data:`DEFAULT_ROWS` of the run; with ``projections``, its channels).
         """
         mode = mode or ("patch" if self.reduce == "max" and self.receptive_field is not None else "image")
         if mode not in ("patch", "image", "projection"):
             raise TopKError(f"unknown mode {mode!r}; choose patch, image or projection")
         if mode in ("patch", "projection") and (self.reduce != "max" or self.receptive_field is None):
             raise TopKError(f"{mode} mode needs reduce='max' and a layer with a receptive field; use mode='image'")
-        chosen = list(channels) if channels is not None else self.channels[:DEFAULT_ROWS]
+        if mode == "projection" and projections is None:
+            raise TopKError("mode='projection' draws projections computed by an explicit call: "
+                            "p = r.projected(model, channels); r.grid(mode='projection', projections=p)")
+        default = (list(dict.fromkeys(projections.channels)) if projections is not None and mode == "projection"
+                   else self.channels[:DEFAULT_ROWS])
+        chosen = list(channels) if channels is not None else default
         if not chosen:
             raise TopKError("no channels to draw")
         if mode == "projection":
-            return self._projection_grid(chosen, images, cell, title, method, scale, model, batch_size)
+            missing = [c for c in chosen if c not in projections.channels]
+            if missing:
+                raise TopKError(f"channel {missing[0]} has no projections in the result given; project it with "
+                                f"r.projected(model, {chosen})")
+            return self._projection_grid(chosen, images, cell, title, scale, projections)
         cache: dict[int, Image.Image] = {}
 
         def pic(i: int) -> Image.Image:
@@ -250,11 +259,11 @@ class TopK(Pictured):
             text += "" if self.complete or self.total is None else f" ({self.processed}/{self.total} done)"
         return _channel_grid(rows, chosen, cell, text, lambda j: str(j + 1))
 
-    def _projection_grid(self, chosen: list[int], images: Any, cell: int | None, title: bool, method: str, scale: str,
-                         model: Any, batch_size: int) -> Image.Image:
+    def _projection_grid(self, chosen: list[int], images: Any, cell: int | None, title: bool, scale: str,
+                         proj: Projections) -> Image.Image:
         if scale not in SCALES:
             raise TopKError(f"unknown projection scale {scale!r}; choose {' or '.join(SCALES)}")
-        proj = self.projected(model, chosen, method=method, images=images, batch_size=batch_size)
+        method = proj.method
         cache: dict[int, Image.Image] = {}
         rows = []
         for c in chosen:
