@@ -475,8 +475,8 @@ def _store_units(store: AtlasStore, model: Model, name: str, topk: Any, stats: A
     cache: dict[int, Image.Image] = {}
     for u in changed:
         hits = topk.hits(u)
-        masks = proj.rows(u) if proj is not None else [None] * len(hits)
-        for h, m in zip(hits, masks):
+        pairs = topk.projection_pairs(u, proj, cache=cache) if proj is not None else [None] * len(hits)
+        for h, pair in zip(hits, pairs):
             if h.image not in cache:
                 cache[h.image] = topk.picture(h.image)
             pic = cache[h.image]
@@ -485,13 +485,15 @@ def _store_units(store: AtlasStore, model: Model, name: str, topk: Any, stats: A
                 pic.copy().resize((THUMB, THUMB * pic.height // max(pic.width, 1))).save(tpath, quality=88)
                 thumbs[h.image] = trel
             patch_rel = projection_rel = None
-            if h.box is not None:
+            if pair is not None:  # both cropped to the projections' effective box, as the top-k grid shows them
+                ppath, patch_rel = store.file(sid, f"u{u:04d}-top{h.rank}-patch.png")
+                _fit(pair[0], PATCH).save(ppath)
+                qpath, projection_rel = store.file(sid, f"u{u:04d}-top{h.rank}-projection.png")
+                _fit(pair[1], PATCH).save(qpath)
+            elif h.box is not None:
                 t, left, b, r = h.box
                 ppath, patch_rel = store.file(sid, f"u{u:04d}-top{h.rank}-patch.png")
                 _fit(pic.crop((left, t, r, b)), PATCH).save(ppath)
-                if m is not None:
-                    qpath, projection_rel = store.file(sid, f"u{u:04d}-top{h.rank}-projection.png")
-                    _fit(proj.picture(m, "signed"), PATCH).save(qpath)
             hit_rows.append({"unit": u, "rank": h.rank, "image": h.image, "value": h.value, "y": h.y, "x": h.x,
                              "box": None if h.box is None else list(h.box), "patch": patch_rel, "projection": projection_rel})
     store.put_hits(name, hit_rows)
@@ -542,6 +544,7 @@ def _filters(store: AtlasStore, model: Model, name: str, rows: list[dict[str, An
     conv = resolve_layer(model.module, conv_name)
     if conv.out_channels != len(rows):
         return
+    pictures = tuple(conv.kernel_size) != (1, 1)  # a 1x1 kernel is one number per input channel: no picture
     from ..inspect import filter_health, filters
 
     health = filter_health(model, conv_name)
@@ -550,7 +553,7 @@ def _filters(store: AtlasStore, model: Model, name: str, rows: list[dict[str, An
     for u, row in enumerate(rows):
         row["filter_norm"] = float(health.norms[u])
         row["filter_health"] = "dead" if u in health.dead else ("aliased" if u in health.aliased else "ok")
-        if u < len(tiles):
+        if pictures and u < len(tiles):
             path, rel = store.file(slug(name), f"u{u:04d}-filter.png")
             _fit(tiles[u], 48).save(path)
             row["filter"] = rel

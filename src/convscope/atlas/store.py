@@ -177,7 +177,10 @@ class AtlasStore:
             layers = [self._layer_row(r) for r in db.execute("SELECT * FROM layers ORDER BY position")]
             images = db.execute("SELECT COUNT(*) AS n FROM images").fetchone()["n"]
             flows = [r["image"] for r in db.execute("SELECT DISTINCT image FROM flows ORDER BY image")]
-        return {"model": meta.get("model"), "provenance": meta.get("provenance"), "labels": meta.get("labels_count"),
+        model = meta.get("model")
+        name = model.get("name") if isinstance(model, dict) else model
+        return {"model": name, "model_info": model if isinstance(model, dict) else None,
+                "provenance": meta.get("provenance"), "labels": meta.get("labels_count"),
                 "images": images, "layers": layers, "flows": flows, "schema": meta.get("schema")}
 
     @staticmethod

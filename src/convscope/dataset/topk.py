@@ -267,16 +267,8 @@ class TopK(Pictured):
         cache: dict[int, Image.Image] = {}
         rows = []
         for c in chosen:
-            tiles = []
-            for m, h in zip(proj.rows(c), self.hits(c)):
-                if h.image not in cache:
-                    cache[h.image] = self.picture(h.image, images)
-                patch = _padded_patch(cache[h.image], self._unclipped(h))
-                if proj.effective is not None:
-                    t, left, b, r = proj.effective
-                    patch = patch.crop((left, t, r, b))
-                tiles += [patch, proj.picture(m, scale)]
-            rows.append(tiles)
+            rows.append([tile for pair in self.projection_pairs(c, proj, images=images, scale=scale, cache=cache)
+                         for tile in pair])
         text = None
         if title:
             text = (f"{self.layer}: top {self.k} patches, each followed by its {method} projection "
@@ -284,6 +276,24 @@ class TopK(Pictured):
             text += " (interrupted)" if proj.interrupted else ""
             text += " - no max-pooling: the same for every image" if proj.note else ""
         return _channel_grid(rows, chosen, cell, text, lambda j: str(j // 2 + 1) if j % 2 == 0 else "")
+
+    def projection_pairs(self, channel: int, projections: Projections, *, images: Sequence[Any] | torch.Tensor | None = None,
+                         scale: str = "signed", cache: dict[int, Image.Image] | None = None
+                         ) -> list[tuple[Image.Image, Image.Image]]:
+        """``channel``'s hits as (patch, projection) pictures, strongest first, both cropped to the projections'
+        effective box (the patch's part outside the image grey), the projection with its own contrast stretch.
+        ``projections``: from :meth:`projected` (no network pass here); ``cache``: pictures by image, reused."""
+        cache = {} if cache is None else cache
+        out = []
+        for m, h in zip(projections.rows(channel), self.hits(channel)):
+            if h.image not in cache:
+                cache[h.image] = self.picture(h.image, images)
+            patch = _padded_patch(cache[h.image], self._unclipped(h))
+            if projections.effective is not None:
+                t, left, b, r = projections.effective
+                patch = patch.crop((left, t, r, b))
+            out.append((patch, projections.picture(m, scale)))
+        return out
 
     # ------------------------------------------------------------------ projections and dead units
     def projected(self, model: Any = None, channels: Sequence[int] | None = None, *, method: str = DEFAULT_METHOD,
