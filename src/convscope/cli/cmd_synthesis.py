@@ -88,12 +88,16 @@ def _channels(text: str) -> list[int]:
     return out
 
 
-def _common(p: argparse.ArgumentParser, out: str, steps: int, size: int | None, *,
-            output: str = "output image", size_help: str = "image side in pixels") -> None:
+#: ``visualize``'s default steps, and per round with ``--multiscale`` (the multiscale function's default).
+VISUALIZE_STEPS, MULTISCALE_STEPS = 256, 25
+
+
+def _common(p: argparse.ArgumentParser, out: str, steps: int | None, size: int | None, *,
+            output: str = "output image", size_help: str = "image side in pixels", steps_text: str | None = None) -> None:
     p.add_argument("-o", "--output", default=out, help=f"{output} (default {out})")
     p.add_argument("--seed", type=SEED.argtype("--seed"), default=0, help="random seed (same seed, same picture)")
     p.add_argument("--steps", type=STEPS.argtype("--steps"), default=steps,
-                   help=f"optimisation steps, {STEPS.range_text()} (default {steps})")
+                   help=f"optimisation steps, {STEPS.range_text()} (default {steps_text or steps})")
     p.add_argument("--size", type=SIZE.argtype("--size"), default=size,
                    help=f"{size_help}, {SIZE.range_text()} (default {size or 'the model input size'})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -154,7 +158,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p = sub.add_parser("visualize", parents=parents, help="feature visualisation: an image that maximises an objective",
                        description="Objectives: LAYER:CH, LAYER:CH@Y,X, LAYER, logit:CLASS; combine with + - and weights (0.5*bn2:3).")
     p.add_argument("objective", help="e.g. conv_head:286, blocks.5.0:3@3,3, blocks.4, logit:385, 'bn2:1 - 0.5*bn2:2'")
-    _common(p, "visualize.png", 256, None)
+    _common(p, "visualize.png", None, None, steps_text=f"{VISUALIZE_STEPS}; with --multiscale {MULTISCALE_STEPS} per round")
     p.add_argument("--channels", type=_channels, default=None, metavar="LIST",
                    help=f"with OBJECTIVE a layer: render these channels (0-15, 3,7; at most {MAX_CHANNELS}) in one batch, as a grid")
     p.add_argument("--param", choices=["fourier", "pixel"], default="fourier",
@@ -167,8 +171,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--no-transforms", action="store_true", help="no robustness transforms (pad, jitter, scale, rotate)")
     p.add_argument("--no-decorrelate", action="store_true", help="optimise plain RGB instead of decorrelated colour")
     p.add_argument("--multiscale", action="store_true",
-                   help="coarse-to-fine procedure in decorrelated colour with the transforms (56 px, x1.2, 12 rounds; "
-                        "--steps per round, e.g. 20)")
+                   help="coarse-to-fine procedure in decorrelated colour with the transforms (56 px, x1.2, 10 rounds, "
+                        "Adam 0.2; --steps per round, e.g. 25)")
     p.add_argument("--blur", type=bounded(int, 1, 56, name="--blur"), default=None,
                    help="with --multiscale: blur between rounds, a Gaussian as wide as a box of this size (1..56 px; e.g. 8)")
     p.add_argument("--generator", default=None, metavar="NET.pt",
@@ -288,6 +292,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 def run_visualize(args: argparse.Namespace) -> int:
     out = _output(args)
     model = load_model_from_args(args)
+    if args.steps is None:
+        args.steps = MULTISCALE_STEPS if args.multiscale else VISUALIZE_STEPS
     kw = dict(steps=args.steps, size=args.size, seed=args.seed, progress=_progress(args))
     transforms = "none" if args.no_transforms else "auto"
     if args.generator:
