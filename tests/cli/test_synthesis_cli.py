@@ -213,3 +213,27 @@ def test_texture_accepts_another_loss_network(tmp_path, capsys):
                            "-o", str(out)], capsys)
     assert code == 0, err
     assert out.exists() and "style loss" in text
+
+
+def test_average_pooling_copy_for_the_loss_network(tmp_path, capsys):
+    # Gatys et al. swapped VGG-19's max-pooling for average pooling; a copy, the model itself untouched
+    import statecheck
+    from torch import nn
+
+    from convscope.synthesis.style import average_pooling
+
+    vgg = cs.load_model("vgg11", weights=None)
+    before = statecheck.snapshot(vgg.module)
+    avg = average_pooling(vgg)
+    statecheck.assert_untouched(vgg.module, before)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in avg.module.modules())
+    assert sum(isinstance(m, nn.AvgPool2d) for m in avg.module.modules()) == 5
+    assert sum(isinstance(m, nn.MaxPool2d) for m in vgg.module.modules()) == 5
+    x = torch.rand(1, 3, 32, 32)
+    pooled = avg.module.features[:3](x)  # conv, relu, then the replaced pooling
+    assert torch.allclose(pooled, nn.functional.avg_pool2d(vgg.module.features[:2](x), 2))
+    out = tmp_path / "t.png"
+    code, text, err = run(["texture", "sample:brick", "--loss-net", "vgg11:random", "--avg-pool", "--steps", "2",
+                           "--size", "32", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert out.exists()

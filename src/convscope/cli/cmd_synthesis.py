@@ -39,6 +39,7 @@ from ..synthesis import (
 from ..synthesis.bounds import LR, SEED, SIZE, STEPS, WEIGHT
 from ..synthesis.fast_style import TransformNet, load_transform_net, stylize, train_fast_style
 from ..synthesis.result import pixels_to_pil
+from ..synthesis.style import average_pooling
 from ..synthesis.upconv import dgn_am, invert_upconv, load_upconv, upconv_perturbation
 from .common import info, load_model_from_args
 
@@ -127,15 +128,21 @@ def _loss_net_option(p: argparse.ArgumentParser) -> None:
                    help="loss network instead of --model: a torchvision or timm:NAME model with its pretrained weights "
                         "(Gatys et al. used vgg19; its weights must be in the torch cache), or NAME:random for random "
                         "weights (for testing)")
+    p.add_argument("--avg-pool", action="store_true",
+                   help="replace the loss network's max-pooling by average pooling, as Gatys et al. did with VGG-19 "
+                        "(smoother gradients; a copy: the model itself is not changed)")
 
 
 def _loss_net(args: argparse.Namespace) -> Model:
-    """The model ``--loss-net`` names (pretrained, or ``NAME:random``), else the ``--model`` one."""
+    """The model ``--loss-net`` names (pretrained, or ``NAME:random``), else the ``--model`` one; with ``--avg-pool``
+    a copy whose max-pooling is average pooling."""
     if not getattr(args, "loss_net", None):
-        return load_model_from_args(args)
-    random = args.loss_net.endswith(":random")
-    name = args.loss_net[: -len(":random")] if random else args.loss_net
-    return load_model(name, weights=None if random else "DEFAULT", device=args.device)
+        model = load_model_from_args(args)
+    else:
+        random = args.loss_net.endswith(":random")
+        name = args.loss_net[: -len(":random")] if random else args.loss_net
+        model = load_model(name, weights=None if random else "DEFAULT", device=args.device)
+    return average_pooling(model) if getattr(args, "avg_pool", False) else model
 
 
 def _picture_command(args: argparse.Namespace, make: Callable[[Model], Any]) -> tuple[Model, Any]:
