@@ -139,3 +139,24 @@ def test_cli_invert_upconv_and_visualize_generator(model, data, nets, tmp_path, 
     gen = tmp_path / "gen.png"
     code, stdout, _ = run_cli(capsys, "visualize", "logit:3", "--generator", str(path), "--steps", "5", "--no-progress", "-o", str(gen))
     assert code == 0 and "through the generator" in stdout and Image.open(gen).size == (SIZE, SIZE)
+
+
+def test_report_row_with_a_trained_decoder(model, data, nets, tmp_path, capsys, monkeypatch):
+    """Issue 12: the report's synthesis section shows the decoder's reconstruction and DGN-AM when given one."""
+    from convscope.report.sec_synthesis import _upconv_row
+    from convscope.report.sections import ReportContext
+
+    path = tmp_path / "dec.pt"
+    nets["relu1"].save(path)
+    picture = data[1][0]
+    ctx = ReportContext(model=model, image=picture, image_name="shape", x=model.preprocess(picture),
+                        options={"upconv_net": str(path)}, progress=False)
+    row = _upconv_row(ctx, 3, 5)
+    assert "decoded from relu1" not in row  # the labels are in the picture; the caption names the method
+    assert "Dosovitskiy" in row and "DGN-AM" in row and "<img" in row
+    hint = _upconv_row(ReportContext(model=model, image=picture, image_name="shape", x=None, progress=False), 3, 5)
+    assert "upconv-train" in hint and "<img" not in hint
+    monkeypatch.setattr("convscope.cli.cmd_report.load_model_from_args", lambda args: model)
+    code, _, err = run_cli(capsys, "report", "sample:chelsea", "--upconv-net", str(tmp_path / "none.pt"),
+                           "-o", str(tmp_path / "r.html"))
+    assert code == 2 and "no such decoder file" in err

@@ -41,7 +41,11 @@ def run_report(args: argparse.Namespace) -> int:
     select_sections(keys)  # unknown names fail before anything slow happens
     img = load_image(args.image)
     model = load_model_from_args(args)
+    if args.upconv_net is not None and not os.path.isfile(args.upconv_net):
+        raise ConvscopeError(f"{args.upconv_net}: no such decoder file (train one with convscope upconv-train)")
     options: dict[str, Any] = {"top": args.top}
+    if args.upconv_net is not None:
+        options["upconv_net"] = args.upconv_net
     if args.layers:
         layers = _csv(args.layers)
         for layer in layers or []:
@@ -74,5 +78,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--top", type=bounded(int, 1, 1000, name="--top"), default=5, metavar="K",
                    help="classes in the prediction table, 1..1000 (default 5)")
     p.add_argument("--layers", default=None, metavar="L1,L2", help="layers for the feature-map section (default: early, middle, last)")
+    p.add_argument("--upconv-net", default=None, metavar="NET.pt",
+                   help="a decoder from `convscope upconv-train`: the synthesis section adds its reconstruction of "
+                        "IMAGE and the predicted class rendered through it (DGN-AM)")
     p.add_argument("--no-progress", action="store_true", help="draw no progress bars")
     p.set_defaults(func=run_report)

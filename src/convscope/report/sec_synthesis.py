@@ -6,7 +6,10 @@ image and the inversions are at least 96 px), ``synthesis_layer`` (gallery
 layer; default a middle layer) and ``synthesis_channels`` (default 8, the channels most active on the
 report image). The settings are the library's defaults at a smaller size: Fourier parameterisation,
 decorrelated colour, transforms (the wide set for the class image), and feature inversion with the
-feature-norm-normalised loss, alpha-norm, total variation and jitter.
+feature-norm-normalised loss, alpha-norm, total variation and jitter. With option ``upconv_net`` (a decoder
+written by ``convscope upconv-train``; CLI ``report --upconv-net NET.pt``) the section adds the image
+reconstructed by that decoder (Dosovitskiy & Brox 2016) and the predicted class rendered through it (DGN-AM,
+Nguyen et al. 2016).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..render import grid
 from ..synthesis import invert_layers, render_channels, visualize
 from ..synthesis.dream import default_dream_layer
 from ..synthesis.style import default_layers
+from ..synthesis.upconv import dgn_am, invert_upconv, load_upconv
 from .build import figure_html
 from .sections import ReportContext, section
 
@@ -68,4 +72,25 @@ def synthesis(ctx: ReportContext) -> str:
                              "Feature inversion (Mahendran &amp; Vedaldi): images whose features at each depth match this "
                              "image's (decorrelated Fourier image, jitter, alpha-norm and total variation); deeper layers "
                              f"keep the layout but less of the detail ({caption}).", alt="inversions"))
+    parts.append(_upconv_row(ctx, top, steps))
     return "\n".join(parts)
+
+
+def _upconv_row(ctx: ReportContext, top: int, steps: int) -> str:
+    """The trained decoder's reconstruction and the predicted class through it (DGN-AM), or how to get them."""
+    path = ctx.options.get("upconv_net")
+    if not path:
+        return ('<p class="note">Inversion by a trained up-convolutional network and DGN-AM class images: train a '
+                "decoder with <code>convscope upconv-train IMAGES --layer L -o net.pt</code>, then "
+                "<code>convscope report --upconv-net net.pt</code> adds them here.</p>")
+    net = load_upconv(path, ctx.model.device)
+    inv = invert_upconv(ctx.model, ctx.image, net)
+    gen = dgn_am(ctx.model, f"logit:{top}", net, steps=max(30, 2 * steps), progress=ctx.progress)
+    side = max(96, inv.image.size[0])
+    pictures = [ctx.image.resize((side, side)), inv.image.resize((side, side)), gen.image.resize((side, side))]
+    return figure_html(grid(pictures, labels=["image", f"decoded from {net.layer}", f"DGN-AM {ctx.model.label(top)}"],
+                            columns=3, cell=side),
+                       f"A decoder trained to invert <code>{html.escape(net.layer)}</code> (Dosovitskiy &amp; Brox): "
+                       f"one forward pass reconstructs this image (pixel MSE {inv.extras['mse']:.4f}); through the same "
+                       f"decoder, a code optimised so the image maximises the logit of <b>{html.escape(ctx.model.label(top))}"
+                       f"</b> (DGN-AM, Nguyen et al.; logit {gen.objective:.3g}).", alt="upconv and DGN-AM")
