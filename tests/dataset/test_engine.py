@@ -266,3 +266,19 @@ def test_kill_9_mid_write_leaves_a_loadable_state_and_resume_equals_one_run(mode
     assert rest.complete
     assert torch.equal(rest.values, once.values) and torch.equal(rest.indices, once.indices)
     assert torch.equal(rest.positions, once.positions)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path is exercised where one is")
+def test_cuda_path_equals_cpu_and_fp16_rescored(model, folder):
+    cpu = top_activations(model, folder, "conv2", k=3, batch_size=4, progress=False)
+    gpu_model = cs.Model(model.module, input_size=model.input_size, mean=model.mean, std=model.std, labels=model.labels,
+                         resize_size=model.resize_size).to("cuda")
+    try:
+        gpu = top_activations(gpu_model, folder, "conv2", k=3, batch_size=4, progress=False)
+        assert torch.allclose(gpu.values, cpu.values, atol=1e-4) and torch.equal(gpu.indices, cpu.indices)
+        half = top_activations(gpu_model, folder, "conv2", k=3, batch_size=4, amp="fp16", progress=False)
+        assert torch.equal(half.indices, gpu.indices)  # rescored in float32
+        stats = run(gpu_model, folder, [ChannelStats("conv2")], batch_size=4, progress=False).results[0]
+        assert stats.images == 14
+    finally:
+        model.module.to("cpu")
