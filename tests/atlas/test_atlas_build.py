@@ -131,6 +131,9 @@ def test_bad_builds_are_clear(built, tmp_path):
         build_atlas(built["model"], built["images"], ["conv9"], tmp_path / "a", **FAST)
     with pytest.raises(AtlasError, match="not an atlas"):
         AtlasStore(tmp_path)
+    with pytest.raises(AtlasError, match="feature maps"):  # refused before anything is written
+        build_atlas(built["model"], built["images"], ["fc"], tmp_path / "b", **FAST)
+    assert not (tmp_path / "b").exists()
     other = tiny_model()
     with torch.no_grad():
         other.module.fc.weight.add_(1)

@@ -245,13 +245,19 @@ def build_atlas(
                              (MIN_COUNT, "min_count", min_count), (ICON_SIZE, "icon_size", icon_size), (FLOWS, "flows", flows)):
         opt.check(name, value)
     files = _image_files(images)
-    store = AtlasStore(out, create=True)
+    table = {r.name: r for r in model.layers()}
+    for name in names:  # checked before anything is written
+        shape = table[name].output_shape if name in table else None
+        if shape is None or len(shape) != 4:
+            raise BuildError(f"layer {name!r} outputs {shape}; an atlas needs layers with feature maps (N, C, H, W)")
     fp = model_fingerprint(model.module)
     model_key = _digest(fp)
-    old_model = store.meta("model_key")
-    if old_model is not None and old_model != model_key:
-        raise BuildError(f"{out}: an atlas of another model ({store.meta('model', {}).get('name')}); "
-                         "build into a new folder")
+    if (Path(out) / "atlas.sqlite").is_file():
+        old_model = AtlasStore(out).meta("model_key")
+        if old_model is not None and old_model != model_key:
+            raise BuildError(f"{out}: an atlas of another model ({AtlasStore(out).meta('model', {}).get('name')}); "
+                             "build into a new folder")
+    store = AtlasStore(out, create=True)
     report = progress
     bar = tqdm(total=6, desc="atlas", unit="stage", leave=False, disable=None if report is None else not report)
     start = time.perf_counter()
@@ -263,7 +269,7 @@ def build_atlas(
         timings[stage] = round(now - last[0], 2)
         last[0] = now
         bar.update(1)
-    table = {r.name: r for r in model.layers()}
+
     store.set_meta(model={"name": model.name, "source": model.source, "input_size": list(model.input_size),
                           "fingerprint": fp}, model_key=model_key, labels_count=len(model.labels),
                    labels=list(model.labels))
