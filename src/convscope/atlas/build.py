@@ -590,12 +590,12 @@ def _visualise(store: AtlasStore, model: Model, name: str, *, size: int, steps: 
     try:
         for lo in range(0, c, RENDER_BATCH):
             chunk = units[lo:lo + RENDER_BATCH]
-            for sign, suffix, key in ((1.0, "vis", "vis"), (-1.0, "neg", "negative"))[: 2 if negative else 1]:
+            for sign, suffix, field_name in ((1.0, "vis", "vis"), (-1.0, "neg", "negative"))[: 2 if negative else 1]:
                 r = render(model, sign * channel(name, chunk), batch=len(chunk), **common)
                 for u, img in zip(chunk, r.images):
                     path, rel = store.file(sid, f"u{u:04d}-{suffix}.png")
                     img.save(path)
-                    rows[u][key] = rel
+                    rows[u][field_name] = rel
                 bar.update(len(chunk))
         if diversity:
             scale = float(torch.quantile(stats_max.float(), 0.99)) if stats_max is not None and stats_max.numel() else 1.0
