@@ -160,7 +160,6 @@ class DatasetSource:
         self.root = None
         self.names: list[str | None] = [None] * self.total
         self.paths = self.names
-        self.skipped: list[tuple[int, str]] = []
 
     def __len__(self) -> int:
         return self.total
@@ -214,7 +213,7 @@ class Loader:
 
     def __iter__(self) -> Iterator[Batch]:
         if isinstance(self.source, TensorSource):
-            for batch in self.source.batches(None, self.batch_size, start=self.start):
+            for batch in self.source.batches(self.batch_size, start=self.start):
                 if self.stop is not None and batch.start >= self.stop:
                     return
                 yield batch
@@ -254,9 +253,8 @@ class Loader:
                 item, label = self.source.item(i)
                 if isinstance(item, torch.Tensor):
                     return item, label, None
-            else:
-                item = self.source._items[i]
-            return decode(self.model, item, self.preprocessing), label, None
+                return decode(self.model, item, self.preprocessing), label, None
+            return decode(self.model, self.source.load(i), self.preprocessing), label, None
         except ImageError as exc:
             return None, None, str(exc)
         except (OSError, ValueError) as exc:  # a Dataset's own reader failing on one item

@@ -1,11 +1,11 @@
-"""Streaming many images through a model: a folder (or a list of images) read in batches, in a stable order.
+"""The image sources the dataset engine streams, in a stable order, and the errors every run shares.
 
 :class:`ImageSource` lists image files recursively in a stable order (sorted by their path relative to
-the folder, compared as text), reads them with :func:`convscope.load_image`, preprocesses them with the
-model's own :meth:`~convscope.Model.preprocess` and yields fixed-size batches. A file that cannot be read
-(corrupt, truncated, not an image) is skipped and counted, never fatal: the batch simply holds fewer
-images, :attr:`ImageSource.skipped` names every skipped file with the reason, and one
-:class:`SkippedImagesWarning` summarises them when a pass ends. A run whose every file is unreadable has
+the folder, compared as text) and reads each with :func:`convscope.load_image` (:meth:`ImageSource.load`);
+:class:`TensorSource` hands out preprocessed tensors in batches. The engine's decode pipeline
+(:class:`convscope.dataset.engine.Loader`) turns sources into batches: a file that cannot be read (corrupt,
+truncated, not an image) is skipped and counted, never fatal (the batch simply holds fewer images), and one
+:class:`SkippedImagesWarning` summarises them when a run ends. A run whose every file is unreadable has
 nothing to analyse: the analyses raise :class:`UnreadableImagesError` (:func:`check_any_scored`).
 
 Saved run states are the dataset engine's (:class:`convscope.dataset.engine.StateStore`); their errors live
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..errors import ConvscopeError, ImageError
+from ..errors import ConvscopeError
 from ..files import atomic_write, check_output_path
 from ..images import IMAGE_SUFFIXES, list_images, load_image  # the one list and lister, re-exported
 from ..models import Model, check_input
@@ -44,12 +43,9 @@ from ..render import normalize
 BATCH_SIZE = Option(int, 32, "images per forward pass", minimum=1, maximum=4096)
 SAVE_EVERY = Option(int, 20, "save the state every N batches", minimum=1, maximum=1_000_000)
 
-#: What a batch of pictures goes through: a list of PIL images -> a preprocessed tensor (N, C, H, W).
-Preprocess = Callable[[list[Any]], torch.Tensor]
-
 
 class SkippedImagesWarning(UserWarning):
-    """Some files of a stream could not be read and were skipped (see :attr:`ImageSource.skipped`)."""
+    """Some files of a stream could not be read and were skipped (the run's result lists them)."""
 
 
 class DatasetError(ConvscopeError, ValueError):
@@ -118,7 +114,6 @@ class ImageSource:
         if len(self._items) == 0:
             raise DatasetError("no images to stream (empty list)")
         self.names: list[str | None] = [self._name(item) for item in self._items]
-        self.skipped: list[tuple[int, str]] = []
         #: a folder whose every image lies in a first-level sub-folder: the sub-folders are classes (sorted names)
         #: and ``classes[i]`` is image i's class number; otherwise both ``None``
         self.class_names: list[str] | None = None
@@ -157,34 +152,6 @@ class ImageSource:
         """The picture at ``position`` as a validated RGB PIL image (raises :class:`ImageError`)."""
         return load_image(self._items[position])
 
-    def batches(self, preprocess: Preprocess, batch_size: int = 32, *, start: int = 0) -> Iterator[Batch]:
-        """Preprocessed batches of ``batch_size`` sources from position ``start`` on.
-
-        ``preprocess``: makes the tensor of a list of pictures (usually :meth:`convscope.Model.preprocess`).
-        Unreadable images are left out of their batch and recorded in :attr:`skipped`; when the pass ends
-        (also early, when the caller stops iterating) one :class:`SkippedImagesWarning` lists how many and
-        the first few.
-        """
-        BATCH_SIZE.check("batch_size", batch_size)
-        already = len(self.skipped)
-        try:
-            for lo in range(start, len(self._items), batch_size):
-                hi = min(lo + batch_size, len(self._items))
-                pictures, index, skipped = [], [], []
-                for i in range(lo, hi):
-                    try:
-                        pictures.append(self.load(i))
-                        index.append(i)
-                    except ImageError as exc:
-                        skipped.append((i, str(exc)))
-                self.skipped.extend(skipped)
-                x = preprocess(pictures) if pictures else None
-                yield Batch(x=x, index=torch.tensor(index, dtype=torch.long), start=lo, stop=hi, skipped=skipped)
-        finally:
-            new = self.skipped[already:]
-            if new:
-                warnings.warn(skipped_summary(new), SkippedImagesWarning, stacklevel=2)
-
 
 def skipped_summary(skipped: Sequence[tuple[int, str]], show: int = 3) -> str:
     """One line: how many images were skipped and the first ``show`` reasons."""
@@ -204,7 +171,6 @@ class TensorSource:
         self.images = images
         self.device = device
         self.root = None
-        self.skipped: list[tuple[int, str]] = []
         if isinstance(images, torch.Tensor):
             self.total: int | None = images.shape[0] if images.ndim == 4 else 1
         elif isinstance(images, Sequence):
@@ -217,9 +183,8 @@ class TensorSource:
     def fingerprint(self) -> str | None:
         return None
 
-    def batches(self, preprocess: Preprocess | None, batch_size: int, *, start: int = 0) -> Iterator[Batch]:
-        """Batches of ``batch_size`` tensors from position ``start`` on (``preprocess`` is not used: tensors are
-        taken as already preprocessed)."""
+    def batches(self, batch_size: int, *, start: int = 0) -> Iterator[Batch]:
+        """Batches of ``batch_size`` tensors from position ``start`` on (taken as already preprocessed)."""
         BATCH_SIZE.check("batch_size", batch_size)
         items: Iterable[Any] = [self.images] if isinstance(self.images, torch.Tensor) else self.images
         pos = 0
