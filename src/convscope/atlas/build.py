@@ -31,7 +31,6 @@ Pages read the store only; nothing on a page recomputes what the store holds.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -48,7 +47,7 @@ from PIL import Image
 from torch import nn
 
 from .. import __version__ as VERSION
-from ..dataset.engine import ChannelStats, Forward, Reducer, RunInfo, feature_maps, pack, unpack
+from ..dataset.engine import ChannelStats, Forward, Reducer, Remapped, RunInfo, feature_maps, pack, unpack
 from ..dataset.engine import run as run_engine
 from ..dataset.topk import TopKReducer
 from ..images import list_images
@@ -131,29 +130,6 @@ class ActivationSample(Reducer):
         if a is None or b is None:
             return b if a is None else a
         return {k: torch.cat([a[k], b[k]]) for k in ("vectors", "images", "classes")}
-
-
-class _Shifted(Reducer):
-    """A reducer that sees image numbers shifted by ``offset`` (images appended to an atlas) and returns its raw
-    state: the build merges it into the saved one and finishes it with the whole image list."""
-
-    def __init__(self, inner: Reducer, offset: int):
-        super().__init__()
-        self.inner, self.offset = inner, int(offset)
-        self.name, self.layers, self.inputs = inner.name, inner.layers, inner.inputs
-        self.needs_output, self.amp_ok = inner.needs_output, inner.amp_ok
-
-    def options(self) -> dict[str, Any]:
-        return {**self.inner.options(), "offset": self.offset}
-
-    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
-        return self.inner.step(state, dataclasses.replace(batch, index=batch.index + self.offset))
-
-    def merge_states(self, a: Any, b: Any) -> Any:
-        return self.inner.merge_states(a, b)
-
-    def finish(self, state: Any, run: RunInfo) -> Any:
-        return state
 
 
 # ============================================================================ objectives for the atlas
@@ -406,7 +382,7 @@ def _data_pass(store: AtlasStore, model: Model, names: list[str], files: list[st
     for first, group in sorted(todo.items()):
         reducers: list[Reducer] = []
         for name in group:
-            reducers += [_Shifted(r, first) for r in _reducers(name, k, samples, seed)]
+            reducers += [Remapped(r, range(first, len(files))) for r in _reducers(name, k, samples, seed)]
         pass_state = store.root / "state" / f"pass-{_digest([group, first, len(files), k, samples, seed])}.state"
         result = run_engine(model, files[first:], reducers, what="atlas data", batch_size=batch_size, state=pass_state,
                             progress=progress, desc=f"atlas data ({len(files) - first} images, {len(group)} layers)",

@@ -73,6 +73,7 @@ from .engine import (
     Forward,
     Preprocessing,
     Reducer,
+    Remapped,
     Run,
     RunInfo,
     StateStore,
@@ -106,6 +107,7 @@ from .projection import ProjectionError, Projections, UnitGradients, projection_
 from .topk import Hit, TopK, TopKError, TopKReducer, top_activations
 
 __all__ = [
+    "Remapped",
     "CategoryScores",
     "ProbeFeatures",
     "checkpoint_identity",

@@ -36,6 +36,8 @@ Results are plain data; pictures are drawn from them by render code, never by re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -371,6 +373,32 @@ class Reducer:
 
     def result(self, run: RunInfo | None = None) -> Any:
         return self.finish(self.state, run or RunInfo())
+
+
+class Remapped(Reducer):
+    """``inner`` run over a subset or continuation of its inputs: the subset's input i is input ``positions[i]``
+    of the whole (images appended later, candidates read again). Returns the raw state, for the caller to merge
+    into the whole's and finish with the whole's :class:`RunInfo`."""
+
+    def __init__(self, inner: Reducer, positions: Sequence[int] | range):
+        super().__init__()
+        self.inner, self.positions = inner, torch.as_tensor(list(positions), dtype=torch.long)
+        self.name, self.layers, self.inputs = inner.name, inner.layers, inner.inputs
+        self.needs_output, self.amp_ok = inner.needs_output, inner.amp_ok
+
+    def options(self) -> dict[str, Any]:
+        digest = hashlib.sha256(self.positions.numpy().tobytes()).hexdigest()[:16]
+        return {**self.inner.options(), "positions": digest}
+
+    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
+        mapped = self.positions.to(batch.index.device)[batch.index]
+        return self.inner.step(state, dataclasses.replace(batch, index=mapped))
+
+    def merge_states(self, a: Any, b: Any) -> Any:
+        return self.inner.merge_states(a, b)
+
+    def finish(self, state: Any, run: RunInfo) -> Any:
+        return state
 
 
 def pack(state: dict[str, Any] | None) -> tuple[Any, dict[str, torch.Tensor]]:

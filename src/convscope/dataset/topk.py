@@ -36,7 +36,7 @@ from ..options import Option
 from ..probe import ReceptiveField
 from ..render import matrix_grid
 from ..render.picture import Pictured
-from .engine import Forward, Reducer, RunInfo, feature_maps
+from .engine import Forward, Reducer, Remapped, RunInfo, feature_maps
 from .engine import run as run_engine
 from .folder import (
     BATCH_SIZE,
@@ -622,25 +622,6 @@ def top_activations(
 RESCORE_MARGIN = 3
 
 
-class _Positions(Reducer):
-    """A reducer fed a subset of the inputs: ``positions[i]`` is the original position of the subset's input i."""
-
-    def __init__(self, inner: Reducer, positions: Sequence[int]):
-        super().__init__()
-        self.inner, self.positions = inner, torch.as_tensor(list(positions), dtype=torch.long)
-        self.name, self.layers, self.inputs, self.needs_output = inner.name, inner.layers, inner.inputs, inner.needs_output
-
-    def step(self, state: dict[str, Any] | None, batch: Forward) -> dict[str, Any]:
-        mapped = self.positions.to(batch.index.device)[batch.index]
-        return self.inner.step(state, dataclasses.replace(batch, index=mapped))
-
-    def merge_states(self, a: Any, b: Any) -> Any:
-        return self.inner.merge_states(a, b)
-
-    def finish(self, state: Any, run: RunInfo) -> Any:
-        return state
-
-
 def _rescored(model: Model, info: RunInfo, found: TopK, layer: str, k: int, channels: Sequence[int] | None, reduce: str,
               batch_size: int, workers: int | None) -> TopK:
     """``found`` (an autocast run's top candidates) ranked again by float32 values of the candidate images only."""
@@ -650,7 +631,7 @@ def _rescored(model: Model, info: RunInfo, found: TopK, layer: str, k: int, chan
         return dataclasses.replace(found, k=k, values=found.values[:, :k], indices=found.indices[:, :k],
                                    positions=found.positions[:, :k])  # in-memory inputs are not kept: no second look
     exact = TopKReducer(layer, k=k, channels=channels, reduce=reduce)
-    state = run_engine(model, [source[i] for i in candidates], [_Positions(exact, candidates)], what="top-k rescore",
+    state = run_engine(model, [source[i] for i in candidates], [Remapped(exact, candidates)], what="top-k rescore",
                        batch_size=batch_size, progress=False, workers=workers).results[0]
     again = exact.finish(state, dataclasses.replace(info, interrupted=False))
     return dataclasses.replace(found, k=k, values=again.values, indices=again.indices, positions=again.positions)
