@@ -411,7 +411,7 @@ def test_interrupted_at_every_line_of_an_iou_update_resumes_to_the_same_result(t
                                   always=lambda where: where[2] in commit, limit=15, interrupted=interrupted)
     same_dissection(plain(None), report.expected)
     where = {(name, qualname) for name, _, qualname in report.events}
-    assert {("dissect.py", "IoUReducer.step"), ("dissect.py", "_batch_counts"), ("dissect.py", "_merge_top"),
+    assert {("dissect.py", "IoUReducer.step"), ("dissect.py", "_batch_counts"), ("topk.py", "merge_topk"),
             ("engine.py", "run"), ("engine.py", "StateStore.save")} <= where
     tried = [report.events[n] for n in report.points]
     assert sum(w[2] in commit for w in tried) > 30 and not any(escaped for _, escaped in report.fired)

@@ -98,6 +98,7 @@ from .engine import (
 )
 from .engine import run as run_engine
 from .folder import BATCH_SIZE, SAVE_EVERY, DatasetError, ImageSource, check_state_path
+from .topk import merge_topk
 
 #: Label columns of ``index.csv``: the first four name mask PNGs, the last two whole-image labels.
 PIXEL_COLUMNS = ("color", "object", "part", "material")
@@ -819,7 +820,7 @@ class IoUReducer(Reducer):
         old_maps = old.get("top_maps")
         if old_maps is None:
             old_maps = torch.zeros(U, self.top_k, *act.shape[-2:], device=device)
-        top_values, top_index, top_maps = _merge_top(old["top_values"], old["top_index"], old_maps, score,
+        top_values, top_index, top_maps = merge_topk(old["top_values"], old["top_index"], old_maps, score,
                                                      batch.index.to(device).unsqueeze(0).expand(U, -1), maps, self.top_k)
         return {"inter": old["inter"] + inter, "unit_area": old["unit_area"] + unit_area,
                 "label_area": old["label_area"] + label_area, "top_values": top_values, "top_index": top_index,
@@ -829,8 +830,9 @@ class IoUReducer(Reducer):
         if a is None or b is None:
             return b if a is None else a
         b = {k: v.to(a["inter"].device) for k, v in b.items()}
-        top_values, top_index, top_maps = _merge_top(a["top_values"], a["top_index"], a.get("top_maps"), b["top_values"],
-                                                     b["top_index"], b.get("top_maps"), self.top_k)
+        maps = (a.get("top_maps"), b.get("top_maps")) if "top_maps" in a and "top_maps" in b else (None, None)
+        top_values, top_index, top_maps = merge_topk(a["top_values"], a["top_index"], maps[0], b["top_values"],
+                                                     b["top_index"], maps[1], self.top_k)
         out = {"inter": a["inter"] + b["inter"], "unit_area": a["unit_area"] + b["unit_area"],
                "label_area": a["label_area"] + b["label_area"], "top_values": top_values, "top_index": top_index}
         if top_maps is not None:
@@ -839,19 +841,6 @@ class IoUReducer(Reducer):
 
     def finish(self, state: dict[str, Any] | None, run: RunInfo) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in (self.empty() if state is None else state).items()}
-
-
-def _merge_top(av: torch.Tensor, ai: torch.Tensor, am: torch.Tensor | None, bv: torch.Tensor, bi: torch.Tensor,
-               bm: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`~convscope.dataset.topk.merge_topk` of (values, indices) plus the maps (U, m, h, w) that go with them
-    (``None`` when either side has none: then no maps)."""
-    v = torch.cat([av, bv], dim=1)
-    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
-    maps = None
-    if am is not None and bm is not None:
-        both = torch.cat([am, bm.to(am.device)], dim=1)
-        maps = both.gather(1, order[:, :, None, None].expand(-1, -1, *both.shape[-2:]))
-    return v.gather(1, order), torch.cat([ai, bi], dim=1).gather(1, order), maps
 
 
 def _batch_counts(act: torch.Tensor, thr: torch.Tensor, labels: list[tuple[list[np.ndarray], list[int]]],

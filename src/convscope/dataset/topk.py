@@ -455,8 +455,9 @@ def batch_scores(act: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Te
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor | None,
                new_values: torch.Tensor, new_indices: torch.Tensor, new_positions: torch.Tensor | None, k: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Merge kept (R, m) with a batch (R, B) into the top ``k`` per row, largest first (``positions``
-    None: none are tracked, and None comes back).
+    """Merge kept (R, m) with a batch (R, B) into the top ``k`` per row, largest first. ``positions``: what goes
+    with each entry, (R, m, ...) and (R, B, ...) (flat map positions, or whole maps), reordered alike; ``None``:
+    none are tracked, and None comes back.
 
     One stable descending sort over ``[kept; new]`` per row, all rows at once: kept entries come first
     and both parts are in image order, so equal values keep the earlier image (the same order a stable
@@ -464,7 +465,10 @@ def merge_topk(values: torch.Tensor, indices: torch.Tensor, positions: torch.Ten
     """
     v = torch.cat([values, new_values], dim=1)
     order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
-    kept_positions = None if positions is None else torch.cat([positions, new_positions], dim=1).gather(1, order)
+    kept_positions = None
+    if positions is not None:
+        both = torch.cat([positions, new_positions.to(positions.device)], dim=1)
+        kept_positions = both.gather(1, order.view(*order.shape, *[1] * (both.ndim - 2)).expand(-1, -1, *both.shape[2:]))
     return v.gather(1, order), torch.cat([indices, new_indices], dim=1).gather(1, order), kept_positions
 
 
