@@ -28,7 +28,7 @@ from ..dataset.bias import (
     shape_bias,
     stimuli_state,
 )
-from ..dataset.folder import SAVE_EVERY, skipped_summary
+from ..dataset.folder import skipped_summary
 from .common import (
     check_run_outputs,
     dataset_command,
@@ -54,7 +54,7 @@ DESCRIPTION = (
 
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
-    p = dataset_command(subparsers, parents, "bias", help=HELP, description=DESCRIPTION,
+    p = dataset_command(subparsers, parents, "bias", save_every=True, help=HELP, description=DESCRIPTION,
                         func=run_bias, output="write the per-category plot", json_help="machine-readable output (with every image's decision)",
                         state=True, engine=True)
     p.add_argument("--data", default=None, metavar="DIR",
@@ -68,8 +68,6 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "published protocol (whole stimulus resized to the input size, no crop)")
     p.add_argument("--categories", default=None, metavar="FILE",
                    help="16-class mapping JSON {category: [ImageNet indices]} (default: imagenet16.json)")
-    p.add_argument("--save-every", type=SAVE_EVERY.argtype("--save-every"), default=SAVE_EVERY.default, metavar="N",
-                   help=f"with --state: save every N batches ({SAVE_EVERY.range_text()}; default {SAVE_EVERY.default})")
 
 
 def _shape_only_sets(args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from ..dataset.embed import ITERATIONS, MAP_SIZE, METHODS, METRICS, NEIGHBOURS, POOLS, THUMB, embed
-from ..dataset.folder import SAVE_EVERY, ImageSource
+from ..dataset.folder import ImageSource
 from ..dataset.maps import INDEXES, MAX_POINTS, check_map_size
 from ..errors import ConvscopeError
 from ..files import check_output_path
@@ -145,14 +145,12 @@ DESCRIPTION = (
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``embed`` parser."""
-    p = dataset_command(subparsers, parents, "embed", help=HELP, description=DESCRIPTION,
+    p = dataset_command(subparsers, parents, "embed", save_every=True, help=HELP, description=DESCRIPTION,
                         func=run_embed, output="map picture (default embedding-map.png)", json_help="print every image's coordinates (and the neighbours) as JSON",
                         state=True, engine=True)
     p.add_argument("--store", default=None, metavar="FILE.npy",
                    help="write the features to FILE.npy as they are computed (row i = image i; default: STATE.features.npy "
                         "beside --state, else a temporary file)")
-    p.add_argument("--save-every", type=SAVE_EVERY.argtype("--save-every"), default=SAVE_EVERY.default, metavar="N",
-                   help=f"with --state: save every N batches ({SAVE_EVERY.range_text()}; default {SAVE_EVERY.default})")
     p.add_argument("images", nargs="+", metavar="FOLDER", help="a folder of images (searched recursively), or image files / sample:NAME")
     p.add_argument("--layer", default=None, metavar="L", help="layer to pool (default: the classifier's input)")
     p.add_argument("--pool", choices=POOLS, default="avg", help="global pooling of feature maps (default avg)")

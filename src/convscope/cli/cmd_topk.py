@@ -14,7 +14,6 @@ from typing import Any
 
 from ..dataset.engine import ChannelStats
 from ..dataset.engine import run as run_engine
-from ..dataset.folder import SAVE_EVERY
 from ..dataset.projection import BATCH_SIZE as PROJECT_BATCH_SIZE
 from ..dataset.projection import DEFAULT_METHOD, METHODS, SCALES
 from ..dataset.topk import DEFAULT_ROWS, REDUCES, K, TopKReducer, channel_ranges, top_activations
@@ -169,7 +168,7 @@ DESCRIPTION = (
 
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add the ``topk`` parser."""
-    p = dataset_command(subparsers, parents, "topk", help=HELP, description=DESCRIPTION,
+    p = dataset_command(subparsers, parents, "topk", save_every=True, help=HELP, description=DESCRIPTION,
                         func=run_topk, state=True, engine=True, output="grid picture (default topk-LAYER.png)", json_help="print every channel's top images as JSON")
     p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
     p.add_argument("--layer", default=None, metavar="L", help="layer name (default: the last spatial layer)")
@@ -195,5 +194,3 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "fires, never-firing channels) in the same forward passes")
     p.add_argument("--rows", type=bounded(int, 1, 4096, name="--rows"), default=DEFAULT_ROWS, metavar="N",
                    help=f"channels drawn without --channels (1..4096; default {DEFAULT_ROWS})")
-    p.add_argument("--save-every", type=SAVE_EVERY.argtype("--save-every"), default=SAVE_EVERY.default, metavar="N",
-                   help=f"with --state: save every N batches ({SAVE_EVERY.range_text()}; default {SAVE_EVERY.default})")

@@ -20,7 +20,7 @@ from typing import Any
 from ..dataset.engine import AMP_DTYPES, ENGINES
 from ..dataset.engine import WORKERS as ENGINE_WORKERS
 from ..dataset.folder import BATCH_SIZE as DATASET_BATCH_SIZE
-from ..dataset.folder import SkippedImagesWarning, skipped_summary
+from ..dataset.folder import SAVE_EVERY, SkippedImagesWarning, skipped_summary
 from ..errors import ConvscopeError
 from ..files import check_output_path
 from ..images import IMAGE_SUFFIXES
@@ -135,10 +135,11 @@ def info(message: str) -> None:
 
 
 def add_dataset_options(p: argparse.ArgumentParser, *, output: str, json_help: str, state: bool = False,
-                        batch_size: bool = True, engine: bool = False) -> None:
+                        batch_size: bool = True, engine: bool = False, save_every: bool = False) -> None:
     """The options every dataset command takes, declared once: ``--batch-size`` (bounded like the Python
     API's ``batch_size``), ``--state FILE`` (resumable runs only), ``-o/--output`` (``output``: its help),
-    ``--json`` and ``--no-progress``; with ``engine``, the dataset engine's (:func:`add_engine_options`)."""
+    ``--json`` and ``--no-progress``; with ``engine``, the dataset engine's (:func:`add_engine_options`); with
+    ``save_every``, ``--save-every N`` (how often ``--state`` is written)."""
     if engine:
         add_engine_options(p)
     if batch_size:
@@ -148,6 +149,9 @@ def add_dataset_options(p: argparse.ArgumentParser, *, output: str, json_help: s
     if state:
         p.add_argument("--state", default=None, metavar="FILE",
                        help="save progress to FILE (+ FILE.json) as the run goes; the same command again resumes it")
+    if save_every:
+        p.add_argument("--save-every", type=SAVE_EVERY.argtype("--save-every"), default=SAVE_EVERY.default, metavar="N",
+                       help=f"with --state: save every N batches ({SAVE_EVERY.range_text()}; default {SAVE_EVERY.default})")
     p.add_argument("-o", "--output", default=None, metavar="FILE.png", help=output)
     p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -239,10 +243,11 @@ def finish_run(result: Any, state: str | None) -> int:
 
 def dataset_command(subparsers: Any, parents: list[argparse.ArgumentParser], name: str, *, help: str, description: str,
                     func: Any, output: str, json_help: str, state: bool = False, batch_size: bool = True,
-                    engine: bool = False) -> argparse.ArgumentParser:
+                    engine: bool = False, save_every: bool = False) -> argparse.ArgumentParser:
     """Add the parser of a dataset command with the options they all take (:func:`add_dataset_options`) and its
     ``func``; the command adds its own options to the parser returned."""
     p = subparsers.add_parser(name, parents=parents, help=help, description=description)
-    add_dataset_options(p, output=output, json_help=json_help, state=state, batch_size=batch_size, engine=engine)
+    add_dataset_options(p, output=output, json_help=json_help, state=state, batch_size=batch_size, engine=engine,
+                        save_every=save_every)
     p.set_defaults(func=func)
     return p
