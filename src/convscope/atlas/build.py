@@ -49,12 +49,15 @@ from torch import nn
 from .. import __version__ as VERSION
 from ..dataset.engine import ChannelStats, Forward, Reducer, Remapped, RunInfo, feature_maps, pack, unpack
 from ..dataset.engine import run as run_engine
+from ..dataset.folder import save_tensors
+from ..dataset.maps import umap_projection
 from ..dataset.topk import TopKReducer
 from ..images import list_images
 from ..models import Model, as_model, model_fingerprint
 from ..options import Option
 from ..probe import Capture, forward_fast, resolve_layer
 from ..progress import tqdm
+from ..render import colorize
 from ..synthesis.objectives import Objective, channel
 from ..synthesis.render import render
 from .store import AtlasError, AtlasStore, slug
@@ -249,11 +252,11 @@ def build_atlas(
     store.set_meta(model={"name": model.name, "source": model.source, "input_size": list(model.input_size),
                           "fingerprint": fp}, model_key=model_key, labels_count=len(model.labels),
                    labels=list(model.labels))
-    ids = _register_images(store, files)
+    _register_images(store, files)
     all_files = [s["source"] for s in store.images()]
     for position, name in enumerate(_ordered(model, names)):
         row = table.get(name)
-        _put_layer(store, model, name, row, position, ids)
+        _put_layer(store, name, row, list(table).index(name) if name in table else position)
     bar.set_postfix_str("dataset pass")
     states = _data_pass(store, model, names, all_files, k=k, samples=samples, seed=seed, batch_size=batch_size,
                         workers=workers, amp=amp, engine=engine, address=address, num_gpus=num_gpus, progress=report)
@@ -336,7 +339,7 @@ def _ordered(model: Model, names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
 
 
-def _put_layer(store: AtlasStore, model: Model, name: str, row: Any, position: int, ids: dict[str, int]) -> None:
+def _put_layer(store: AtlasStore, name: str, row: Any, position: int) -> None:
     existing = {r["name"]: r for r in store.model()["layers"]}
     if name in existing:
         return
@@ -347,10 +350,8 @@ def _put_layer(store: AtlasStore, model: Model, name: str, row: Any, position: i
     rf = row.receptive_field
     size = None if rf is None or rf.size is None else int(rf.size[0])
     stride = None if rf is None else int(rf.stride[0])
-    kind = row.type
-    layer_positions = [r.name for r in model.layers()]
-    store.put_layer(name, layer_positions.index(name) if name in layer_positions else position, kind=kind, channels=int(c),
-                    height=int(h), width=int(w), rf_size=size, rf_stride=stride, fingerprint="")
+    store.put_layer(name, position, kind=row.type, channels=int(c), height=int(h), width=int(w), rf_size=size,
+                    rf_stride=stride, fingerprint="")
 
 
 # ---------------------------------------------------------------------------- stage 1: data
@@ -408,8 +409,6 @@ def _reducers(name: str, k: int, samples: int, seed: int) -> list[Reducer]:
 
 
 def _save_layer_states(store: AtlasStore, name: str, reducers: list[Reducer], states: list[Any], count: int) -> None:
-    from ..dataset.folder import save_tensors
-
     plains, tensors = [], {}
     for i, s in enumerate(states):
         plain, ts = pack(s)
@@ -658,16 +657,9 @@ def _layer_atlas(store: AtlasStore, model: Model, name: str, sample: dict[str, A
 
 
 def _umap(vectors: torch.Tensor, seed: int) -> np.ndarray:
-    import warnings
-
-    import umap  # the library made for the job (umap-learn)
-
-    x = vectors.numpy().astype(np.float32)
-    neighbours = int(min(20, x.shape[0] - 1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return np.asarray(umap.UMAP(n_components=2, n_neighbors=neighbours, min_dist=0.01, metric="cosine",
-                                    random_state=seed).fit_transform(x))
+    """The 2-D layout of the activation sample: UMAP with the article's settings (cosine, 20 neighbours, min_dist 0.01)."""
+    n = vectors.shape[0]
+    return umap_projection(vectors, 2, seed=seed, n_neighbors=int(min(20, n - 1)), min_dist=0.01, metric="cosine").numpy()
 
 
 # ---------------------------------------------------------------------------- stage 5: concepts
@@ -707,37 +699,31 @@ def _flows(store: AtlasStore, model: Model, names: list[str], files: list[str]) 
         act = cap.activations[name].float().cpu()
         if act.ndim != 4:
             continue
-        for i, f in enumerate(files):
-            maps = act[i]
-            c = maps.shape[0]
-            lo = maps.flatten(1).amin(1)[:, None, None]
-            hi = maps.flatten(1).amax(1)[:, None, None]
-            norm = ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
-            tiles = torch.nn.functional.interpolate(norm[:, None], size=(FLOW_TILE, FLOW_TILE), mode="nearest")[:, 0]
-            cols = min(FLOW_COLUMNS, c)
-            rows_n = math.ceil(c / cols)
-            sprite = np.zeros((rows_n * FLOW_TILE, cols * FLOW_TILE), dtype=np.uint8)
-            for u in range(c):
-                r_, c_ = divmod(u, cols)
-                sprite[r_ * FLOW_TILE:(r_ + 1) * FLOW_TILE, c_ * FLOW_TILE:(c_ + 1) * FLOW_TILE] = (tiles[u].numpy() * 255).astype(np.uint8)
+        c = act.shape[1]
+        cols = min(FLOW_COLUMNS, c)
+        rows_n = math.ceil(c / cols)
+        flat = act.flatten(2)
+        lo, hi = flat.amin(2)[..., None, None], flat.amax(2)[..., None, None]
+        norm = ((act - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)  # each map min-max normalised
+        tiles = torch.nn.functional.interpolate(norm, size=(FLOW_TILE, FLOW_TILE), mode="nearest")
+        tiles = torch.nn.functional.pad(tiles, (0, 0, 0, 0, 0, rows_n * cols - c))  # empty tiles after the last unit
+        # (n, rows * cols, T, T) -> one sprite per image: tile u at row u // cols, column u % cols
+        sprites = tiles.view(len(files), rows_n, cols, FLOW_TILE, FLOW_TILE).permute(0, 1, 3, 2, 4)
+        sprites = sprites.reshape(len(files), rows_n * FLOW_TILE, cols * FLOW_TILE)
+        for f, sprite in zip(files, sprites):
             path, rel = store.file(slug(name), "flow", f"image{ids[f]}.png")
-            Image.fromarray(_viridis(sprite)).save(path)
+            colorize(sprite, "viridis").save(path)
             rows.append({"image": ids[f], "layer": name, "sprite": rel, "columns": cols, "tile": FLOW_TILE, "units": c})
     store.put_flows(rows)
+    thumbs = []
     for f in files:  # the flow page shows the image too
         tpath, trel = store.file("images", f"{ids[f]}.jpg")
         if not tpath.exists():
             pic = model.transform_image(f)
             pic.resize((THUMB, THUMB * pic.height // max(pic.width, 1))).save(tpath, quality=88)
-        with store.connect() as db:
-            db.execute("UPDATE images SET thumb=? WHERE id=?", (trel, ids[f]))
-
-
-def _viridis(grey: np.ndarray) -> np.ndarray:
-    import matplotlib
-
-    lut = (matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-    return lut[grey]
+        thumbs.append((trel, ids[f]))
+    with store.connect() as db:
+        db.executemany("UPDATE images SET thumb=? WHERE id=?", thumbs)
 
 
 __all__ = ["ActivationSample", "BuildError", "build_atlas", "grouped_diversity", "icon_objective"]
