@@ -192,9 +192,8 @@ def atlas_routes(store: AtlasStore) -> list[Route]:
 
     async def unit(request: Request) -> Response:
         raw = request.path_params["unit"]
-        try:
-            number = int(raw)
-        except ValueError:
+        number = _number(raw)
+        if number is None:
             return refuse(404, f"no unit {raw!r} in layer {request.path_params['layer']!r}: units are numbers")
         return await read(store.unit, request.path_params["layer"], number)
 
@@ -203,9 +202,8 @@ def atlas_routes(store: AtlasStore) -> list[Route]:
 
     async def flow(request: Request) -> Response:
         raw = request.path_params["image"]
-        try:
-            image = int(raw)
-        except ValueError:
+        image = _number(raw)
+        if image is None:
             return refuse(404, f"no image {raw!r}: images are numbers")
         return await read(store.flow, image)
 
@@ -245,3 +243,11 @@ def atlas_routes(store: AtlasStore) -> list[Route]:
         Route(f"{api}/{{rest:path}}", unknown, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
         Route(f"{PREFIX}/{{name}}", page, methods=["GET"]),
     ]
+
+
+def _number(raw: str) -> int | None:
+    """A path part as a unit or image number; ``None`` when it is not one."""
+    try:
+        return int(raw)
+    except ValueError:
+        return None
