@@ -45,11 +45,12 @@ import torch
 from PIL import Image
 
 from ..errors import ConvscopeError
-from ..images import list_images, load_image
+from ..images import list_images
 from ..models import Model, as_model, model_fingerprint, same_model
 from ..render import figure_to_image
 from ..render.picture import Pictured
 from .engine import MODEL_PREPROCESSING, Forward, Preprocessing, Reducer, RunInfo, StateStore
+from .engine import preprocess as engine_preprocess
 from .engine import run as run_engine
 from .folder import BATCH_SIZE, SAVE_EVERY, ImageSource, StateMismatchError
 
@@ -429,18 +430,8 @@ def stimulus_inputs(model: Model, files: Sequence[Any], *, crop: bool = False) -
     interpolation, no centre crop, then the model's normalisation. ``crop=True``: the model's own
     preprocessing (:meth:`~convscope.Model.preprocess`: shorter side to ``resize_size``, centre crop),
     which zooms the stimulus and cuts off its border."""
-    if crop:
-        return model.preprocess([str(f) if isinstance(f, Path) else f for f in files])
-    h, w = model.input_size
-    resample = getattr(Image.Resampling, model.interpolation.upper())
-    arrays = []
-    for f in files:
-        img = load_image(str(f) if isinstance(f, Path) else f)
-        if img.size != (w, h):
-            img = img.resize((w, h), resample)
-        arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(model.device)
-    return model.from_pixels(pixels)
+    pictures = [str(f) if isinstance(f, Path) else f for f in files]
+    return engine_preprocess(model, pictures, MODEL_PREPROCESSING if crop else Preprocessing(kind="whole"))
 
 
 # ============================================================================ the reducer

@@ -90,12 +90,11 @@ from .engine import (
     Reducer,
     RunInfo,
     StateStore,
-    decode,
     feature_maps,
     fingerprint,
     forward_batches,
-    normalise,
 )
+from .engine import preprocess as engine_preprocess
 from .engine import run as run_engine
 from .folder import BATCH_SIZE, SAVE_EVERY, DatasetError, ImageSource, check_state_path
 from .topk import merge_topk
@@ -579,8 +578,7 @@ def whole_image_input(model: Model, pictures: list[Image.Image]) -> torch.Tensor
     """Broden images fed whole: resized (bilinear) to the model's input size, never cropped, so the masks stay
     aligned, then normalised with the model's mean/std: the network input the engine makes with :data:`WHOLE`
     (the same functions, so the same values), on the model's device."""
-    pixels = torch.from_numpy(np.stack([decode(model, p, WHOLE) for p in pictures]))
-    return normalise(model, pixels.to(model.device))
+    return engine_preprocess(model, pictures, WHOLE)
 
 
 def layer_maps(batch: Forward, layer: str) -> torch.Tensor:

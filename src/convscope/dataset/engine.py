@@ -142,6 +142,14 @@ def normalise(model: Model, pixels: torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
+def preprocess(model: Model, pictures: Sequence[Any], preprocessing: Preprocessing = MODEL_PREPROCESSING) -> torch.Tensor:
+    """Pictures (paths, ``sample:NAME``, PIL images, arrays) as the network input the engine makes for them
+    (:func:`decode` then :func:`normalise`), on the model's device: the one place outside the pipeline that
+    needs the same values (a picture drawn again, a few inputs at once)."""
+    pixels = torch.from_numpy(np.stack([decode(model, p, preprocessing) for p in pictures]))
+    return normalise(model, pixels.to(model.device))
+
+
 # ============================================================================ sources
 
 
