@@ -217,9 +217,9 @@ def test_texture_accepts_another_loss_network(tmp_path, capsys):
 
 def test_average_pooling_copy_for_the_loss_network(tmp_path, capsys):
     # Gatys et al. swapped VGG-19's max-pooling for average pooling; a copy, the model itself untouched
-    import statecheck
     from torch import nn
 
+    import statecheck
     from convscope.synthesis.style import average_pooling
 
     vgg = cs.load_model("vgg11", weights=None)

@@ -20,9 +20,9 @@ from convscope.dataset.folder import (
     ImageSource,
     SkippedImagesWarning,
     StateFileError,
+    StateMismatchError,
     list_images,
 )
-from convscope.dataset.folder import StateMismatchError
 from convscope.dataset.topk import TopKError, sidecar_path, top_activations
 
 SIZE = 32
